@@ -1,0 +1,82 @@
+"""Command line: ``python -m pipeline STAGE [--params FILE] [--set section.key=value ...]``.
+
+The only module that touches argv, the params file and logging. Relative paths in the params
+file are relative to the file's own folder.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline import params as params_mod
+
+STAGES = ("features", "train-head", "evaluate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [
+        ("features", "cache the frozen backbone's activations for every image"),
+        ("train-head", "train the head on the cached features"),
+        ("evaluate", "metrics of the head on the test split (trains it first if needed)"),
+        ("all", "features, train-head and evaluate"),
+    ]:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="override one parameter; may be repeated")
+    demo = sub.add_parser("demo-data", help="build the small demo dataset from scikit-image's photographs")
+    demo.add_argument("--out", default="data/demo")
+    return parser
+
+
+def _expected_errors() -> tuple[type, ...]:
+    from pipeline.dataset import DatasetError
+    from pipeline.evaluate import EvaluationError
+    from pipeline.feature_store import CacheError
+    from pipeline.features import BadDataError
+    from pipeline.train_head import TrainingError
+
+    return (params_mod.ParamsError, DatasetError, CacheError, BadDataError, TrainingError, EvaluationError,
+            FileNotFoundError, RuntimeError, ValueError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted; every finished part is kept and the next run continues from it", file=sys.stderr)
+        return 130
+    except _expected_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.command == "demo-data":
+        from pipeline import demo
+
+        print(f"demo dataset in {demo.build(args.out)}")
+        return 0
+    params = params_mod.load(args.params, args.overrides)
+    base = Path(args.params).resolve().parent
+    commands = ["features", "train-head", "evaluate"] if args.command == "all" else [args.command]
+    for command in commands:
+        if command == "features":
+            from pipeline import features
+
+            features.run(params, base)
+        elif command == "train-head":
+            from pipeline import train_head
+
+            train_head.run(params, base)
+        elif command == "evaluate":
+            from pipeline import evaluate
+
+            print(evaluate.run(params, base).table)
+    return 0

@@ -1,0 +1,119 @@
+"""Stage `evaluate`: metrics of the current head on the held-out test split.
+
+Brings the head up to date first (``train_head.run`` is a cache hit when nothing changed), then
+writes ``reports/metrics.json`` and ``reports/misclassified.csv`` and returns a printable table.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import feature_store, train_head
+from pipeline.fingerprint import atomic_write_text
+from pipeline.params import Params, as_dict
+
+STAGE = "evaluate"
+log = logging.getLogger("pipeline.evaluate")
+
+
+class EvaluationError(ValueError):
+    """Nothing to evaluate on (an empty test split, ...)."""
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    metrics: dict
+    metrics_path: Path
+    misclassified_path: Path
+    table: str  # human-readable summary
+
+
+def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
+    """accuracy, balanced_accuracy, per_class, confusion_matrix (rows: true, columns: predicted)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, \
+        precision_recall_fscore_support
+
+    y_pred = np.array(classes)[np.argmax(proba, axis=1)]
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=classes,
+                                                                     zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "n_test": int(len(y_true)),
+        "classes": list(classes),
+        "per_class": {
+            c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for c, p, r, f, s in zip(classes, precision, recall, f1, support)
+        },
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
+    }
+
+
+def run(params: Params, base: str | Path = ".") -> EvaluateResult:
+    base = Path(base)
+    head_result = train_head.run(params, base)
+    features_path, _ = train_head.upstream(params, base)
+    table = feature_store.read_table(features_path)
+    x_test, y_test, paths = table.select("test")
+    if not len(y_test):
+        raise EvaluationError("the test split is empty; set data.test_fraction > 0 or add a test/ folder")
+    head = head_result.head
+    classes = list(head.classes)
+    proba = head.predict_proba(x_test)
+    metrics = compute_metrics(y_test, proba, classes)
+    meta = json.loads((head_result.path / "head.json").read_text())
+    metrics.update({
+        "head": {"model": meta["model"], "key": head_result.key, "params": meta["params"]},
+        "features": {k: table.attrs[k] for k in ("key", "backbone", "weights", "weights_sha256", "layer",
+                                                 "input_size", "resize", "dtype")},
+        "data": {"root": params.data.root, "splits": as_dict(params.data)},
+    })
+    reports = base / params.paths.reports_dir
+    metrics_path = atomic_write_text(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    misclassified_path = atomic_write_text(reports / "misclassified.csv",
+                                           _misclassified_csv(paths, y_test, proba, classes, params.evaluate.top_k))
+    text = format_table(metrics)
+    log.info("evaluate: accuracy %.4f, balanced accuracy %.4f on %d test images; wrote %s",
+             metrics["accuracy"], metrics["balanced_accuracy"], metrics["n_test"], metrics_path)
+    return EvaluateResult(metrics, metrics_path, misclassified_path, text)
+
+
+def _misclassified_csv(paths, y_true, proba, classes, top_k: int) -> str:
+    """Wrong test predictions, most confident mistakes first."""
+    predicted = np.argmax(proba, axis=1)
+    wrong = [i for i in range(len(y_true)) if classes[predicted[i]] != y_true[i]]
+    wrong.sort(key=lambda i: -proba[i, predicted[i]])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    k = min(top_k, len(classes))
+    writer.writerow(["path", "true", "predicted", "p_predicted", "p_true"]
+                    + [f"top{j + 1}_{what}" for j in range(k) for what in ("label", "p")])
+    for i in wrong:
+        top = np.argsort(-proba[i])[:k]
+        writer.writerow([paths[i], y_true[i], classes[predicted[i]], f"{proba[i, predicted[i]]:.4f}",
+                         f"{proba[i, classes.index(y_true[i])]:.4f}"]
+                        + [v for j in top for v in (classes[j], f"{proba[i, j]:.4f}")])
+    return buffer.getvalue()
+
+
+def format_table(metrics: dict) -> str:
+    classes = metrics["classes"]
+    width = max(12, *(len(c) for c in classes))
+    lines = [f"{'class':<{width}}  precision  recall     f1  support"]
+    for c in classes:
+        m = metrics["per_class"][c]
+        lines.append(f"{c:<{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
+    lines.append("")
+    lines.append(f"accuracy {metrics['accuracy']:.4f}   balanced accuracy {metrics['balanced_accuracy']:.4f}   "
+                 f"test images {metrics['n_test']}")
+    lines.append("confusion matrix (rows: true, columns: predicted)")
+    lines.append(" " * width + "  " + " ".join(f"{c[:8]:>8}" for c in classes))
+    for c, row in zip(classes, metrics["confusion_matrix"]):
+        lines.append(f"{c:<{width}}  " + " ".join(f"{v:8d}" for v in row))
+    return "\n".join(lines)

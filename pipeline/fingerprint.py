@@ -1,0 +1,77 @@
+"""Cache keys and safe writes.
+
+A stage's key is sha256 over canonical JSON of its name, its VERSION, its own params and the keys
+or content hashes of what it reads. Canonical: sorted keys, no whitespace, floats by ``repr`` (so
+``0.2`` and ``0.20`` are one value), tuples as lists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def stage_key(stage: str, version: int, params: dict, upstream: dict | None = None) -> str:
+    """Hex sha256 of what determines a stage's output."""
+    payload = {"stage": stage, "version": version, "params": params, "upstream": upstream or {}}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file so that readers see the old or the new content, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def temp_path_for(path: str | Path) -> Path:
+    """A unique temporary sibling of ``path``, to be moved over it with ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def describe_changes(old: dict | None, new: dict, prefix: str = "") -> list[str]:
+    """``['train_head.C: 1.0 -> 0.5']``: the leaves that differ between two JSON-like dicts."""
+    if old is None:
+        return []
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name, "<unset>"), new.get(name, "<unset>")
+        label = f"{prefix}{name}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += describe_changes(a, b, prefix=f"{label}.")
+        elif a != b:
+            changes.append(f"{label}: {_short(a)} -> {_short(b)}")
+    return changes
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 16 else text[:12] + "..."

@@ -1,0 +1,90 @@
+"""Recognise images by content and decode them to the backbone's input.
+
+``sniff`` reads magic bytes, so a PNG named ``.jpg`` is a PNG and a text file named ``.jpg`` is
+not an image. ``load_rgb`` applies EXIF orientation, converts every mode (grayscale, palette,
+alpha, CMYK, 16-bit) to 8-bit RGB and resizes. Large JPEGs are decoded at a reduced DCT scale
+(``draft``): never decode pixels only to throw them away.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow refuses images over this many pixels instead of allocating gigabytes (decompression bombs).
+MAX_PIXELS = 120_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif"}
+# Part of the features cache key: a change here changes the pixels the backbone sees.
+DECODE_METHOD = "pillow-draft-bilinear-v1"
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message is the reason, for the log and skipped.csv."""
+
+
+def sniff(head: bytes) -> str | None:
+    """The image format from a file's first bytes, or None when it is not an image we read."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"BM") and len(head) >= 26:
+        return "BMP"
+    return None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit or 32-bit integer gray: scale to 8 bits rather than clip at 255.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGBa"):
+        # Transparent pixels become white, as on most pages such images are shown on.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def load_rgb(path, size: int, resize: str = "squash") -> np.ndarray:
+    """(size, size, 3) uint8 RGB. ``squash`` scales the whole image; ``crop`` scales the shorter side
+    to ``size`` and keeps the centre. Raises ImageError with the reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.format not in FORMATS and image.format != "MPO":
+                    raise ImageError(f"unsupported format {image.format}")
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise ImageError(f"{width}x{height} pixels is over the {MAX_PIXELS:,} limit (decompression bomb?)")
+                if image.format in ("JPEG", "MPO"):
+                    # Scaled DCT decoding: at least `size` pixels on the shorter side survive.
+                    image.draft("RGB", (size, size))
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                image = _to_rgb(image)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"too many pixels (decompression bomb?): {error}") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageError(f"cannot decode: {error}") from None
+    if resize == "crop":
+        image = ImageOps.fit(image, (size, size), Image.BILINEAR)
+    else:
+        image = image.resize((size, size), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)

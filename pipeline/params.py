@@ -1,0 +1,224 @@
+"""params.yaml as typed, frozen objects: one dataclass per section.
+
+An unknown, missing-section, mistyped or out-of-range key is a ``ParamsError`` naming the key and
+the file. Fields marked ``key=False`` do not change a stage's output (batch sizes, worker counts)
+and stay out of its cache key; fields marked ``model="..."`` only matter for that head model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
+
+from pipeline.backbones_registry import BACKBONES
+
+_CONFIG = ConfigDict(extra="forbid", strict=True)
+
+
+class ParamsError(ValueError):
+    """A params file or override that cannot be used; the message names the key and the file."""
+
+
+def _meta(default, *, key: bool = True, model: str | None = None, **constraints):
+    """A field with cache-key metadata and pydantic constraints."""
+    return Field(default, json_schema_extra={"key": key, "model": model}, **constraints)
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class PathsParams:
+    cache_dir: str = "cache"  # every computed artifact lives under here
+    reports_dir: str = "reports"  # metrics, tables, skipped files
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class DataParams:
+    root: str = "data/demo"  # one sub-folder per class, or train/ val/ test/ above them
+    split_csv: str | None = None  # optional CSV with columns path,split (path relative to root)
+    train_fraction: float = Field(0.7, ge=0.0, le=1.0)
+    val_fraction: float = Field(0.15, ge=0.0, le=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, le=1.0)
+    max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)  # fail when more images than this are unreadable
+
+    def __post_init__(self):
+        total = self.train_fraction + self.val_fraction + self.test_fraction
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train_fraction + val_fraction + test_fraction must sum to 1, got {total:g}")
+        if self.train_fraction <= 0:
+            raise ValueError("train_fraction must be > 0")
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class FeaturesParams:
+    backbone: str = "efficientnet_lite0"
+    weights: str = "default"  # default | imagenet | none | path to a weights file
+    layer: str = "pooled"  # where the frozen part ends
+    image_size: int = Field(0, ge=0)  # 0: the backbone's own input size
+    resize: Literal["squash", "crop"] = "squash"  # squash the whole image, or centre-crop
+    dtype: Literal["float32", "float16"] = "float32"  # storage dtype of the cached activations
+    batch_size: int = _meta(32, key=False, gt=0)
+    workers: int = _meta(2, key=False, gt=0)  # image-decoding threads
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class TrainHeadParams:
+    model: Literal["logreg", "softmax"] = "logreg"
+    class_weight: Literal["balanced", "none"] = "balanced"
+    seed: int = 0
+    # logreg: scikit-learn LogisticRegression on standardised features
+    C: float = _meta(1.0, model="logreg", gt=0)
+    search_C: bool = _meta(False, model="logreg")  # pick C from C_grid by CV on the train split
+    C_grid: tuple[float, ...] = _meta((0.01, 0.1, 1.0, 10.0), model="logreg", min_length=1)
+    cv_folds: int = _meta(5, model="logreg", ge=2)
+    max_iter: int = _meta(2000, model="logreg", gt=0)
+    # softmax: a Keras Dense softmax layer trained with Adam
+    learning_rate: float = _meta(0.001, model="softmax", gt=0)
+    epochs: int = _meta(100, model="softmax", gt=0)
+    batch_size: int = _meta(32, model="softmax", gt=0)
+    l2: float = _meta(0.0001, model="softmax", ge=0)
+    dropout: float = _meta(0.2, model="softmax", ge=0, lt=1)
+    patience: int = _meta(10, model="softmax", ge=0)  # early stopping on val loss; 0 disables
+
+    def __post_init__(self):
+        if any(c <= 0 for c in self.C_grid):
+            raise ValueError("C_grid values must be > 0")
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class EvaluateParams:
+    top_k: int = Field(3, gt=0)  # probabilities listed per misclassified image
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class Params:
+    paths: PathsParams = PathsParams()
+    data: DataParams = DataParams()
+    features: FeaturesParams = FeaturesParams()
+    train_head: TrainHeadParams = TrainHeadParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Params)}
+
+
+def _section_classes() -> dict[str, type]:
+    return {f.name: type(f.default) for f in dataclasses.fields(Params)}
+
+
+def _yaml_to_python(raw):
+    """YAML lists become tuples so that frozen params stay hashable."""
+    if isinstance(raw, list):
+        return tuple(_yaml_to_python(v) for v in raw)
+    if isinstance(raw, dict):
+        return {k: _yaml_to_python(v) for k, v in raw.items()}
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """``'train_head.C=0.5'`` -> ``('train_head', 'C', 0.5)``; the value is read as YAML."""
+    name, sep, value = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ParamsError(f"--set {text!r}: expected section.key=value, e.g. train_head.C=0.5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return section, key, parsed
+
+
+def build(raw: dict, source: str) -> Params:
+    """Validate a nested dict (sections of keys) into ``Params``; errors name ``source``."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    classes = _section_classes()
+    sections = {}
+    for section, values in raw.items():
+        if section not in classes:
+            raise ParamsError(f"{source}: unknown section {section!r}; expected one of {', '.join(classes)}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ParamsError(f"{source}: section {section!r} must be a mapping of keys")
+        try:
+            sections[section] = classes[section](**_yaml_to_python(values))
+        except ValidationError as error:
+            raise ParamsError(_describe(error, source, section)) from None
+        except (ValueError, TypeError) as error:
+            raise ParamsError(f"{source}: {section}: {error}") from None
+    return Params(**sections)
+
+
+def _describe(error: ValidationError, source: str, section: str) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    key = f"{section}.{loc}" if loc else section
+    msg = first["msg"]
+    if first["type"] == "unexpected_keyword_argument":
+        msg = "unknown key (misspelt?)"
+    elif msg.startswith("Value error, "):
+        msg = msg.removeprefix("Value error, ")
+    else:
+        msg = f"{msg}, got {first['input']!r}"
+    return f"{source}: {key}: {msg}"
+
+
+def load(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read a params file (``None`` for all defaults) and apply ``section.key=value`` overrides."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ParamsError(f"{path}: params file not found; pass --params FILE or create it")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            line = getattr(getattr(error, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ParamsError(f"{path}: not valid YAML{where}") from None
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    build(raw, source)  # a broken file is reported as such, before any override hides it
+    classes = _section_classes()
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in classes:
+            raise ParamsError(f"--set {text}: unknown section {section!r}; expected one of {', '.join(classes)}")
+        raw = {**raw, section: {**(raw.get(section) or {}), key: value}}
+        source = f"--set {text} (over {path or 'defaults'})"
+        build(raw, source)
+    return build(raw, str(path) if path is not None else "defaults")
+
+
+def key_fields(section) -> dict:
+    """The fields of a section that change its stage's output, for the cache key."""
+    out = {}
+    model = getattr(section, "model", None)
+    for field in dataclasses.fields(section):
+        extra = _field_extra(type(section), field.name)
+        if not extra.get("key", True):
+            continue
+        if extra.get("model") not in (None, model):
+            continue
+        out[field.name] = getattr(section, field.name)
+    return out
+
+
+def _field_extra(cls, name: str) -> dict:
+    info = cls.__pydantic_fields__[name]
+    extra = info.json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def as_dict(section) -> dict:
+    """A section as plain JSON-ready data (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}

@@ -1,0 +1,275 @@
+"""Stage `train_head`: fit a shallow classifier on the cached features, never on the images.
+
+Reads only the feature cache (the backbone is never built). Two models:
+- ``logreg``: scikit-learn StandardScaler + LogisticRegression (optionally C by CV on train);
+- ``softmax``: a Keras Dense softmax layer (dropout, L2, Adam, early stopping on val).
+The test split feeds no choice. The head and its history go to ``cache/heads/<key>/``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import feature_store, features
+from pipeline.fingerprint import atomic_write_text, describe_changes, stage_key
+from pipeline.params import Params, as_dict, key_fields
+
+STAGE = "train_head"
+# Bump when a head trained with the same params and features would come out different.
+VERSION = 1
+
+log = logging.getLogger("pipeline.train_head")
+
+
+class TrainingError(ValueError):
+    """Data that cannot train a head (a class missing from the train split, ...)."""
+
+
+@dataclass(frozen=True)
+class HeadResult:
+    path: Path  # the head's folder
+    key: str
+    trained: bool  # False on a cache hit
+    head: object  # LogRegHead | SoftmaxHead
+
+
+def upstream(params: Params, base: Path) -> tuple[Path, dict]:
+    """The feature cache this stage reads and what identifies its content."""
+    path = features.cache_file(params, base)
+    attrs = feature_store.read_attrs(path)
+    return path, {"features": attrs["content_hash"]}
+
+
+def cache_key(params: Params, upstream_ids: dict) -> str:
+    return stage_key(STAGE, VERSION, key_fields(params.train_head), upstream_ids)
+
+
+def head_dir(params: Params, base: Path, key: str) -> Path:
+    return base / params.paths.cache_dir / "heads" / key[:16]
+
+
+def last_run_file(params: Params, base: Path) -> Path:
+    return base / params.paths.cache_dir / "heads" / "last.json"
+
+
+def run(params: Params, base: str | Path = ".") -> HeadResult:
+    """Train the head unless one with this key exists; returns it either way."""
+    base = Path(base)
+    features_path, upstream_ids = upstream(params, base)
+    key = cache_key(params, upstream_ids)
+    out = head_dir(params, base, key)
+    record = {"params": {"train_head": key_fields(params.train_head)}, "upstream": upstream_ids, "key": key}
+    previous = _read_json(last_run_file(params, base))
+    if (out / "head.json").is_file():
+        log.info("train_head: cache hit (%s)", out.relative_to(base) if out.is_relative_to(base) else out)
+        atomic_write_text(last_run_file(params, base), json.dumps(record, indent=2))
+        return HeadResult(out, key, False, load(out))
+
+    changes = describe_changes(previous and {**previous["params"], "upstream": previous["upstream"]},
+                               {**record["params"], "upstream": upstream_ids})
+    log.info("train_head: recomputing (%s)", ", ".join(changes) if changes else "no head for these params yet")
+    table = feature_store.read_table(features_path)
+    classes = list(table.attrs["classes"])
+    x_train, y_train, _ = table.select("train")
+    x_val, y_val, _ = table.select("val")
+    missing = sorted(set(classes) - set(y_train.tolist()))
+    if missing:
+        raise TrainingError(f"class(es) {', '.join(missing)} have no images in the train split; add images "
+                            "or change data.train_fraction")
+    p = params.train_head
+    started = time.perf_counter()
+    if p.model == "logreg":
+        head = LogRegHead.fit(x_train, y_train, classes, p)
+    else:
+        head = SoftmaxHead.fit(x_train, y_train, x_val, y_val, classes, p)
+    seconds = time.perf_counter() - started
+    head.history["fit_seconds"] = seconds
+    head.history["train_accuracy"] = float(np.mean(head.predict(x_train) == y_train))
+    if len(y_val):
+        head.history["val_accuracy"] = float(np.mean(head.predict(x_val) == y_val))
+    meta = {
+        "stage": STAGE, "stage_version": VERSION, "key": key, "model": p.model, "classes": classes,
+        "params": as_dict(p), "upstream": upstream_ids, "features_file": features_path.name,
+        "features_key": table.attrs["key"], "n_train": int(len(y_train)), "n_val": int(len(y_val)),
+    }
+    _save(head, meta, out)
+    atomic_write_text(last_run_file(params, base), json.dumps(record, indent=2))
+    val = head.history.get("val_accuracy")
+    log.info("train_head: %s on %d images in %.2f s; train accuracy %.3f%s", p.model, len(y_train), seconds,
+             head.history["train_accuracy"], f", val accuracy {val:.3f}" if val is not None else "")
+    return HeadResult(out, key, True, head)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _class_weights(y: np.ndarray, classes: list[str], mode: str) -> dict | None:
+    if mode == "none":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    weights = compute_class_weight("balanced", classes=np.array(classes), y=y)
+    return dict(zip(classes, weights.tolist()))
+
+
+class LogRegHead:
+    """StandardScaler + LogisticRegression; ``predict_proba`` columns follow ``classes``."""
+
+    def __init__(self, pipeline, classes: list[str], history: dict):
+        self.pipeline_ = pipeline
+        self.classes = classes
+        self.history = history
+
+    @classmethod
+    def fit(cls, x, y, classes, p) -> "LogRegHead":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import GridSearchCV, StratifiedKFold
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        x = x.reshape(len(x), -1)
+        class_weight = "balanced" if p.class_weight == "balanced" else None
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=p.C, class_weight=class_weight,
+                                                                   max_iter=p.max_iter))
+        history: dict = {}
+        if p.search_C:
+            smallest = int(np.min(np.unique(y, return_counts=True)[1]))
+            folds = min(p.cv_folds, smallest)
+            if folds < 2:
+                raise TrainingError("train_head.search_C needs at least 2 train images per class")
+            search = GridSearchCV(model, {"logisticregression__C": list(p.C_grid)}, scoring="balanced_accuracy",
+                                  cv=StratifiedKFold(folds, shuffle=True, random_state=p.seed), n_jobs=1)
+            search.fit(x, y)
+            model = search.best_estimator_
+            history["cv_folds"] = folds
+            history["cv_balanced_accuracy"] = {
+                repr(c): float(s) for c, s in zip(p.C_grid, search.cv_results_["mean_test_score"])
+            }
+            history["chosen_C"] = float(search.best_params_["logisticregression__C"])
+            log.info("train_head: C=%g chosen by %d-fold CV on train", history["chosen_C"], folds)
+        else:
+            model.fit(x, y)
+        return cls(model, list(classes), history)
+
+    def predict_proba(self, x) -> np.ndarray:
+        """(N, n_classes) float64, columns in ``self.classes`` order."""
+        proba = self.pipeline_.predict_proba(x.reshape(len(x), -1))
+        order = [list(self.pipeline_.classes_).index(c) for c in self.classes]
+        return proba[:, order]
+
+    def predict(self, x) -> np.ndarray:
+        return np.array(self.classes)[np.argmax(self.predict_proba(x), axis=1)]
+
+    def save(self, folder: Path) -> None:
+        import joblib
+
+        joblib.dump(self.pipeline_, folder / "head.joblib")
+
+    @classmethod
+    def load(cls, folder: Path, meta: dict, history: dict) -> "LogRegHead":
+        import joblib
+
+        return cls(joblib.load(folder / "head.joblib"), meta["classes"], history)
+
+
+class SoftmaxHead:
+    """Keras: [GlobalAveragePooling2D for spatial caches] -> Dropout -> Dense(softmax, L2)."""
+
+    def __init__(self, model, classes: list[str], history: dict):
+        self.model_ = model
+        self.classes = classes
+        self.history = history
+
+    @staticmethod
+    def build(feature_shape, n_classes: int, p):
+        from pipeline.tf_import import keras as _quiet_keras
+        keras = _quiet_keras()
+        from keras import layers
+
+        inputs = keras.Input(tuple(feature_shape), name="features")
+        x = layers.GlobalAveragePooling2D(name="pool")(inputs) if len(feature_shape) == 3 else inputs
+        x = layers.Dropout(p.dropout, name="dropout")(x)
+        outputs = layers.Dense(n_classes, activation="softmax", name="softmax",
+                               kernel_regularizer=keras.regularizers.L2(p.l2) if p.l2 else None)(x)
+        return keras.Model(inputs, outputs, name="head")
+
+    @classmethod
+    def fit(cls, x, y, x_val, y_val, classes, p) -> "SoftmaxHead":
+        from pipeline.tf_import import keras as _quiet_keras
+        keras = _quiet_keras()
+
+        keras.utils.set_random_seed(p.seed)
+        index = {c: i for i, c in enumerate(classes)}
+        model = cls.build(x.shape[1:], len(classes), p)
+        model.compile(optimizer=keras.optimizers.Adam(p.learning_rate), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        y_int = np.array([index[c] for c in y])
+        weights = _class_weights(y, classes, p.class_weight)
+        callbacks = []
+        validation = None
+        if len(y_val):
+            validation = (x_val, np.array([index[c] for c in y_val]))
+            if p.patience:
+                callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=p.patience,
+                                                               restore_best_weights=True))
+        fitted = model.fit(x, y_int, batch_size=p.batch_size, epochs=p.epochs, validation_data=validation,
+                           class_weight={index[c]: w for c, w in weights.items()} if weights else None,
+                           callbacks=callbacks, verbose=0, shuffle=True)
+        history = {name: [float(v) for v in values] for name, values in fitted.history.items()}
+        history = {"epochs": history, "epochs_run": len(history.get("loss", []))}
+        return cls(model, list(classes), history)
+
+    def predict_proba(self, x) -> np.ndarray:
+        return np.asarray(self.model_.predict_on_batch(x.astype(np.float32)), dtype=np.float64) if len(x) else \
+            np.zeros((0, len(self.classes)))
+
+    def predict(self, x) -> np.ndarray:
+        return np.array(self.classes)[np.argmax(self.predict_proba(x), axis=1)]
+
+    def save(self, folder: Path) -> None:
+        self.model_.save(folder / "head.keras")
+
+    @classmethod
+    def load(cls, folder: Path, meta: dict, history: dict) -> "SoftmaxHead":
+        from pipeline.tf_import import keras as _quiet_keras
+        keras = _quiet_keras()
+
+        return cls(keras.saving.load_model(folder / "head.keras"), meta["classes"], history)
+
+
+_HEADS = {"logreg": LogRegHead, "softmax": SoftmaxHead}
+
+
+def _save(head, meta: dict, out: Path) -> None:
+    """Write the head folder under a temporary name, then move it into place whole."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        head.save(tmp)
+        (tmp / "history.json").write_text(json.dumps(head.history, indent=2))
+        (tmp / "head.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load(folder: Path):
+    """A saved head, ready for ``predict_proba``."""
+    meta = json.loads((folder / "head.json").read_text())
+    history = json.loads((folder / "history.json").read_text())
+    return _HEADS[meta["model"]].load(folder, meta, history)

@@ -1,0 +1,98 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import features, params as params_mod, train_head
+from pipeline.fingerprint import stage_key
+from pipeline.params import ParamsError
+
+from conftest import ROOT
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_params_file_is_valid_and_complete():
+    params = params_mod.load(ROOT / "params.yaml")
+    assert params == params_mod.load(None), "params.yaml should spell out every default"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train_head:\n  learning_rat: 0.1\n", "train_head.learning_rat: unknown key"),
+    ("train_head:\n  learning_rate: fast\n", "train_head.learning_rate: Input should be a valid number"),
+    ("train_head:\n  learning_rate: -0.1\n", "train_head.learning_rate: Input should be greater than 0"),
+    ("train_head:\n  epochs: 1.5\n", "train_head.epochs: Input should be a valid integer"),
+    ("data:\n  train_fraction: 0.5\n", "must sum to 1, got 0.8"),
+    ("features:\n  backbone: vgg99\n", "unknown backbone 'vgg99'"),
+    ("feature:\n  backbone: tiny\n", "unknown section 'feature'"),
+    ("features: [1, 2]\n", "section 'features' must be a mapping"),
+    ("data: {root: [unclosed\n", "not valid YAML"),
+])
+def test_bad_params_name_the_key_and_the_file(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ParamsError) as error:
+        params_mod.load(path)
+    message = str(error.value)
+    assert expected in message
+    assert str(path) in message
+    assert "\n" not in message
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        params_mod.load(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    path = write(tmp_path, "train_head:\n  C: 1.0\n")
+    params = params_mod.load(path, ["train_head.C=0.25", "train_head.C_grid=[1, 2]", "data.split_csv=splits.csv"])
+    assert params.train_head.C == 0.25
+    assert params.train_head.C_grid == (1.0, 2.0)
+    assert params.data.split_csv == "splits.csv"
+    with pytest.raises(ParamsError, match=r"--set train_head\.Cee=2.*train_head\.Cee: unknown key"):
+        params_mod.load(path, ["train_head.Cee=2"])
+    with pytest.raises(ParamsError, match="expected section.key=value"):
+        params_mod.load(path, ["C=2"])
+
+
+def test_equal_values_give_equal_keys(tmp_path):
+    a = params_mod.load(write(tmp_path, "train_head:\n  C: 0.2\n"))
+    b = params_mod.load(write(tmp_path, "train_head:\n  C: 0.20\n"))
+    assert train_head.cache_key(a, {"features": "x"}) == train_head.cache_key(b, {"features": "x"})
+
+
+def test_key_covers_only_the_chosen_models_params():
+    logreg = params_mod.load(None, ["train_head.model=logreg"])
+    other_softmax_value = params_mod.load(None, ["train_head.model=logreg", "train_head.learning_rate=0.5"])
+    assert train_head.cache_key(logreg, {}) == train_head.cache_key(other_softmax_value, {})
+    other_c = params_mod.load(None, ["train_head.C=0.5"])
+    assert train_head.cache_key(logreg, {}) != train_head.cache_key(other_c, {})
+
+
+def test_speed_only_params_stay_out_of_the_features_key():
+    base = params_mod.load(None, ["features.backbone=tiny"])
+    faster = params_mod.load(None, ["features.backbone=tiny", "features.batch_size=7", "features.workers=1"])
+    resized = params_mod.load(None, ["features.backbone=tiny", "features.resize=crop"])
+    assert features.cache_key(base) == features.cache_key(faster)
+    assert features.cache_key(base) != features.cache_key(resized)
+
+
+def test_key_is_the_same_in_another_process_and_directory(tmp_path):
+    code = ("from pipeline import params, features; "
+            "print(features.cache_key(params.load(None, ['features.backbone=tiny'])))")
+    other = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    here = features.cache_key(params_mod.load(None, ["features.backbone=tiny"]))
+    assert other.stdout.strip() == here
+
+
+def test_stage_key_properties():
+    key = stage_key("s", 1, {"a": 1, "b": [1.0, 2]})
+    assert key == stage_key("s", 1, {"b": [1.0, 2], "a": 1})  # order of keys does not matter
+    assert key != stage_key("s", 2, {"a": 1, "b": [1.0, 2]})  # VERSION bump
+    assert key != stage_key("t", 1, {"a": 1, "b": [1.0, 2]})  # stage name
+    assert key != stage_key("s", 1, {"a": 1, "b": [1.0, 2]}, {"features": "x"})  # upstream
