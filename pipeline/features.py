@@ -40,6 +40,10 @@ PART_ROWS = 256  # images per committed part file during a run
 log = logging.getLogger("pipeline.features")
 
 
+# Skipped for a reason other than the file itself: not counted against data.max_bad_fraction.
+_NOT_BAD = ("label conflict", "split conflict", "not listed")
+
+
 class BadDataError(RuntimeError):
     """Too many images could not be used (data.max_bad_fraction)."""
 
@@ -92,8 +96,8 @@ def run(params: Params, base: str | Path = ".") -> FeaturesResult:
     finally:
         lock.release()
     _write_skipped(base / params.paths.reports_dir / "skipped.csv", result.skipped)
-    n_seen = result.n_rows + len(result.skipped)
-    n_bad = sum(1 for s in result.skipped if not s.reason.startswith(("label conflict", "split conflict", "not listed")))
+    n_seen = sum(1 + len(r.duplicates) for r in data.records) + len(data.skipped)
+    n_bad = sum(1 for s in result.skipped if not s.reason.startswith(_NOT_BAD))
     if n_seen and n_bad / n_seen > params.data.max_bad_fraction:
         raise BadDataError(
             f"{n_bad} of {n_seen} images under {data.root} are unusable (over data.max_bad_fraction="
@@ -135,9 +139,11 @@ def _commit(params, data, key, out, parts_dir, old_rows, old_bad, parts, known_b
     wanted = {r.sha256: r for r in data.records}
     rows = sorted((r.sha256, r.path, r.label, r.split) for r in data.records if r.sha256 not in known_bad)
     bad_here = sorted((sha, reason) for sha, reason in known_bad.items() if sha in wanted)
-    skipped += [dataset_mod.Skipped(wanted[sha].path, reason) for sha, reason in bad_here]
     for sha, reason in bad_here:
-        log.warning("features: skipped %s: %s", wanted[sha].path, reason)
+        for path in (wanted[sha].path, *wanted[sha].duplicates):
+            skipped.append(dataset_mod.Skipped(path, reason))
+            log.warning("features: skipped %s: %s", path, reason)
+    skipped.sort(key=lambda s: s.path)
     removed = len([sha for sha in old_rows if sha not in wanted])
     unchanged = not todo and not parts.files and rows == sorted(old_rows.values()) and \
         bad_here == sorted(old_bad.items())

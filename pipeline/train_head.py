@@ -66,7 +66,9 @@ def run(params: Params, base: str | Path = ".") -> HeadResult:
     features_path, upstream_ids = upstream(params, base)
     key = cache_key(params, upstream_ids)
     out = head_dir(params, base, key)
-    record = {"params": {"train_head": key_fields(params.train_head)}, "upstream": upstream_ids, "key": key}
+    # through JSON, so that it compares equal to the record read back from last.json
+    record = json.loads(json.dumps({"params": {"train_head": key_fields(params.train_head)},
+                                    "upstream": upstream_ids, "key": key}))
     previous = _read_json(last_run_file(params, base))
     if (out / "head.json").is_file():
         log.info("train_head: cache hit (%s)", out.relative_to(base) if out.is_relative_to(base) else out)
