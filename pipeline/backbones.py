@@ -30,6 +30,11 @@ class Backbone:
     layer: str
     weights: str  # what was loaded: "imagenet", "none" or a file path
     weights_sha256: str  # sha256 over the backbone's weight tensors, as loaded
+    infer: object  # compiled inference call: (N, S, S, 3) float32 tensor -> activations tensor
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Activations of a batch, in inference mode (BatchNorm uses its moving statistics)."""
+        return np.asarray(self.infer(images))
 
 
 def input_size(spec: BackboneSpec, requested: int) -> int:
@@ -87,7 +92,11 @@ def build(backbone: str, weights: str = "default", layer: str = "pooled", size: 
         raise ValueError(f"features.layer: {backbone} has no layer {layer!r}; valid: {', '.join(cut_points(full))}")
     model = keras.Model(full.input, full.get_layer(layer).output, name=f"{backbone}_to_{layer}")
     model.trainable = False
-    return Backbone(model, spec, size, layer, weights, weights_checksum(model))
+    import tensorflow as tf
+
+    # A traced call avoids predict()'s per-batch set-up; retraced only for a short last batch.
+    infer = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    return Backbone(model, spec, size, layer, weights, weights_checksum(model), infer)
 
 
 def cut_points(model) -> list[str]:

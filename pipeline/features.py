@@ -289,7 +289,7 @@ def _featurise(todo, params: Params, base: Path, root: Path, parts_dir: Path, ke
     def flush_batch():
         if batch_images:
             # (B, S, S, 3) float32 0..255 -> (B, *feature_shape), inference mode
-            output = backbone.model.predict_on_batch(np.stack(batch_images).astype(np.float32))
+            output = backbone.predict(np.stack(batch_images).astype(np.float32))
             features.extend(np.asarray(output).astype(storage))
             shas.extend(r.sha256 for r in batch_records)
             batch_records.clear()
