@@ -234,8 +234,11 @@ class SoftmaxHead:
         return cls(model, list(classes), history)
 
     def predict_proba(self, x) -> np.ndarray:
-        return np.asarray(self.model_.predict_on_batch(x.astype(np.float32)), dtype=np.float64) if len(x) else \
-            np.zeros((0, len(self.classes)))
+        """(N, n_classes) float64, columns in ``self.classes`` order."""
+        # A direct call: predict() would retrace for every new batch size.
+        blocks = [np.asarray(self.model_(x[i:i + 4096].astype(np.float32), training=False), dtype=np.float64)
+                  for i in range(0, len(x), 4096)]
+        return np.concatenate(blocks) if blocks else np.zeros((0, len(self.classes)))
 
     def predict(self, x) -> np.ndarray:
         return np.array(self.classes)[np.argmax(self.predict_proba(x), axis=1)]
