@@ -10,7 +10,7 @@ SET    ?=
 RUN    := $(PY) -m pipeline
 ARGS   := --params $(PARAMS) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup demo features train-head evaluate all test bench clean-cache
+.PHONY: help setup demo features train-head evaluate all predict export test bench clean-cache
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,13 @@ evaluate: setup ## metrics on the test split; retrains the head first if its par
 
 all: setup ## features, train-head and evaluate
 	$(RUN) all $(ARGS)
+
+predict: setup ## labels for new photos: make predict IMAGES="photo.jpg folder/" [FORMAT=csv|json]
+	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="photo.jpg folder/"'; exit 2; }
+	$(RUN) predict $(IMAGES) $(ARGS) $(if $(FORMAT),--format $(FORMAT))
+
+export: setup ## write the last trained model as .keras, SavedModel and TFLite (checked for parity)
+	$(RUN) export $(ARGS)
 
 test: setup ## run the test suite
 	$(PY) -m pytest -q

@@ -28,6 +28,17 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override one parameter; may be repeated")
+    predict = sub.add_parser("predict", help="top-k labels for photos (files or folders) with the last trained model")
+    predict.add_argument("paths", nargs="+", metavar="PATH")
+    predict.add_argument("--top-k", type=int, default=None, help="labels per photo (default: predict.top_k)")
+    predict.add_argument("--format", choices=("table", "csv", "json"), default=None,
+                         help="output format (default: predict.format)")
+    export = sub.add_parser("export", help="write the last trained model as .keras, SavedModel and TFLite, "
+                                           "after checking it answers like the pipeline")
+    for command in (predict, export):
+        command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        command.add_argument("--set", dest="overrides", action="append", default=[],
+                             metavar="SECTION.KEY=VALUE", help="override one parameter; may be repeated")
     demo = sub.add_parser("demo-data", help="build the small demo dataset from scikit-image's photographs")
     demo.add_argument("--out", default="data/demo")
     return parser
@@ -36,12 +47,13 @@ def _parser() -> argparse.ArgumentParser:
 def _expected_errors() -> tuple[type, ...]:
     from pipeline.dataset import DatasetError
     from pipeline.evaluate import EvaluationError
+    from pipeline.export import ExportError
     from pipeline.feature_store import CacheError
     from pipeline.features import BadDataError
     from pipeline.train_head import TrainingError
 
     return (params_mod.ParamsError, DatasetError, CacheError, BadDataError, TrainingError, EvaluationError,
-            FileNotFoundError, RuntimeError, ValueError)
+            ExportError, FileNotFoundError, RuntimeError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +77,18 @@ def _dispatch(args) -> int:
         return 0
     params = params_mod.load(args.params, args.overrides)
     base = Path(args.params).resolve().parent
+    if args.command == "predict":
+        from pipeline import predict
+
+        predictions = predict.run(params, base, args.paths, args.top_k)
+        print(predict.format_predictions(predictions, args.format or params.predict.format))
+        return 0 if any(p.labels for p in predictions) else 1
+    if args.command == "export":
+        from pipeline import export
+
+        result = export.run(params, base)
+        print(f"exported to {result.folder}: {', '.join(result.files)}")
+        return 0
     commands = ["features", "train-head", "evaluate"] if args.command == "all" else [args.command]
     for command in commands:
         if command == "features":

@@ -29,7 +29,7 @@ from pipeline.backbones import weights_fingerprint
 from pipeline.backbones_registry import BACKBONES
 from pipeline.feature_store import CacheError
 from pipeline.fingerprint import atomic_write_text, stage_key, temp_path_for
-from pipeline.images import DECODE_METHOD, ImageError, load_rgb
+from pipeline.images import DECODE_METHOD, ImageError, decode_rgb
 from pipeline.params import Params, as_dict, key_fields
 
 STAGE = "features"
@@ -252,9 +252,10 @@ def _write_part(parts_dir: Path, key: str, meta: dict, shas: list, features: lis
         raise
 
 
-def _decode(record, root: Path, size: int, resize: str):
+def _decode(path: Path, size: int, resize):
+    """(the backbone's input (S, S, 3) float32 or None, error or None) for one file."""
     try:
-        return load_rgb(root / record.path, size, resize), None
+        return resize(decode_rgb(path, size)), None
     except ImageError as error:
         return None, str(error)
 
@@ -271,58 +272,70 @@ def _prefetched(function, items, workers: int, window: int):
             yield pending.popleft().result()
 
 
+def build_backbone(params: Params, base: Path):
+    """The frozen backbone these params describe (imports TensorFlow)."""
+    from pipeline import backbones
+
+    f = params.features
+    return backbones.build(f.backbone, f.weights, f.layer, f.image_size, base / params.paths.cache_dir)
+
+
+def featurise_files(paths, backbone, resize: str, batch_size: int, workers: int):
+    """Yield ``(features or None, error or None)`` per path, in order: images are decoded on
+    ``workers`` threads while the backbone runs on the previous batch. Memory: one window of images."""
+    from pipeline.preprocessing import single_image_resizer
+
+    to_input = single_image_resizer(backbone.input_size, resize)
+    decoded = _prefetched(lambda path: _decode(path, backbone.input_size, to_input), paths,
+                          workers=workers, window=2 * batch_size + workers)
+    pending: list = []  # (image or None, error or None), images not yet run
+
+    def flush():
+        images = [image for image, _ in pending if image is not None]
+        # (B, S, S, 3) float32 0..255 -> (B, *feature_shape), inference mode
+        outputs = iter(backbone.predict(np.stack(images)) if images else [])
+        results = [(next(outputs), None) if image is not None else (None, error) for image, error in pending]
+        pending.clear()
+        return results
+
+    for item in decoded:
+        pending.append(item)
+        if sum(image is not None for image, _ in pending) == batch_size:
+            yield from flush()
+    yield from flush()
+
+
 def _featurise(todo, params: Params, base: Path, root: Path, parts_dir: Path, key: str):
     """Run the backbone over ``todo``, committing a part file every PART_ROWS images."""
     from tqdm import tqdm
 
-    from pipeline import backbones
-
     f = params.features
-    backbone = backbones.build(f.backbone, f.weights, f.layer, f.image_size, base / params.paths.cache_dir)
-    size = backbone.input_size
+    backbone = build_backbone(params, base)
     storage = np.dtype(f.dtype)
     feature_shape = tuple(int(d) for d in backbone.model.output_shape[1:])
     meta = {"weights_sha256": backbone.weights_sha256, "feature_shape": feature_shape}
     shas, features, bad = [], [], []
-    batch_records, batch_images = [], []
-
-    def flush_batch():
-        if batch_images:
-            # (B, S, S, 3) float32 0..255 -> (B, *feature_shape), inference mode
-            output = backbone.predict(np.stack(batch_images).astype(np.float32))
-            features.extend(np.asarray(output).astype(storage))
-            shas.extend(r.sha256 for r in batch_records)
-            batch_records.clear()
-            batch_images.clear()
-
-    def commit():
-        flush_batch()
-        if shas or bad:
-            _write_part(parts_dir, key, meta, shas, features, bad)
-            shas.clear(), features.clear(), bad.clear()
-
-    decoded = _prefetched(lambda r: (r, *_decode(r, root, size, f.resize)), todo,
-                          workers=f.workers, window=2 * f.batch_size + f.workers)
     progress = tqdm(total=len(todo), unit="img", desc="features", mininterval=1.0, disable=None)
-    started, done = time.perf_counter(), 0
+    started = time.perf_counter()
+    results = featurise_files([root / r.path for r in todo], backbone, f.resize, f.batch_size, f.workers)
     try:
-        for record, image, error in decoded:
-            if image is None:
+        for record, (row, error) in zip(todo, results):
+            if row is None:
                 bad.append((record.sha256, error))
             else:
-                batch_records.append(record)
-                batch_images.append(image)
-                if len(batch_images) == f.batch_size:
-                    flush_batch()
-            done += 1
+                shas.append(record.sha256)
+                features.append(row.astype(storage))
             progress.update(1)
-            if len(shas) + len(batch_images) + len(bad) >= PART_ROWS:
-                commit()
-        commit()
+            if len(shas) + len(bad) >= PART_ROWS:
+                _write_part(parts_dir, key, meta, shas, features, bad)
+                shas, features, bad = [], [], []
+        if shas or bad:
+            _write_part(parts_dir, key, meta, shas, features, bad)
     finally:
         progress.close()
     elapsed = time.perf_counter() - started
-    log.info("features: featurised %d image(s) in %.1f s (%.1f img/s)", done, elapsed, done / max(elapsed, 1e-9))
+    log.info("features: featurised %d image(s) in %.1f s (%.1f img/s)", len(todo), elapsed,
+             len(todo) / max(elapsed, 1e-9))
     return backbone.weights_sha256, feature_shape
 
 

@@ -1,9 +1,9 @@
 """Recognise images by content and decode them to the backbone's input.
 
 ``sniff`` reads magic bytes, so a PNG named ``.jpg`` is a PNG and a text file named ``.jpg`` is
-not an image. ``load_rgb`` applies EXIF orientation, converts every mode (grayscale, palette,
-alpha, CMYK, 16-bit) to 8-bit RGB and resizes. Large JPEGs are decoded at a reduced DCT scale
-(``draft``): never decode pixels only to throw them away.
+not an image. ``decode_rgb`` applies EXIF orientation and converts every mode (grayscale,
+palette, alpha, CMYK, 16-bit) to 8-bit RGB. Large JPEGs are decoded at a reduced DCT scale
+(``draft``): never decode pixels only to throw them away. No TensorFlow here.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif"}
 # Part of the features cache key: a change here changes the pixels the backbone sees.
-DECODE_METHOD = "pillow-draft-bilinear-v1"
+DECODE_METHOD = "pillow-draft+fit-to-size-box-bilinear-v1"
 
 
 class ImageError(ValueError):
@@ -57,9 +57,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def load_rgb(path, size: int, resize: str = "squash") -> np.ndarray:
-    """(size, size, 3) uint8 RGB. ``squash`` scales the whole image; ``crop`` scales the shorter side
-    to ``size`` and keeps the centre. Raises ImageError with the reason."""
+def decode_rgb(path, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, upright. JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
+    keeps both sides at least ``size``; resizing to the input size is ``preprocessing.FitToSize``.
+    Raises ImageError with the reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -70,11 +71,11 @@ def load_rgb(path, size: int, resize: str = "squash") -> np.ndarray:
                 if width * height > MAX_PIXELS:
                     raise ImageError(f"{width}x{height} pixels is over the {MAX_PIXELS:,} limit (decompression bomb?)")
                 if image.format in ("JPEG", "MPO"):
-                    # Scaled DCT decoding: at least `size` pixels on the shorter side survive.
                     image.draft("RGB", (size, size))
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 image = _to_rgb(image)
+                return np.asarray(image, dtype=np.uint8)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -83,8 +84,3 @@ def load_rgb(path, size: int, resize: str = "squash") -> np.ndarray:
         raise ImageError("permission denied") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise ImageError(f"cannot decode: {error}") from None
-    if resize == "crop":
-        image = ImageOps.fit(image, (size, size), Image.BILINEAR)
-    else:
-        image = image.resize((size, size), Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)

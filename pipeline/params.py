@@ -97,12 +97,29 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True, config=_CONFIG)
+class PredictParams:
+    top_k: int = Field(3, gt=0)  # labels listed per image
+    format: Literal["table", "csv", "json"] = "table"
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class ExportParams:
+    dir: str = "models"  # where the exported model files go
+    quantize: Literal["none", "dynamic", "int8"] = "none"  # extra quantised TFLite file
+    tolerance: float = Field(1e-4, gt=0)  # max |p_export - p_pipeline| for float exports
+    min_top1_agreement: float = Field(0.99, ge=0, le=1)  # for quantised exports
+    representative_images: int = Field(100, gt=0)  # train images used to calibrate int8
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class Params:
     paths: PathsParams = PathsParams()
     data: DataParams = DataParams()
     features: FeaturesParams = FeaturesParams()
     train_head: TrainHeadParams = TrainHeadParams()
     evaluate: EvaluateParams = EvaluateParams()
+    predict: PredictParams = PredictParams()
+    export: ExportParams = ExportParams()
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Params)}

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import feature_store, features
+from pipeline import feature_store, features, trained
 from pipeline.fingerprint import atomic_write_text, describe_changes, stage_key
 from pipeline.params import Params, as_dict, key_fields
+from pipeline.tf_import import keras as _quiet_keras
 
 STAGE = "train_head"
 # Bump when a head trained with the same params and features would come out different.
@@ -73,6 +74,7 @@ def run(params: Params, base: str | Path = ".") -> HeadResult:
     if (out / "head.json").is_file():
         log.info("train_head: cache hit (%s)", out.relative_to(base) if out.is_relative_to(base) else out)
         atomic_write_text(last_run_file(params, base), json.dumps(record, indent=2))
+        trained.record(params, base, "head", out, key, features_path)
         return HeadResult(out, key, False, load(out))
 
     changes = describe_changes(previous and {**previous["params"], "upstream": previous["upstream"]},
@@ -104,6 +106,7 @@ def run(params: Params, base: str | Path = ".") -> HeadResult:
     }
     _save(head, meta, out)
     atomic_write_text(last_run_file(params, base), json.dumps(record, indent=2))
+    trained.record(params, base, "head", out, key, features_path)
     val = head.history.get("val_accuracy")
     log.info("train_head: %s on %d images in %.2f s; train accuracy %.3f%s", p.model, len(y_train), seconds,
              head.history["train_accuracy"], f", val accuracy {val:.3f}" if val is not None else "")
@@ -174,6 +177,30 @@ class LogRegHead:
     def predict(self, x) -> np.ndarray:
         return np.array(self.classes)[np.argmax(self.predict_proba(x), axis=1)]
 
+    def as_keras(self, feature_shape):
+        """An equivalent Keras model: the scaler and the logistic regression folded into one Dense
+        softmax layer. (N, *feature_shape) -> (N, n_classes), columns in ``classes`` order."""
+        keras = _quiet_keras()
+        from keras import layers
+
+        scaler = self.pipeline_.named_steps["standardscaler"]
+        regression = self.pipeline_.named_steps["logisticregression"]
+        coef = regression.coef_.astype(np.float64)  # (K, D), or (1, D) for two classes
+        intercept = regression.intercept_.astype(np.float64)
+        if coef.shape[0] == 1:  # binary: p(class 1) = sigmoid(z) = softmax([0, z])[1]
+            coef = np.vstack([np.zeros_like(coef), coef])
+            intercept = np.array([0.0, intercept[0]])
+        scale = scaler.scale_.astype(np.float64)
+        kernel = (coef / scale).T  # (D, K): standardise then project, in one matrix
+        bias = intercept - (scaler.mean_ / scale) @ coef.T
+        order = [list(regression.classes_).index(c) for c in self.classes]
+        inputs = keras.Input(tuple(feature_shape), name="features")
+        x = layers.Flatten(name="flatten")(inputs) if len(feature_shape) > 1 else inputs
+        dense = layers.Dense(len(self.classes), activation="softmax", name="softmax")
+        outputs = dense(x)
+        dense.set_weights([kernel[:, order].astype(np.float32), bias[order].astype(np.float32)])
+        return keras.Model(inputs, outputs, name="head")
+
     def save(self, folder: Path) -> None:
         import joblib
 
@@ -196,7 +223,6 @@ class SoftmaxHead:
 
     @staticmethod
     def build(feature_shape, n_classes: int, p):
-        from pipeline.tf_import import keras as _quiet_keras
         keras = _quiet_keras()
         from keras import layers
 
@@ -209,7 +235,6 @@ class SoftmaxHead:
 
     @classmethod
     def fit(cls, x, y, x_val, y_val, classes, p) -> "SoftmaxHead":
-        from pipeline.tf_import import keras as _quiet_keras
         keras = _quiet_keras()
 
         keras.utils.set_random_seed(p.seed)
@@ -243,12 +268,14 @@ class SoftmaxHead:
     def predict(self, x) -> np.ndarray:
         return np.array(self.classes)[np.argmax(self.predict_proba(x), axis=1)]
 
+    def as_keras(self, feature_shape):
+        return self.model_
+
     def save(self, folder: Path) -> None:
         self.model_.save(folder / "head.keras")
 
     @classmethod
     def load(cls, folder: Path, meta: dict, history: dict) -> "SoftmaxHead":
-        from pipeline.tf_import import keras as _quiet_keras
         keras = _quiet_keras()
 
         return cls(keras.saving.load_model(folder / "head.keras"), meta["classes"], history)
