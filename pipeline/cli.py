@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except _expected_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # disk full, permissions, ...: the file and the reason, without a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def _dispatch(args) -> int:

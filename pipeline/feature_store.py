@@ -123,6 +123,19 @@ def read_index(path: Path, key: str | None = None):
     return rows, bad, attrs
 
 
+def verify_features(path: Path) -> None:
+    """Read every chunk of /features so that its fletcher32 checksum is checked; CacheError if one fails."""
+    with open_checked(path) as f:
+        data = f["features"]
+        step = data.chunks[0] if data.chunks else max(1, data.shape[0])
+        try:
+            for start in range(0, data.shape[0], step):
+                data[start:start + step]
+        except OSError as error:
+            raise CacheError(f"{path}: features fail their checksum ({error}); "
+                             "delete it and run 'make features'") from None
+
+
 def read_attrs(path: Path, key: str | None = None) -> dict:
     with open_checked(path, key) as f:
         return {k: _attr(v) for k, v in f.attrs.items()}

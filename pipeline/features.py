@@ -1,7 +1,7 @@
 """Stage `features`: run the frozen backbone once per distinct image and cache its activations.
 
 Incremental: rows are keyed by the sha256 of the image bytes, so a run featurises only images the
-cache lacks; removed images drop out. Work in progress is committed every ``PART_ROWS`` images to
+cache lacks; removed images drop out. Work in progress is committed every ``features.commit_every`` images to
 a part file (temporary name, then ``os.replace``), so an interrupted run loses at most one part;
 the next run merges the parts into the cache file and finishes.
 """
@@ -35,7 +35,6 @@ from pipeline.params import Params, as_dict, key_fields
 STAGE = "features"
 # Bump when the meaning of stored features changes (decoding, layout), so old caches are not reused.
 VERSION = 1
-PART_ROWS = 256  # images per committed part file during a run
 
 log = logging.getLogger("pipeline.features")
 
@@ -176,6 +175,7 @@ def _read_existing(out: Path, key: str):
         return {}, {}, {}
     try:
         rows, bad, attrs = feature_store.read_index(out, key)
+        feature_store.verify_features(out)
     except CacheError as error:
         damaged = out.with_name(out.name + ".damaged")
         os.replace(out, damaged)
@@ -221,7 +221,8 @@ def _read_parts(parts_dir: Path, key: str) -> _Parts:
             file.unlink(missing_ok=True)
             continue
         parts.handles.append(f)
-        parts.meta = {"weights_sha256": f.attrs["weights_sha256"], "feature_shape": tuple(f.attrs["feature_shape"])}
+        parts.meta = {"weights_sha256": str(f.attrs["weights_sha256"]),
+                      "feature_shape": tuple(int(d) for d in f.attrs["feature_shape"])}
         index = len(parts.features)
         parts.files.append(file)
         parts.features.append(features)
@@ -247,6 +248,10 @@ def _write_part(parts_dir: Path, key: str, meta: dict, shas: list, features: lis
             f.create_dataset("bad_reason", data=np.array([b[1] for b in bad], dtype=object),
                              dtype=h5py.string_dtype("utf-8"))
         os.replace(tmp, final)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"could not write {final} ({error}); is the disk full? Parts written before are kept: "
+                         "free some space and run 'make features' again") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -306,7 +311,7 @@ def featurise_files(paths, backbone, resize: str, batch_size: int, workers: int)
 
 
 def _featurise(todo, params: Params, base: Path, root: Path, parts_dir: Path, key: str):
-    """Run the backbone over ``todo``, committing a part file every PART_ROWS images."""
+    """Run the backbone over ``todo``, committing a part file every ``commit_every`` images."""
     from tqdm import tqdm
 
     f = params.features
@@ -326,7 +331,7 @@ def _featurise(todo, params: Params, base: Path, root: Path, parts_dir: Path, ke
                 shas.append(record.sha256)
                 features.append(row.astype(storage))
             progress.update(1)
-            if len(shas) + len(bad) >= PART_ROWS:
+            if len(shas) + len(bad) >= f.commit_every:
                 _write_part(parts_dir, key, meta, shas, features, bad)
                 shas, features, bad = [], [], []
         if shas or bad:
@@ -364,6 +369,10 @@ def _merge(out: Path, rows, feature_shape, dtype, attrs, bad, old_rows, parts: _
         if old is not None:
             old.close()
         os.replace(tmp, out)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"could not write {out} ({error}); is the disk full? The cache is as it was and the new "
+                         f"rows are kept in {out.with_suffix('.parts').name}: free some space and run again") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -61,6 +61,7 @@ class FeaturesParams:
     dtype: Literal["float32", "float16"] = "float32"  # storage dtype of the cached activations
     batch_size: int = _meta(32, key=False, gt=0)
     workers: int = _meta(2, key=False, gt=0)  # image-decoding threads
+    commit_every: int = _meta(256, key=False, gt=0)  # images per committed part: the most an interruption loses
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:

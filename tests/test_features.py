@@ -149,7 +149,6 @@ def test_too_many_bad_images_fail_after_keeping_the_good_ones(project):
 
 
 def test_interrupted_run_keeps_committed_parts(project, monkeypatch):
-    monkeypatch.setattr(features, "PART_ROWS", 10)
     real_write_part = features._write_part
     calls = []
 
@@ -161,7 +160,7 @@ def test_interrupted_run_keeps_committed_parts(project, monkeypatch):
 
     monkeypatch.setattr(features, "_write_part", write_part_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run(project)
+        run(project, features={"commit_every": 10})
     monkeypatch.setattr(features, "_write_part", real_write_part)
     counter = CountingBuild(monkeypatch)
     result = run(project)
