@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         command.add_argument("--set", dest="overrides", action="append", default=[],
                              metavar="SECTION.KEY=VALUE", help="override one parameter; may be repeated")
+    sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations")
     demo = sub.add_parser("demo-data", help="build the small demo dataset from scikit-image's photographs")
     demo.add_argument("--out", default="data/demo")
     return parser
@@ -73,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "dvc-yaml":
+        from pipeline import stages
+
+        Path("dvc.yaml").write_text(stages.render_dvc_yaml())
+        print("wrote dvc.yaml")
+        return 0
     if args.command == "demo-data":
         from pipeline import demo
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.fingerprint import atomic_write_text
 from pipeline.images import IMAGE_SUFFIXES, sniff
 from pipeline.params import DataParams
 
@@ -51,6 +53,7 @@ class Dataset:
     records: list[ImageRecord]  # one per distinct content, sorted by path
     skipped: list[Skipped] = field(default_factory=list)
     split_mode: str = "hash"
+    files_read: int = 0  # files read and hashed by this scan (the rest came from the stat index)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{class: {split: images}}."""
@@ -86,8 +89,9 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _ignored(p.name))
 
 
-def scan(params: DataParams, base_dir: str | Path = ".") -> Dataset:
-    """Hash and sniff every file under ``params.root`` (relative to ``base_dir``)."""
+def scan(params: DataParams, base_dir: str | Path = ".", index_path: Path | None = None) -> Dataset:
+    """Hash and sniff every file under ``params.root`` (relative to ``base_dir``). With ``index_path``,
+    files whose size and modification time are unchanged since the last scan are not read again."""
     root = Path(base_dir) / params.root
     if not root.is_dir():
         raise DatasetError(f"data.root: no folder at {root}; create it with one sub-folder per class")
@@ -110,17 +114,17 @@ def scan(params: DataParams, base_dir: str | Path = ".") -> Dataset:
 
     skipped: list[Skipped] = []
     by_sha: dict[str, list[tuple[str, str, str | None, str]]] = {}
+    index = FileIndex(index_path)
     for file, label, forced in candidates:
         relative = file.relative_to(root).as_posix()
         try:
-            data = file.read_bytes()
+            sha, image_format, size = index.identify(file, relative)
         except OSError as error:
             skipped.append(Skipped(relative, f"cannot read: {error.strerror or error}"))
             continue
-        image_format = sniff(data[:32])
         if image_format is None:
-            if file.suffix.lower() in IMAGE_SUFFIXES or not data:
-                reason = "empty file" if not data else "not an image (unrecognised content)"
+            if file.suffix.lower() in IMAGE_SUFFIXES or not size:
+                reason = "empty file" if not size else "not an image (unrecognised content)"
                 skipped.append(Skipped(relative, reason))
             continue  # other non-image files (notes, .DS_Store, ...) are ignored quietly
         if csv_splits is not None:
@@ -128,8 +132,8 @@ def scan(params: DataParams, base_dir: str | Path = ".") -> Dataset:
             if forced is None:
                 skipped.append(Skipped(relative, f"not listed in {params.split_csv}"))
                 continue
-        sha = hashlib.sha256(data).hexdigest()
         by_sha.setdefault(sha, []).append((relative, label, forced, image_format))
+    index.save()
 
     records = []
     for sha, copies in by_sha.items():
@@ -156,7 +160,47 @@ def scan(params: DataParams, base_dir: str | Path = ".") -> Dataset:
         folders = ", ".join(str(d) for name in empty for d in class_dirs[name])
         raise DatasetError(f"class folder {folders} has no usable images; add some or remove the folder")
     mode = "folders" if explicit else ("csv" if csv_splits is not None else "hash")
-    return Dataset(root, classes, records, sorted(skipped, key=lambda s: s.path), mode)
+    return Dataset(root, classes, records, sorted(skipped, key=lambda s: s.path), mode, index.reads)
+
+
+class FileIndex:
+    """Remembers each file's sha256 and format by (path, size, mtime in ns, inode), the same test
+    rsync and git use: a file whose stat is unchanged is not read and hashed again. Anything that
+    rewrites a file changes its mtime; a copy over it with the mtime preserved also changes the inode."""
+
+    VERSION = 1
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.old: dict = {}
+        self.new: dict = {}
+        self.reads = 0  # files read and hashed in this scan
+        if path is not None and path.is_file():
+            try:
+                stored = json.loads(path.read_text())
+                if stored.get("version") == self.VERSION:
+                    self.old = stored["files"]
+            except (OSError, ValueError, KeyError):
+                self.old = {}  # a damaged index only costs a full rehash
+
+    def identify(self, file: Path, relative: str) -> tuple[str | None, str | None, int]:
+        """(sha256 or None for a non-image, image format or None, size in bytes)."""
+        stat = file.stat()
+        signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        known = self.old.get(relative)
+        if known is not None and known[:3] == signature:
+            self.new[relative] = known
+            return known[3], known[4], stat.st_size
+        data = file.read_bytes()
+        self.reads += 1
+        image_format = sniff(data[:32])
+        sha = hashlib.sha256(data).hexdigest() if image_format else None
+        self.new[relative] = [*signature, sha, image_format]
+        return sha, image_format, len(data)
+
+    def save(self) -> None:
+        if self.path is not None and self.new != self.old:
+            atomic_write_text(self.path, json.dumps({"version": self.VERSION, "files": self.new}))
 
 
 def _read_split_csv(path: Path, root: Path) -> dict[str, str]:

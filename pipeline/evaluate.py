@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import feature_store, train_head
+from pipeline import feature_store, report, train_head
 from pipeline.fingerprint import atomic_write_text
-from pipeline.params import Params, as_dict
+from pipeline.params import SECTIONS, Params, as_dict
 
 STAGE = "evaluate"
 log = logging.getLogger("pipeline.evaluate")
@@ -76,30 +76,67 @@ def run(params: Params, base: str | Path = ".") -> EvaluateResult:
     })
     reports = base / params.paths.reports_dir
     metrics_path = atomic_write_text(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    wrong = misclassified(paths, y_test, proba, classes)
     misclassified_path = atomic_write_text(reports / "misclassified.csv",
-                                           _misclassified_csv(paths, y_test, proba, classes, params.evaluate.top_k))
-    text = format_table(metrics)
-    log.info("evaluate: accuracy %.4f, balanced accuracy %.4f on %d test images; wrote %s",
-             metrics["accuracy"], metrics["balanced_accuracy"], metrics["n_test"], metrics_path)
+                                           _misclassified_csv(wrong, proba, classes, params.evaluate.top_k))
+    predicted = np.array(classes)[np.argmax(proba, axis=1)]
+    atomic_write_text(reports / "predictions.csv", _csv(["path", "actual", "predicted"],
+                                                        zip(paths, y_test, predicted)))
+    previous, entry = report.append_history(reports / "history.jsonl", metrics)
+    page = report.write(
+        reports, base / params.data.root, metrics, wrong, head.history, report.read_history(reports / "history.jsonl"),
+        provenance={**metrics["features"], "head": metrics["head"], "data_root": params.data.root,
+                    "params": {name: as_dict(getattr(params, name)) for name in SECTIONS}},
+        counts=_counts(table, classes), skipped=_read_skipped(reports / "skipped.csv"))
+    text = format_table(metrics) + "\n\n" + report.diff(previous, entry)
+    log.info("evaluate: accuracy %.4f, balanced accuracy %.4f on %d test images; wrote %s and %s",
+             metrics["accuracy"], metrics["balanced_accuracy"], metrics["n_test"], metrics_path, page)
     return EvaluateResult(metrics, metrics_path, misclassified_path, text)
 
 
-def _misclassified_csv(paths, y_true, proba, classes, top_k: int) -> str:
+def misclassified(paths, y_true, proba, classes) -> list[dict]:
     """Wrong test predictions, most confident mistakes first."""
     predicted = np.argmax(proba, axis=1)
     wrong = [i for i in range(len(y_true)) if classes[predicted[i]] != y_true[i]]
     wrong.sort(key=lambda i: -proba[i, predicted[i]])
+    return [{"index": i, "path": str(paths[i]), "true": str(y_true[i]), "predicted": classes[predicted[i]],
+             "p_predicted": float(proba[i, predicted[i]]), "p_true": float(proba[i, classes.index(y_true[i])])}
+            for i in wrong]
+
+
+def _csv(header, rows) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    k = min(top_k, len(classes))
-    writer.writerow(["path", "true", "predicted", "p_predicted", "p_true"]
-                    + [f"top{j + 1}_{what}" for j in range(k) for what in ("label", "p")])
-    for i in wrong:
-        top = np.argsort(-proba[i])[:k]
-        writer.writerow([paths[i], y_true[i], classes[predicted[i]], f"{proba[i, predicted[i]]:.4f}",
-                         f"{proba[i, classes.index(y_true[i])]:.4f}"]
-                        + [v for j in top for v in (classes[j], f"{proba[i, j]:.4f}")])
+    writer.writerow(header)
+    writer.writerows(rows)
     return buffer.getvalue()
+
+
+def _misclassified_csv(wrong: list[dict], proba, classes, top_k: int) -> str:
+    k = min(top_k, len(classes))
+    header = ["path", "true", "predicted", "p_predicted", "p_true"] + \
+        [f"top{j + 1}_{what}" for j in range(k) for what in ("label", "p")]
+    rows = []
+    for item in wrong:
+        row = proba[item["index"]]
+        top = np.argsort(-row)[:k]
+        rows.append([item["path"], item["true"], item["predicted"], f"{item['p_predicted']:.4f}",
+                     f"{item['p_true']:.4f}"] + [v for j in top for v in (classes[j], f"{row[j]:.4f}")])
+    return _csv(header, rows)
+
+
+def _counts(table, classes) -> dict:
+    """{class: {train, val, test: images}}."""
+    return {c: {s: int(((table.labels == c) & (table.splits == s)).sum()) for s in ("train", "val", "test")}
+            for c in classes}
+
+
+def _read_skipped(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
 
 
 def format_table(metrics: dict) -> str:

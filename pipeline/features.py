@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import hashlib
 import importlib.metadata
 import io
 import logging
@@ -78,10 +79,16 @@ def cache_file(params: Params, base: Path, key: str | None = None) -> Path:
     return base / params.paths.cache_dir / "features" / f"{params.features.backbone}-{key[:16]}.h5"
 
 
+def file_index_path(params: Params, base: Path) -> Path:
+    """Where the stat index of one data root lives (one per root: roots can be switched freely)."""
+    root = str((base / params.data.root).resolve())
+    return base / params.paths.cache_dir / "file_index" / f"{hashlib.sha256(root.encode()).hexdigest()[:16]}.json"
+
+
 def run(params: Params, base: str | Path = ".") -> FeaturesResult:
     """Bring the feature cache up to date with ``data.root``; returns what it holds and did."""
     base = Path(base)
-    data = dataset_mod.scan(params.data, base)
+    data = dataset_mod.scan(params.data, base, index_path=file_index_path(params, base))
     key = cache_key(params)
     out = cache_file(params, base, key)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -112,3 +112,29 @@ def test_empty_class_names_the_folder(project):
     (project / "photos" / "ghost" / "notes.txt").write_text("no pictures yet")
     with pytest.raises(DatasetError, match=r"class folder .*ghost has no usable images"):
         scan(project)
+
+
+def test_unchanged_files_are_not_read_again(project):
+    index = project / "index.json"
+    params = make_params(project).data
+    first = dataset.scan(params, project, index_path=index)
+    assert first.files_read == 36
+    second = dataset.scan(params, project, index_path=index)
+    assert second.files_read == 0
+    assert [(r.sha256, r.path, r.split) for r in second.records] == [(r.sha256, r.path, r.split) for r in first.records]
+    # rewritten in place with new bytes of the same size: a new mtime, so it is read again
+    target = project / "photos" / "misty" / "misty_00.png"
+    make_image(target, CLASS_COLOURS["tigger"], 5555)
+    make_image(project / "photos" / "misty" / "added.png", CLASS_COLOURS["misty"], 5556)
+    third = dataset.scan(params, project, index_path=index)
+    assert third.files_read == 2
+    assert {r.path: r.sha256 for r in third.records}["misty/misty_00.png"] != \
+        {r.path: r.sha256 for r in first.records}["misty/misty_00.png"]
+
+
+def test_a_damaged_index_costs_only_a_rehash(project):
+    index = project / "index.json"
+    params = make_params(project).data
+    dataset.scan(params, project, index_path=index)
+    index.write_text("{ not json")
+    assert dataset.scan(params, project, index_path=index).files_read == 36

@@ -1,0 +1,260 @@
+"""The evaluation report: ``reports/index.html`` plus its plots as PNG files, and the run history.
+
+The page is self-contained (images embedded as data URIs; no server, no network) and is written
+by ``evaluate`` after the metrics. ``history.jsonl`` gets one line per evaluation; ``diff``
+compares the latest two, like ``dvc metrics diff``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.fingerprint import atomic_write_text
+
+MAX_GALLERY = 60  # misclassified thumbnails on the page, worst first
+THUMBNAIL = 160  # pixels, longer side
+
+
+def append_history(path: Path, metrics: dict) -> tuple[dict | None, dict]:
+    """Append this evaluation to history.jsonl; returns (previous entry or None, this entry)."""
+    entries = read_history(path)
+    entry = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "accuracy": metrics["accuracy"],
+        "balanced_accuracy": metrics["balanced_accuracy"],
+        "n_test": metrics["n_test"],
+        "f1": {c: m["f1"] for c, m in metrics["per_class"].items()},
+        "head": metrics["head"]["model"],
+        "head_key": metrics["head"]["key"],
+        "head_params": metrics["head"]["params"],
+        "backbone": metrics["features"]["backbone"],
+        "layer": metrics["features"]["layer"],
+        "features_key": metrics["features"]["key"],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+    return (entries[-1] if entries else None), entry
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by an interrupted write is not history
+    return entries
+
+
+def diff(previous: dict | None, current: dict) -> str:
+    """A table of each metric's change against the previous evaluation."""
+    if previous is None:
+        return "first evaluation: nothing to compare with yet"
+    rows = [("accuracy", previous["accuracy"], current["accuracy"]),
+            ("balanced_accuracy", previous["balanced_accuracy"], current["balanced_accuracy"])]
+    rows += [(f"f1.{c}", previous.get("f1", {}).get(c), v) for c, v in current["f1"].items()]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'metric':<{width}}  previous   current    change"]
+    for name, old, new in rows:
+        change = f"{new - old:+.4f}" if old is not None else "new"
+        old_text = f"{old:.4f}" if old is not None else "-"
+        lines.append(f"{name:<{width}}  {old_text:>8}  {new:8.4f}  {change:>8}")
+    if previous.get("head_key") != current["head_key"]:
+        changed = [f"{k}: {previous['head_params'].get(k)} -> {v}" for k, v in current["head_params"].items()
+                   if previous.get("head_params", {}).get(k) != v]
+        if changed:
+            lines.append("head settings changed: " + ", ".join(changed))
+    return "\n".join(lines)
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _figures(metrics: dict, head_history: dict, history: list[dict]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    classes = metrics["classes"]
+    matrix = np.array(metrics["confusion_matrix"], dtype=float)
+    plots = {}
+    for name, values, fmt, title in [
+        ("confusion_matrix.png", matrix, "{:.0f}", "Confusion matrix (test images)"),
+        ("confusion_matrix_normalized.png", matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1), "{:.2f}",
+         "Confusion matrix, each true class sums to 1"),
+    ]:
+        size = 1.6 + 0.6 * len(classes)
+        figure, axes = plt.subplots(figsize=(size + 1.2, size))
+        image = axes.imshow(values, cmap="Blues")
+        axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        axes.set_yticks(range(len(classes)), classes)
+        axes.set_xlabel("predicted")
+        axes.set_ylabel("true")
+        axes.set_title(title)
+        peak = values.max() if values.size else 1
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                axes.text(j, i, fmt.format(values[i, j]), ha="center", va="center",
+                          color="white" if values[i, j] > 0.6 * peak else "black")
+        figure.colorbar(image, ax=axes, fraction=0.046)
+        plots[name] = _png(figure)
+        plt.close(figure)
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    epochs = head_history.get("epochs")
+    if epochs:
+        for metric, ax in (("loss", axes[0]), ("accuracy", axes[1])):
+            for prefix, style in (("", "-"), ("val_", "--")):
+                if prefix + metric in epochs:
+                    ax.plot(range(1, len(epochs[prefix + metric]) + 1), epochs[prefix + metric], style,
+                            label=("validation " if prefix else "train ") + metric)
+            ax.set_xlabel("epoch")
+            ax.set_title(metric)
+            ax.legend()
+    elif head_history.get("cv_balanced_accuracy"):
+        grid = {float(c): s for c, s in head_history["cv_balanced_accuracy"].items()}
+        axes[0].semilogx(list(grid), list(grid.values()), "o-")
+        axes[0].set_xlabel("C")
+        axes[0].set_title(f"{head_history['cv_folds']}-fold CV balanced accuracy on train")
+        axes[0].axvline(head_history["chosen_C"], color="grey", linestyle=":")
+    else:
+        axes[0].text(0.5, 0.5, "logistic regression: one fit, no epochs\n(set train_head.search_C: true for a "
+                               "curve over C)", ha="center", va="center")
+        axes[0].set_axis_off()
+    bars = {k: head_history[k] for k in ("train_accuracy", "val_accuracy") if k in head_history}
+    bars["test_accuracy"] = metrics["accuracy"]
+    if not epochs:
+        axes[1].bar(list(bars), list(bars.values()), color=["#4c72b0", "#dd8452", "#55a868"][:len(bars)])
+        axes[1].set_ylim(0, 1)
+        axes[1].set_title("accuracy by split")
+    plots["training_curves.png"] = _png(figure)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(8, 3))
+    runs = range(1, len(history) + 1)
+    axes.plot(runs, [h["accuracy"] for h in history], "o-", label="accuracy")
+    axes.plot(runs, [h["balanced_accuracy"] for h in history], "s--", label="balanced accuracy")
+    axes.set_xlabel("evaluation")
+    axes.set_xticks(list(runs))
+    axes.set_title("test metrics over evaluations")
+    axes.legend()
+    plots["history.png"] = _png(figure)
+    plt.close(figure)
+    return plots
+
+
+def _thumbnail(path: Path) -> str | None:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (THUMBNAIL, THUMBNAIL))
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            image.thumbnail((THUMBNAIL, THUMBNAIL))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+    except (OSError, ValueError):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def write(reports: Path, data_root: Path, metrics: dict, misclassified: list[dict], head_history: dict,
+          history: list[dict], provenance: dict, counts: dict, skipped: list[dict]) -> Path:
+    """Write the PNG plots and index.html into ``reports``; returns the page's path."""
+    plots = _figures(metrics, head_history, history)
+    for name, png in plots.items():
+        (reports / name).write_bytes(png)
+    e = html.escape
+    classes = metrics["classes"]
+    per_class = "".join(
+        f"<tr><td>{e(c)}</td><td data-metric='precision.{e(c)}'>{m['precision']:.4f}</td>"
+        f"<td data-metric='recall.{e(c)}'>{m['recall']:.4f}</td><td data-metric='f1.{e(c)}'>{m['f1']:.4f}</td>"
+        f"<td data-metric='support.{e(c)}'>{m['support']}</td></tr>"
+        for c, m in metrics["per_class"].items())
+    gallery = []
+    for item in misclassified[:MAX_GALLERY]:
+        uri = _thumbnail(data_root / item["path"])
+        image = f"<img src='{uri}' alt='{e(item['path'])}'>" if uri else "<div class='missing'>image gone</div>"
+        gallery.append(f"<figure>{image}<figcaption><b>{e(item['true'])}</b> called <b>{e(item['predicted'])}"
+                       f"</b> ({item['p_predicted']:.2f})<br><span>{e(item['path'])}</span></figcaption></figure>")
+    more = len(misclassified) - MAX_GALLERY
+    counts_rows = "".join(f"<tr><td>{e(c)}</td>" + "".join(f"<td>{n}</td>" for n in row.values()) +
+                          f"<td>{sum(row.values())}</td></tr>" for c, row in counts.items())
+    skipped_rows = "".join(f"<tr><td>{e(s['path'])}</td><td>{e(s['reason'])}</td></tr>" for s in skipped[:200])
+    history_rows = "".join(
+        f"<tr><td>{i}</td><td>{e(h['time'])}</td><td>{e(h['head'])}</td><td>{h['accuracy']:.4f}</td>"
+        f"<td>{h['balanced_accuracy']:.4f}</td><td>{h['n_test']}</td></tr>"
+        for i, h in reversed(list(enumerate(history, start=1))))
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Evaluation report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; padding: 0 1rem; }}
+h1 {{ margin-bottom: .2rem; }} .sub {{ color: #666; margin-top: 0; }}
+.cards {{ display: flex; gap: 1rem; flex-wrap: wrap; }}
+.card {{ border: 1px solid #ddd; border-radius: 8px; padding: .8rem 1.2rem; min-width: 10rem; }}
+.card .v {{ font-size: 2rem; font-weight: 600; }}
+table {{ border-collapse: collapse; margin: .5rem 0 1.5rem; }}
+td, th {{ border-bottom: 1px solid #eee; padding: .3rem .8rem; text-align: left; }}
+.plots img {{ max-width: 100%; margin: .5rem 1rem .5rem 0; }}
+.gallery {{ display: flex; flex-wrap: wrap; gap: .8rem; }}
+figure {{ margin: 0; width: 170px; font-size: .8rem; }} figure img {{ max-width: 160px; max-height: 160px; }}
+figcaption span {{ color: #888; word-break: break-all; }}
+pre {{ background: #f6f6f6; padding: .8rem; overflow-x: auto; }}
+</style></head>
+<body data-images-loaded="pending">
+<h1>Evaluation report</h1>
+<p class="sub">{e(metrics['head']['model'])} head on {e(provenance['backbone'])} features ({e(provenance['layer'])}),
+{metrics['n_test']} test images, {e(history[-1]['time'] if history else '')}</p>
+<div class="cards">
+<div class="card">accuracy<div class="v" data-metric="accuracy">{metrics['accuracy']:.4f}</div></div>
+<div class="card">balanced accuracy<div class="v" data-metric="balanced_accuracy">{metrics['balanced_accuracy']:.4f}</div></div>
+<div class="card">test images<div class="v" data-metric="n_test">{metrics['n_test']}</div></div>
+<div class="card">classes<div class="v">{len(classes)}</div></div>
+</div>
+<h2>Per class</h2>
+<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{per_class}</table>
+<h2>Confusion matrix</h2>
+<div class="plots"><img src="{_data_uri(plots['confusion_matrix.png'])}" alt="confusion matrix">
+<img src="{_data_uri(plots['confusion_matrix_normalized.png'])}" alt="normalised confusion matrix"></div>
+<h2>Misclassified test photos ({len(misclassified)}), most confident mistakes first</h2>
+<div class="gallery">{''.join(gallery) or '<p>None: every test photo was classified correctly.</p>'}</div>
+{f'<p>{more} more in misclassified.csv</p>' if more > 0 else ''}
+<h2>Training</h2>
+<div class="plots"><img src="{_data_uri(plots['training_curves.png'])}" alt="training curves"></div>
+<h2>History</h2>
+<div class="plots"><img src="{_data_uri(plots['history.png'])}" alt="metrics over evaluations"></div>
+<table><tr><th>#</th><th>time</th><th>head</th><th>accuracy</th><th>balanced accuracy</th><th>test images</th></tr>
+{history_rows}</table>
+<h2>Data</h2>
+<table><tr><th>class</th><th>train</th><th>val</th><th>test</th><th>all</th></tr>{counts_rows}</table>
+<p>{len(skipped)} file(s) skipped{':' if skipped else '.'}</p>
+{f'<table><tr><th>path</th><th>reason</th></tr>{skipped_rows}</table>' if skipped else ''}
+<h2>Provenance</h2>
+<pre>{e(json.dumps(provenance, indent=2))}</pre>
+<script>
+window.addEventListener("load", () => {{
+  const images = Array.from(document.images);
+  const loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.imagesLoaded = loaded + "/" + images.length;
+}});
+</script>
+</body></html>
+"""
+    return atomic_write_text(reports / "index.html", page)
