@@ -1,6 +1,6 @@
 """What the safety measures cost, and what a kill -9 loses, on ../shared/datasets/dogs_vs_cats_1k.
 
-    .venv/bin/python bench/safety.py [--pairs 5]
+    .venv/bin/python bench/safety.py [--pairs 6]
 
 1. Overhead: the features stage on an empty cache, in this process, alternately with every safety
    measure on (part commits every 256 images, fletcher32 checksums, the file lock, the checksum
@@ -143,7 +143,7 @@ def kill_test(point: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=6)
     args = parser.parse_args()
     if not DATASET.is_dir():
         raise SystemExit(f"no {DATASET}; this benchmark needs the shared photo datasets")
@@ -159,7 +159,8 @@ def main() -> None:
     overhead = {"safe_seconds_median": statistics.median(on), "unsafe_seconds_median": statistics.median(off),
                 "ratio": statistics.median(on) / statistics.median(off),
                 "seconds_inside_safety_code_median": statistics.median(inside),
-                "share_inside_safety_code": statistics.median(inside) / statistics.median(on)}
+                "share_inside_safety_code": statistics.median(inside) / statistics.median(on),
+                "runs_on": on, "runs_off": off}
     kills = [kill_test(point) for point in ("part 1", "part 3", "merge")]
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "safety.json").write_text(json.dumps({"overhead": overhead, "kills": kills},

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +32,7 @@ from pipeline.backbones_registry import BACKBONES
 from pipeline.feature_store import CacheError
 from pipeline.fingerprint import atomic_write_text, stage_key, temp_path_for
 from pipeline.images import DECODE_METHOD, ImageError, decode_rgb
-from pipeline.params import Params, as_dict, key_fields
+from pipeline.params import FeaturesParams, Params, as_dict, key_fields
 
 STAGE = "features"
 # Bump when the meaning of stored features changes (decoding, layout), so old caches are not reused.
@@ -292,27 +293,50 @@ def build_backbone(params: Params, base: Path):
     return backbones.build(f.backbone, f.weights, f.layer, f.image_size, base / params.paths.cache_dir)
 
 
-def featurise_files(paths, backbone, resize: str, batch_size: int, workers: int):
-    """Yield ``(features or None, error or None)`` per path, in order: images are decoded on
-    ``workers`` threads while the backbone runs on the previous batch. Memory: one window of images."""
-    from pipeline.preprocessing import single_image_resizer
+def featurise_files(paths, backbone, f: FeaturesParams, cache_dir: Path):
+    """Yield ``(features or None, error or None)`` per path, in order, with ``f.runtime``:
+    - ``keras``: images decoded and resized (TensorFlow's ``FitToSize``) on ``f.workers`` threads while
+      TensorFlow runs the previous batch;
+    - ``litert``: images decoded and resized (OpenCV's twin of ``FitToSize``, no TensorFlow op) on
+      ``f.workers`` threads while LiteRT/XNNPACK runs the backbone, checked against Keras first.
+    Memory: a bounded window of decoded images, whatever the number of paths."""
+    if f.runtime == "litert":
+        from pipeline import litert_runtime
 
-    to_input = single_image_resizer(backbone.input_size, resize)
-    decoded = _prefetched(lambda path: _decode(path, backbone.input_size, to_input), paths,
-                          workers=workers, window=2 * batch_size + workers)
+        from pipeline.resize import fit_to_size
+
+        litert_runtime.keep_freed_memory()  # every photo allocates fresh arrays of about a megabyte
+        runner = litert_runtime.LiteRTBackbone(litert_runtime.backbone_file(backbone, cache_dir))
+        decoded = _prefetched(lambda path: _decode(path, backbone.input_size, partial(fit_to_size, size=backbone.input_size,
+                                                                                     mode=f.resize)),
+                              paths, workers=f.workers, window=2 * f.batch_size + f.workers)
+        unchecked = [True]
+
+        def predict(images):
+            if unchecked[0]:
+                litert_runtime.check(backbone, runner, images[:8])
+                unchecked[0] = False
+            return runner.predict(images)
+    else:
+        from pipeline.preprocessing import single_image_resizer
+
+        to_input = single_image_resizer(backbone.input_size, f.resize)
+        decoded = _prefetched(lambda path: _decode(path, backbone.input_size, to_input), paths,
+                              workers=f.workers, window=2 * f.batch_size + f.workers)
+        predict = backbone.predict
     pending: list = []  # (image or None, error or None), images not yet run
 
     def flush():
         images = [image for image, _ in pending if image is not None]
         # (B, S, S, 3) float32 0..255 -> (B, *feature_shape), inference mode
-        outputs = iter(backbone.predict(np.stack(images)) if images else [])
+        outputs = iter(predict(np.stack(images)) if images else [])
         results = [(next(outputs), None) if image is not None else (None, error) for image, error in pending]
         pending.clear()
         return results
 
     for item in decoded:
         pending.append(item)
-        if sum(image is not None for image, _ in pending) == batch_size:
+        if sum(image is not None for image, _ in pending) == f.batch_size:
             yield from flush()
     yield from flush()
 
@@ -329,7 +353,7 @@ def _featurise(todo, params: Params, base: Path, root: Path, parts_dir: Path, ke
     shas, features, bad = [], [], []
     progress = tqdm(total=len(todo), unit="img", desc="features", mininterval=1.0, disable=None)
     started = time.perf_counter()
-    results = featurise_files([root / r.path for r in todo], backbone, f.resize, f.batch_size, f.workers)
+    results = featurise_files([root / r.path for r in todo], backbone, f, base / params.paths.cache_dir)
     try:
         for record, (row, error) in zip(todo, results):
             if row is None:

@@ -109,7 +109,7 @@ def _featurise(model, base, params, paths, positions, features, have, prediction
     if backbone.weights_sha256 != model.features_attrs["weights_sha256"]:
         raise RuntimeError(f"the backbone's weights differ from those of {model.features_file.name}; "
                            "run 'make features' and 'make train-head' again")
-    results = features_stage.featurise_files(paths, backbone, f.resize, f.batch_size, f.workers)
+    results = features_stage.featurise_files(paths, backbone, f, base / params.paths.cache_dir)
     for position, (row, error) in zip(positions, results):
         if row is None:
             predictions[position].error = error
