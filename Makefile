@@ -10,7 +10,7 @@ SET    ?=
 RUN    := $(PY) -m pipeline
 ARGS   := --params $(PARAMS) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup demo features train-head evaluate all predict export test bench clean-cache
+.PHONY: help setup demo features train-head train-top advise compare evaluate all predict export test bench clean-cache
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,7 +34,16 @@ features: setup ## cache the frozen backbone's activations of every image (incre
 train-head: setup ## train the head on the cached features (never runs the backbone)
 	$(RUN) train-head $(ARGS)
 
-evaluate: setup ## metrics on the test split; retrains the head first if its params changed
+train-top: setup ## train the backbone's last blocks (above train_top.cut_point) on their cached input
+	$(RUN) train-top $(ARGS)
+
+advise: setup ## which rung suits this dataset (head, train-top, fine-tuning), with the reasons
+	$(RUN) advise $(ARGS)
+
+compare: setup ## the trained rungs side by side on the test split
+	$(RUN) compare $(ARGS)
+
+evaluate: setup ## metrics of the model trained last, on the test split; brings it up to date first
 	$(RUN) evaluate $(ARGS)
 
 all: setup ## features, train-head and evaluate
@@ -54,4 +63,4 @@ bench: setup ## benchmarks on ../shared/datasets (numbers quoted in README)
 	$(PY) bench/core.py
 
 clean-cache: ## delete every cached artifact (features, heads, converted weights)
-	rm -rf cache/features cache/heads cache/weights
+	rm -rf cache/features cache/heads cache/tops cache/weights cache/file_index cache/model.json

@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
         ("train-head", "train the head on the cached features"),
         ("evaluate", "metrics of the head on the test split (trains it first if needed)"),
         ("all", "features, train-head and evaluate"),
+        ("train-top", "train the backbone's blocks above train_top.cut_point on cached activations"),
+        ("advise", "recommend a rung of the ladder for this dataset, with the reasons"),
+        ("compare", "the trained rungs side by side on the test split"),
     ]:
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -98,6 +101,22 @@ def _dispatch(args) -> int:
 
         result = export.run(params, base)
         print(f"exported to {result.folder}: {', '.join(result.files)}")
+        return 0
+    if args.command == "train-top":
+        from pipeline import train_top
+
+        train_top.run(params, base)
+        return 0
+    if args.command == "advise":
+        from pipeline import advise, dataset
+
+        summary = advise.summarise(dataset.scan(params.data, base))
+        print(advise.format_advice(advise.recommend(summary)))
+        return 0
+    if args.command == "compare":
+        from pipeline import evaluate
+
+        print(evaluate.compare(params, base))
         return 0
     commands = ["features", "train-head", "evaluate"] if args.command == "all" else [args.command]
     for command in commands:

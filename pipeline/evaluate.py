@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import feature_store, report, train_head
+from pipeline import feature_store, report, trained
 from pipeline.fingerprint import atomic_write_text
 from pipeline.params import SECTIONS, Params, as_dict
 
@@ -57,19 +57,20 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -
 
 def run(params: Params, base: str | Path = ".") -> EvaluateResult:
     base = Path(base)
-    head_result = train_head.run(params, base)
-    features_path, _ = train_head.upstream(params, base)
-    table = feature_store.read_table(features_path)
+    current = trained.bring_up_to_date(params, base)
+    table = feature_store.read_table(current.features_file)
     x_test, y_test, paths = table.select("test")
     if not len(y_test):
         raise EvaluationError("the test split is empty; set data.test_fraction > 0 or add a test/ folder")
-    head = head_result.head
+    head = current.model
     classes = list(head.classes)
     proba = head.predict_proba(x_test)
     metrics = compute_metrics(y_test, proba, classes)
-    meta = json.loads((head_result.path / "head.json").read_text())
+    meta = json.loads((current.path / "head.json").read_text())
     metrics.update({
-        "head": {"model": meta["model"], "key": head_result.key, "params": meta["params"]},
+        "rung": current.rung,
+        "head": {"model": meta["model"], "key": current.key, "params": meta["params"],
+                 "fit_seconds": head.history.get("fit_seconds")},
         "features": {k: table.attrs[k] for k in ("key", "backbone", "weights", "weights_sha256", "layer",
                                                  "input_size", "resize", "dtype")},
         "data": {"root": params.data.root, "splits": as_dict(params.data)},
@@ -92,6 +93,38 @@ def run(params: Params, base: str | Path = ".") -> EvaluateResult:
     log.info("evaluate: accuracy %.4f, balanced accuracy %.4f on %d test images; wrote %s and %s",
              metrics["accuracy"], metrics["balanced_accuracy"], metrics["n_test"], metrics_path, page)
     return EvaluateResult(metrics, metrics_path, misclassified_path, text)
+
+
+def compare(params: Params, base: str | Path = ".") -> str:
+    """The rungs trained for these params, side by side on the same test split."""
+    from pipeline import train_head, train_top
+
+    base = Path(base)
+    rows = []
+    for rung, folder, features_params in (("head", train_head.find(params, base), params),
+                                          ("top", train_top.find(params, base), train_top.cut_params(params))):
+        if folder is None:
+            rows.append((rung, None))
+            continue
+        model = train_head.load(folder)
+        from pipeline import features
+
+        table = feature_store.read_table(features.cache_file(features_params, base))
+        x_test, y_test, _ = table.select("test")
+        metrics = compute_metrics(y_test, model.predict_proba(x_test), list(model.classes))
+        metrics["fit_seconds"] = model.history.get("fit_seconds")
+        metrics["layer"] = table.attrs["layer"]
+        rows.append((rung, metrics))
+    lines = [f"{'rung':<6} {'frozen up to':<14} {'accuracy':>9} {'balanced':>9} {'test':>5} {'training s':>11}"]
+    for rung, m in rows:
+        if m is None:
+            command = "make train-head" if rung == "head" else "make train-top"
+            lines.append(f"{rung:<6} not trained for these params ('{command}')")
+        else:
+            seconds = f"{m['fit_seconds']:.1f}" if m["fit_seconds"] is not None else "-"
+            lines.append(f"{rung:<6} {m['layer']:<14} {m['accuracy']:9.4f} {m['balanced_accuracy']:9.4f} "
+                         f"{m['n_test']:5d} {seconds:>11}")
+    return "\n".join(lines)
 
 
 def misclassified(paths, y_true, proba, classes) -> list[dict]:

@@ -87,10 +87,29 @@ class TrainHeadParams:
     l2: float = _meta(0.0001, model="softmax", ge=0)
     dropout: float = _meta(0.2, model="softmax", ge=0, lt=1)
     patience: int = _meta(10, model="softmax", ge=0)  # early stopping on val loss; 0 disables
+    hidden_units: tuple[int, ...] = _meta((), model="softmax")  # new hidden layers before the softmax, e.g. [256]
 
     def __post_init__(self):
         if any(c <= 0 for c in self.C_grid):
             raise ValueError("C_grid values must be > 0")
+        if any(u <= 0 for u in self.hidden_units):
+            raise ValueError("hidden_units must be positive layer widths, e.g. [256]")
+        if self.hidden_units and self.model != "softmax":
+            raise ValueError("hidden_units needs model: softmax (a logistic regression has no hidden layers)")
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class TrainTopParams:
+    cut_point: str = "block14"  # where the frozen part ends; the layers above it are trained
+    learning_rate: float = Field(0.0001, gt=0)  # low: the top layers start from pretrained weights
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(32, gt=0)
+    patience: int = Field(5, ge=0)  # early stopping on val loss; 0 disables
+    dropout: float = Field(0.2, ge=0, lt=1)  # before the softmax
+    hidden_units: tuple[int, ...] = ()  # new hidden layers between the top layers and the softmax
+    class_weight: Literal["balanced", "none"] = "balanced"
+    warm_start: bool = True  # start the softmax from train-head's head on pooled features, if there is one
+    seed: int = 0
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -119,6 +138,7 @@ class Params:
     data: DataParams = DataParams()
     features: FeaturesParams = FeaturesParams()
     train_head: TrainHeadParams = TrainHeadParams()
+    train_top: TrainTopParams = TrainTopParams()
     evaluate: EvaluateParams = EvaluateParams()
     predict: PredictParams = PredictParams()
     export: ExportParams = ExportParams()

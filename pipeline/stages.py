@@ -32,6 +32,8 @@ STAGES = (
           outs=(f"{_CACHE}/features", f"{_REPORTS}/skipped.csv")),
     Stage("train-head", ("train_head",), (f"{_CACHE}/features", "pipeline/train_head.py"),
           outs=(f"{_CACHE}/heads",)),
+    Stage("train-top", ("features", "train_top"), ("${data.root}", "pipeline/train_top.py"),
+          outs=(f"{_CACHE}/tops",)),
     Stage("evaluate", ("evaluate",), (f"{_CACHE}/heads", "pipeline/evaluate.py", "pipeline/report.py"),
           outs=(f"{_REPORTS}/index.html", f"{_REPORTS}/misclassified.csv"),
           metrics=(f"{_REPORTS}/metrics.json",),

@@ -57,6 +57,16 @@ def head_dir(params: Params, base: Path, key: str) -> Path:
     return base / params.paths.cache_dir / "heads" / key[:16]
 
 
+def find(params: Params, base: Path) -> Path | None:
+    """The folder of the head these params would train, if it exists; trains nothing."""
+    try:
+        _, upstream_ids = upstream(params, base)
+    except feature_store.CacheError:
+        return None
+    folder = head_dir(params, base, cache_key(params, upstream_ids))
+    return folder if (folder / "head.json").is_file() else None
+
+
 def last_run_file(params: Params, base: Path) -> Path:
     return base / params.paths.cache_dir / "heads" / "last.json"
 
@@ -213,8 +223,32 @@ class LogRegHead:
         return cls(joblib.load(folder / "head.joblib"), meta["classes"], history)
 
 
+def fit_keras(model, x, y, x_val, y_val, classes, p, callbacks=()) -> dict:
+    """Adam on sparse cross-entropy, class weights, early stopping on val loss (best weights kept).
+
+    ``p`` needs learning_rate, epochs, batch_size, patience, class_weight. Returns the history."""
+    keras = _quiet_keras()
+    index = {c: i for i, c in enumerate(classes)}
+    model.compile(optimizer=keras.optimizers.Adam(p.learning_rate), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    weights = _class_weights(y, classes, p.class_weight)
+    callbacks = list(callbacks)
+    validation = None
+    if len(y_val):
+        validation = (x_val, np.array([index[c] for c in y_val]))
+        if p.patience:
+            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=p.patience,
+                                                           restore_best_weights=True))
+    fitted = model.fit(x, np.array([index[c] for c in y]), batch_size=p.batch_size, epochs=p.epochs,
+                       validation_data=validation, callbacks=callbacks, verbose=0, shuffle=True,
+                       class_weight={index[c]: w for c, w in weights.items()} if weights else None)
+    epochs = {name: [float(v) for v in values] for name, values in fitted.history.items()}
+    return {"epochs": epochs, "epochs_run": len(epochs.get("loss", []))}
+
+
 class SoftmaxHead:
-    """Keras: [GlobalAveragePooling2D for spatial caches] -> Dropout -> Dense(softmax, L2)."""
+    """Keras: [GlobalAveragePooling2D for spatial caches] -> [Dropout -> Dense(relu)] per hidden layer ->
+    Dropout -> Dense(softmax), L2 on every kernel."""
 
     def __init__(self, model, classes: list[str], history: dict):
         self.model_ = model
@@ -228,9 +262,12 @@ class SoftmaxHead:
 
         inputs = keras.Input(tuple(feature_shape), name="features")
         x = layers.GlobalAveragePooling2D(name="pool")(inputs) if len(feature_shape) == 3 else inputs
+        regularizer = keras.regularizers.L2(p.l2) if p.l2 else None
+        for i, units in enumerate(p.hidden_units):  # new hidden layers, trained from scratch
+            x = layers.Dropout(p.dropout, name=f"dropout_{i}")(x)
+            x = layers.Dense(units, activation="relu", kernel_regularizer=regularizer, name=f"hidden_{i}")(x)
         x = layers.Dropout(p.dropout, name="dropout")(x)
-        outputs = layers.Dense(n_classes, activation="softmax", name="softmax",
-                               kernel_regularizer=keras.regularizers.L2(p.l2) if p.l2 else None)(x)
+        outputs = layers.Dense(n_classes, activation="softmax", name="softmax", kernel_regularizer=regularizer)(x)
         return keras.Model(inputs, outputs, name="head")
 
     @classmethod
@@ -238,24 +275,8 @@ class SoftmaxHead:
         keras = _quiet_keras()
 
         keras.utils.set_random_seed(p.seed)
-        index = {c: i for i, c in enumerate(classes)}
         model = cls.build(x.shape[1:], len(classes), p)
-        model.compile(optimizer=keras.optimizers.Adam(p.learning_rate), loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
-        y_int = np.array([index[c] for c in y])
-        weights = _class_weights(y, classes, p.class_weight)
-        callbacks = []
-        validation = None
-        if len(y_val):
-            validation = (x_val, np.array([index[c] for c in y_val]))
-            if p.patience:
-                callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=p.patience,
-                                                               restore_best_weights=True))
-        fitted = model.fit(x, y_int, batch_size=p.batch_size, epochs=p.epochs, validation_data=validation,
-                           class_weight={index[c]: w for c, w in weights.items()} if weights else None,
-                           callbacks=callbacks, verbose=0, shuffle=True)
-        history = {name: [float(v) for v in values] for name, values in fitted.history.items()}
-        history = {"epochs": history, "epochs_run": len(history.get("loss", []))}
+        history = fit_keras(model, x, y, x_val, y_val, classes, p)
         return cls(model, list(classes), history)
 
     def predict_proba(self, x) -> np.ndarray:
@@ -281,7 +302,7 @@ class SoftmaxHead:
         return cls(keras.saving.load_model(folder / "head.keras"), meta["classes"], history)
 
 
-_HEADS = {"logreg": LogRegHead, "softmax": SoftmaxHead}
+_HEADS = {"logreg": LogRegHead, "softmax": SoftmaxHead, "top": SoftmaxHead}  # top: see train_top
 
 
 def _save(head, meta: dict, out: Path) -> None:

@@ -1,7 +1,8 @@
 """Which model was trained last, so that predict and export use it.
 
-``cache/model.json`` names the rung (``head`` today), the folder of the trained model, and the
-feature cache it was trained on. Each training stage records itself here when it finishes.
+``cache/model.json`` names the rung (``head``: train-head; ``top``: train-top), the folder of the
+trained model, and the feature cache it was trained on (whose rows are its inputs). Each training
+stage records itself here when it finishes or finds its model in the cache.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pipeline.params import Params
 
 @dataclass
 class TrainedModel:
-    rung: str  # "head"
+    rung: str  # "head" or "top"
     path: Path  # the model's folder
     key: str
     features_file: Path  # the cache the model was trained on
@@ -38,6 +39,26 @@ def record(params: Params, base: Path, rung: str, path: Path, key: str, features
         "rung": rung, "path": str(path.relative_to(base / params.paths.cache_dir)), "key": key,
         "features_file": str(features_file.relative_to(base / params.paths.cache_dir)),
     }, indent=2))
+
+
+RUNGS = ("head", "top")
+
+
+def last_rung(params: Params, base: Path) -> str:
+    """The rung trained last ("head" when none was)."""
+    try:
+        return json.loads(pointer_file(params, base).read_text())["rung"]
+    except (OSError, ValueError, KeyError):
+        return "head"
+
+
+def bring_up_to_date(params: Params, base: Path, rung: str | None = None) -> TrainedModel:
+    """Train (or find in the cache) the model of ``rung`` (default: the last trained) for these params."""
+    from pipeline import train_head, train_top
+
+    rung = rung or last_rung(params, base)
+    (train_top.run if rung == "top" else train_head.run)(params, base)
+    return load_current(params, base)
 
 
 def load_current(params: Params, base: Path) -> TrainedModel:
