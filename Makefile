@@ -10,7 +10,7 @@ SET    ?=
 RUN    := $(PY) -m pipeline
 ARGS   := --params $(PARAMS) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup demo features train-head train-top advise compare evaluate all predict export test bench clean-cache
+.PHONY: help setup demo features train-head train-top finetune advise compare evaluate all predict export test bench clean-cache
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ train-head: setup ## train the head on the cached features (never runs the backb
 
 train-top: setup ## train the backbone's last blocks (above train_top.cut_point) on their cached input
 	$(RUN) train-top $(ARGS)
+
+finetune: setup ## train every layer from the pretrained start on the images (two phases, augmentation)
+	$(RUN) finetune $(ARGS)
 
 advise: setup ## which rung suits this dataset (head, train-top, fine-tuning), with the reasons
 	$(RUN) advise $(ARGS)
@@ -63,4 +66,4 @@ bench: setup ## benchmarks on ../shared/datasets (numbers quoted in README)
 	$(PY) bench/core.py
 
 clean-cache: ## delete every cached artifact (features, heads, converted weights)
-	rm -rf cache/features cache/heads cache/tops cache/weights cache/file_index cache/model.json
+	rm -rf cache/features cache/heads cache/tops cache/finetuned cache/weights cache/file_index cache/model.json

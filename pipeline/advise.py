@@ -50,7 +50,7 @@ def recommend(summary: Summary) -> Advice:
         reasons.append(f"{TOP_MIN} to {FINETUNE_MIN - 1} per class: enough to also train the last blocks of the "
                        "backbone from their pretrained weights, on cached activations at the cut point")
     else:
-        rung, command = "finetune", "make train-top with an early train_top.cut_point (whole-network fine-tuning)"
+        rung, command = "finetune", "make finetune"
         reasons.append(f"{FINETUNE_MIN} or more per class: enough data to fine-tune every layer from the "
                        "pretrained initialisation")
     if summary.median_short_side is not None and summary.median_short_side < SMALL_SIDE:

@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         ("evaluate", "metrics of the head on the test split (trains it first if needed)"),
         ("all", "features, train-head and evaluate"),
         ("train-top", "train the backbone's blocks above train_top.cut_point on cached activations"),
+        ("finetune", "train the whole network from its pretrained start on the images, with augmentation"),
         ("advise", "recommend a rung of the ladder for this dataset, with the reasons"),
         ("compare", "the trained rungs side by side on the test split"),
     ]:
@@ -106,6 +107,11 @@ def _dispatch(args) -> int:
         from pipeline import train_top
 
         train_top.run(params, base)
+        return 0
+    if args.command == "finetune":
+        from pipeline import finetune
+
+        finetune.run(params, base)
         return 0
     if args.command == "advise":
         from pipeline import advise, dataset

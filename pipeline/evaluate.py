@@ -64,7 +64,10 @@ def run(params: Params, base: str | Path = ".") -> EvaluateResult:
         raise EvaluationError("the test split is empty; set data.test_fraction > 0 or add a test/ folder")
     head = current.model
     classes = list(head.classes)
-    proba = head.predict_proba(x_test)
+    if current.rung == "finetune":  # the whole network changed: run it on the test images themselves
+        proba = head.predict_files([base / params.data.root / p for p in paths])
+    else:
+        proba = head.predict_proba(x_test)
     metrics = compute_metrics(y_test, proba, classes)
     meta = json.loads((current.path / "head.json").read_text())
     metrics.update({
@@ -97,12 +100,13 @@ def run(params: Params, base: str | Path = ".") -> EvaluateResult:
 
 def compare(params: Params, base: str | Path = ".") -> str:
     """The rungs trained for these params, side by side on the same test split."""
-    from pipeline import train_head, train_top
+    from pipeline import finetune, train_head, train_top
 
     base = Path(base)
     rows = []
     for rung, folder, features_params in (("head", train_head.find(params, base), params),
-                                          ("top", train_top.find(params, base), train_top.cut_params(params))):
+                                          ("top", train_top.find(params, base), train_top.cut_params(params)),
+                                          ("finetune", finetune.find(params, base), finetune.pooled_params(params))):
         if folder is None:
             rows.append((rung, None))
             continue
@@ -110,19 +114,21 @@ def compare(params: Params, base: str | Path = ".") -> str:
         from pipeline import features
 
         table = feature_store.read_table(features.cache_file(features_params, base))
-        x_test, y_test, _ = table.select("test")
-        metrics = compute_metrics(y_test, model.predict_proba(x_test), list(model.classes))
+        x_test, y_test, test_paths = table.select("test")
+        proba = model.predict_files([base / params.data.root / p for p in test_paths]) if rung == "finetune" \
+            else model.predict_proba(x_test)
+        metrics = compute_metrics(y_test, proba, list(model.classes))
         metrics["fit_seconds"] = model.history.get("fit_seconds")
-        metrics["layer"] = table.attrs["layer"]
+        metrics["layer"] = table.attrs["layer"] if rung != "finetune" else "nothing"
         rows.append((rung, metrics))
-    lines = [f"{'rung':<6} {'frozen up to':<14} {'accuracy':>9} {'balanced':>9} {'test':>5} {'training s':>11}"]
+    lines = [f"{'rung':<8} {'frozen up to':<14} {'accuracy':>9} {'balanced':>9} {'test':>5} {'training s':>11}"]
     for rung, m in rows:
         if m is None:
-            command = "make train-head" if rung == "head" else "make train-top"
-            lines.append(f"{rung:<6} not trained for these params ('{command}')")
+            command = {"head": "make train-head", "top": "make train-top", "finetune": "make finetune"}[rung]
+            lines.append(f"{rung:<8} not trained for these params ('{command}')")
         else:
             seconds = f"{m['fit_seconds']:.1f}" if m["fit_seconds"] is not None else "-"
-            lines.append(f"{rung:<6} {m['layer']:<14} {m['accuracy']:9.4f} {m['balanced_accuracy']:9.4f} "
+            lines.append(f"{rung:<8} {m['layer']:<14} {m['accuracy']:9.4f} {m['balanced_accuracy']:9.4f} "
                          f"{m['n_test']:5d} {seconds:>11}")
     return "\n".join(lines)
 

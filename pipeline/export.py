@@ -49,7 +49,8 @@ def build_export_model(backbone, head_model, size: int, resize: str):
 
     image = keras.Input((None, None, 3), dtype="uint8", name="image")
     x = FitToSize(size, resize, name="fit_to_size")(image)
-    x = backbone.model(x, training=False)
+    if backbone is not None:  # None: head_model takes the resized image itself (fine-tuned network)
+        x = backbone.model(x, training=False)
     probabilities = head_model(x, training=False)
     return keras.Model(image, probabilities, name="classifier")
 
@@ -65,8 +66,11 @@ def run(params: Params, base: str | Path = ".") -> ExportResult:
     if backbone.weights_sha256 != attrs["weights_sha256"]:
         raise ExportError(f"the backbone's weights differ from those of {current.features_file.name}; "
                           "run 'make features' and 'make train-head' again")
-    head_model = current.model.as_keras(tuple(attrs["feature_shape"]))
-    model = build_export_model(backbone, head_model, backbone.input_size, f.resize)
+    if current.rung == "finetune":  # one network from resized image to probabilities
+        model = build_export_model(None, current.model.image_model(), backbone.input_size, f.resize)
+    else:
+        head_model = current.model.as_keras(tuple(attrs["feature_shape"]))
+        model = build_export_model(backbone, head_model, backbone.input_size, f.resize)
 
     samples = _test_samples(params, base, current)
     if not samples:
@@ -115,7 +119,10 @@ def _test_samples(params: Params, base: Path, current) -> list[_Sample]:
     root = base / params.data.root
     size = int(table.attrs["input_size"])
     samples, changed = [], 0
-    reference = current.model.predict_proba(table.features[mask])
+    if current.rung == "finetune":
+        reference = current.model.predict_files([root / p for p in table.paths[mask]])
+    else:
+        reference = current.model.predict_proba(table.features[mask])
     for path, sha, probabilities in zip(table.paths[mask], table.sha256[mask], reference):
         file = root / path
         try:

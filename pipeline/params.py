@@ -113,6 +113,23 @@ class TrainTopParams:
 
 
 @dataclass(frozen=True, config=_CONFIG)
+class FinetuneParams:
+    epochs_head: int = Field(3, ge=0)  # phase 1: backbone frozen, the softmax learns
+    epochs_all: int = Field(10, ge=0)  # phase 2: every layer learns (BatchNorm kept frozen)
+    learning_rate_head: float = Field(0.001, gt=0)
+    learning_rate_all: float = Field(0.00001, gt=0)  # low: the pretrained weights are the starting point
+    batch_size: int = Field(16, gt=0)
+    patience: int = Field(3, ge=0)  # early stopping on val loss, per phase; 0 disables
+    dropout: float = Field(0.2, ge=0, lt=1)
+    flip: bool = True  # random horizontal flips
+    zoom: float = Field(0.1, ge=0, lt=1)  # random zoom in by up to this share (a random crop)
+    color: float = Field(0.1, ge=0, lt=1)  # random brightness and contrast changes of up to this share
+    class_weight: Literal["balanced", "none"] = "balanced"
+    warm_start: bool = True  # start the softmax from train-head's head on pooled features, if there is one
+    seed: int = 0
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class EvaluateParams:
     top_k: int = Field(3, gt=0)  # probabilities listed per misclassified image
 
@@ -139,6 +156,7 @@ class Params:
     features: FeaturesParams = FeaturesParams()
     train_head: TrainHeadParams = TrainHeadParams()
     train_top: TrainTopParams = TrainTopParams()
+    finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     predict: PredictParams = PredictParams()
     export: ExportParams = ExportParams()

@@ -69,6 +69,9 @@ def run(params: Params, base: str | Path, inputs, top_k: int | None = None) -> l
             continue
         shas.append(hashlib.sha256(data).hexdigest())
 
+    if model.rung == "finetune":  # the fine-tuned network reads the photos themselves
+        _predict_finetuned(model, files, shas, predictions, top_k)
+        return predictions
     feature_shape = tuple(model.features_attrs["feature_shape"])
     features = np.zeros((len(files), *feature_shape), np.float32)
     have = np.zeros(len(files), bool)
@@ -94,6 +97,25 @@ def run(params: Params, base: str | Path, inputs, top_k: int | None = None) -> l
         if prediction.error:
             log.warning("predict: skipped %s: %s", prediction.path, prediction.error)
     return predictions
+
+
+def _predict_finetuned(model, files, shas, predictions, top_k: int) -> None:
+    from pipeline.images import ImageError
+
+    for i, (path, sha) in enumerate(zip(files, shas)):
+        if sha is None:
+            continue
+        try:
+            row = model.model.predict_files([path])[0]
+        except ImageError as error:
+            predictions[i].error = str(error)
+            continue
+        order = np.argsort(-row)[:top_k]
+        predictions[i].labels = [model.classes[j] for j in order]
+        predictions[i].probabilities = [float(row[j]) for j in order]
+    for prediction in predictions:
+        if prediction.error:
+            log.warning("predict: skipped %s: %s", prediction.path, prediction.error)
 
 
 def features_params_of(attrs: dict) -> FeaturesParams:

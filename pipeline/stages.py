@@ -34,6 +34,8 @@ STAGES = (
           outs=(f"{_CACHE}/heads",)),
     Stage("train-top", ("features", "train_top"), ("${data.root}", "pipeline/train_top.py"),
           outs=(f"{_CACHE}/tops",)),
+    Stage("finetune", ("features", "finetune"), ("${data.root}", "pipeline/finetune.py"),
+          outs=(f"{_CACHE}/finetuned",)),
     Stage("evaluate", ("evaluate",), (f"{_CACHE}/heads", "pipeline/evaluate.py", "pipeline/report.py"),
           outs=(f"{_REPORTS}/index.html", f"{_REPORTS}/misclassified.csv"),
           metrics=(f"{_REPORTS}/metrics.json",),

@@ -325,4 +325,8 @@ def load(folder: Path):
     """A saved head, ready for ``predict_proba``."""
     meta = json.loads((folder / "head.json").read_text())
     history = json.loads((folder / "history.json").read_text())
+    if meta["model"] == "finetune":
+        from pipeline.finetune import FinetunedModel
+
+        return FinetunedModel.load(folder, meta, history)
     return _HEADS[meta["model"]].load(folder, meta, history)

@@ -1,6 +1,6 @@
 """Which model was trained last, so that predict and export use it.
 
-``cache/model.json`` names the rung (``head``: train-head; ``top``: train-top), the folder of the
+``cache/model.json`` names the rung (``head``, ``top`` or ``finetune``), the folder of the
 trained model, and the feature cache it was trained on (whose rows are its inputs). Each training
 stage records itself here when it finishes or finds its model in the cache.
 """
@@ -18,7 +18,7 @@ from pipeline.params import Params
 
 @dataclass
 class TrainedModel:
-    rung: str  # "head" or "top"
+    rung: str  # "head", "top" or "finetune"
     path: Path  # the model's folder
     key: str
     features_file: Path  # the cache the model was trained on
@@ -41,7 +41,7 @@ def record(params: Params, base: Path, rung: str, path: Path, key: str, features
     }, indent=2))
 
 
-RUNGS = ("head", "top")
+RUNGS = ("head", "top", "finetune")
 
 
 def last_rung(params: Params, base: Path) -> str:
@@ -54,10 +54,10 @@ def last_rung(params: Params, base: Path) -> str:
 
 def bring_up_to_date(params: Params, base: Path, rung: str | None = None) -> TrainedModel:
     """Train (or find in the cache) the model of ``rung`` (default: the last trained) for these params."""
-    from pipeline import train_head, train_top
+    from pipeline import finetune, train_head, train_top
 
     rung = rung or last_rung(params, base)
-    (train_top.run if rung == "top" else train_head.run)(params, base)
+    {"top": train_top.run, "finetune": finetune.run}.get(rung, train_head.run)(params, base)
     return load_current(params, base)
 
 

@@ -128,7 +128,9 @@ def test_train_top_rung_is_evaluated_compared_and_exported(lite_project):
     metrics = evaluate.run(params, lite_project).metrics
     assert metrics["rung"] == "top" and metrics["features"]["layer"] == "block14"
     table = evaluate.compare(params, lite_project)
-    assert "head" in table and "top" in table and "block14" in table and "not trained" not in table
+    lines = {line.split()[0]: line for line in table.splitlines()[1:]}
+    assert "pooled" in lines["head"] and "block14" in lines["top"]
+    assert "not trained for these params ('make finetune')" in lines["finetune"]
     from pipeline import export
 
     exported = export.run(params, lite_project)
@@ -194,3 +196,35 @@ def test_advice_from_a_scanned_dataset(project):
     assert set(summary.train_per_class) == {"misty", "tigger", "neither"}
     assert summary.median_short_side == 40
     assert "recommended rung: head" in advise.format_advice(advise.recommend(summary))
+
+
+def test_finetune_two_phases_on_the_images(project):
+    from pipeline import export, finetune, predict
+
+    base_params = make_params(project, finetune={"epochs_head": 2, "epochs_all": 0, "batch_size": 8})
+    features.run(base_params, project)
+    head_only = finetune.run(base_params, project)
+    network = head_only.model.model_.get_layer("tiny_to_pooled")
+    pretrained = backbones.build("tiny", cache_dir=project / "cache").model
+    for a, b in zip(network.get_weights(), pretrained.get_weights()):
+        np.testing.assert_array_equal(a, b)  # phase 1 alone leaves the backbone as pretrained
+    assert {"augment_flip", "augment_zoom", "augment_brightness", "augment_contrast"} <= \
+        {l.name for l in head_only.model.model_.layers}
+
+    params = make_params(project, finetune={"epochs_head": 2, "epochs_all": 3, "batch_size": 8,
+                                            "learning_rate_all": 0.01})
+    result = finetune.run(params, project)
+    assert set(result.model.history["phases"]) == {"head", "all"}
+    changed = result.model.model_.get_layer("tiny_to_pooled").get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(changed, pretrained.get_weights()))
+    assert trained.last_rung(params, project) == "finetune"
+    assert not finetune.run(params, project).trained  # a cache hit the second time
+
+    metrics = evaluate.run(params, project).metrics
+    assert metrics["rung"] == "finetune" and metrics["n_test"] > 0
+    assert "finetune" in evaluate.compare(params, project)
+    photo = project / "photos" / "misty" / "misty_03.png"
+    label = predict.run(params, project, [photo])[0].labels[0]
+    assert label in ("misty", "tigger", "neither")
+    exported = export.run(params, project)
+    assert all(v["max_abs_diff"] <= 1e-4 for v in exported.parity.values())

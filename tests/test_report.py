@@ -61,7 +61,7 @@ def test_dvc_files(evaluated):
     assert rows[0] == "path,actual,predicted" and len(rows) - 1 == result.metrics["n_test"]
     assert (ROOT / "dvc.yaml").read_text() == stages.render_dvc_yaml()  # generated, not hand-edited
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    assert list(dvc["stages"]) == ["features", "train-head", "evaluate"]
+    assert list(dvc["stages"]) == ["features", "train-head", "train-top", "finetune", "evaluate"]
     assert dvc["stages"]["train-head"]["params"] == ["train_head"]
     for name, stage in dvc["stages"].items():
         assert stage["cmd"] == f"python -m pipeline {name}"
