@@ -1,15 +1,16 @@
 """The ladder on real photos: cache size per cut point, train-top speed against running the frozen
 layers every epoch, and the accuracy and training time of each rung on one test split.
 
-    .venv/bin/python bench/ladder.py [--dataset cat_breeds_web5] [--cut-points block14 block10]
+    .venv/bin/python bench/ladder.py [--dataset cat_breeds_web5] [--cut-points block15 block14 block10]
 
 In this process, with EfficientNet-Lite0 and the default 70/15/15 hash split:
 1. the features stage at `pooled` and at each cut point (float16 spatial maps): MB per image;
 2. seconds per epoch of the same trainable model (layers above the cut + softmax) fed from the
    cut-point cache, and fed from pre-decoded images through the frozen layers (the frozen part
    runs every epoch; decoding is not counted): median of 3 epochs each, and the ratio;
-3. head (logreg, C by CV), head (softmax with a 256-unit hidden layer), and train-top at each cut
-   point: test accuracy, balanced accuracy, training seconds.
+3. head (logreg, C by CV), head (softmax with a 256-unit hidden layer), train-top at each cut
+   point, and finetune (2 epochs per phase, to bound the time on a CPU): test accuracy, balanced
+   accuracy, training seconds.
 Results: Markdown on stdout and bench/results/ladder.json.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATASETS = ROOT.parent / "shared" / "datasets"
 
-from pipeline import evaluate, feature_store, features, params as params_mod, train_head, train_top  # noqa: E402
+from pipeline import evaluate, feature_store, features, finetune, params as params_mod, train_head, train_top  # noqa: E402
 
 
 def epoch_seconds(model, x, y, epochs=3) -> float:
@@ -51,7 +52,7 @@ def epoch_seconds(model, x, y, epochs=3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="cat_breeds_web5")
-    parser.add_argument("--cut-points", nargs="+", default=["block14", "block10"])
+    parser.add_argument("--cut-points", nargs="+", default=["block15", "block14", "block10"])
     args = parser.parse_args()
     root = DATASETS / args.dataset
     if not root.is_dir():
@@ -75,27 +76,28 @@ def main() -> None:
         from pipeline.images import decode_rgb
         from pipeline.preprocessing import single_image_resizer
 
-        cut = args.cut_points[0]
-        p = params_mod.build({"data": {"root": str(root)}, "train_top": {"cut_point": cut}}, "bench")
-        table = feature_store.read_table(features.cache_file(train_top.cut_params(p), base))
-        x_cut, labels, paths = table.select("train")
-        classes = sorted(set(labels))
-        y = np.array([classes.index(c) for c in labels])
-        full = backbones.build("efficientnet_lite0", layer="pooled", cache_dir=base / "cache")
-        top = train_top.build_top(full.model, cut)
-        cached_model = keras.Sequential([keras.Input(x_cut.shape[1:]), top, keras.layers.Dense(len(classes),
-                                                                                             activation="softmax")])
-        cached = epoch_seconds(cached_model, x_cut, y)
-        resize = single_image_resizer(224, "squash")
-        images = np.stack([resize(decode_rgb(root / path, 224)) for path in paths])
-        frozen = keras.Model(full.model.input, full.model.get_layer(cut).output)
-        frozen.trainable = False
-        end_to_end = keras.Sequential([keras.Input((224, 224, 3)), frozen, top,
-                                       keras.layers.Dense(len(classes), activation="softmax")])
-        uncached = epoch_seconds(end_to_end, images, y)
-        out["speed"] = {"cut_point": cut, "train_images": int(len(y)), "cached_seconds_per_epoch": cached,
-                        "frozen_layers_every_epoch_seconds": uncached, "ratio": uncached / cached}
-        del images
+        out["speed"] = []
+        for cut in args.cut_points:
+            p = params_mod.build({"data": {"root": str(root)}, "train_top": {"cut_point": cut}}, "bench")
+            table = feature_store.read_table(features.cache_file(train_top.cut_params(p), base))
+            x_cut, labels, paths = table.select("train")
+            classes = sorted(set(labels))
+            y = np.array([classes.index(c) for c in labels])
+            full = backbones.build("efficientnet_lite0", layer="pooled", cache_dir=base / "cache")
+            top = train_top.build_top(full.model, cut)
+            cached_model = keras.Sequential([keras.Input(x_cut.shape[1:]), top,
+                                             keras.layers.Dense(len(classes), activation="softmax")])
+            cached = epoch_seconds(cached_model, x_cut, y)
+            resize = single_image_resizer(224, "squash")
+            images = np.stack([resize(decode_rgb(root / path, 224)) for path in paths])
+            frozen = keras.Model(full.model.input, full.model.get_layer(cut).output)
+            frozen.trainable = False
+            end_to_end = keras.Sequential([keras.Input((224, 224, 3)), frozen, top,
+                                           keras.layers.Dense(len(classes), activation="softmax")])
+            uncached = epoch_seconds(end_to_end, images, y)
+            out["speed"].append({"cut_point": cut, "train_images": int(len(y)), "cached_seconds_per_epoch": cached,
+                                 "frozen_layers_every_epoch_seconds": uncached, "ratio": uncached / cached})
+            del images
 
         # 3. every rung on one split
         setups = {
@@ -105,11 +107,15 @@ def main() -> None:
         }
         for cut in args.cut_points:
             setups[f"train-top above {cut}"] = ({"train_top": {"cut_point": cut}}, "top")
+        setups["finetune (2 + 2 epochs)"] = ({"finetune": {"epochs_head": 2, "epochs_all": 2}}, "finetune")
         for label, (overrides, rung) in setups.items():
             p = params_mod.build({"data": {"root": str(root)}, **overrides}, "bench")
             if rung == "top":
                 train_head.run(p, base)  # the warm start for the softmax
                 model = train_top.run(p, base).model
+            elif rung == "finetune":
+                train_head.run(p, base)
+                model = finetune.run(p, base).model
             else:
                 model = train_head.run(p, base).head
             metrics = evaluate.run(p, base).metrics
@@ -122,11 +128,12 @@ def main() -> None:
     print(f"dataset {args.dataset}\n\n| cache | KB per image on disk |\n|---|---|")
     for name, kb in out["cache"].items():
         print(f"| {name} | {kb:.1f} |")
-    s = out["speed"]
-    print(f"\ntrain-top above {s['cut_point']} on {s['train_images']} train images: "
-          f"{s['cached_seconds_per_epoch']:.2f} s/epoch from the cut-point cache, "
-          f"{s['frozen_layers_every_epoch_seconds']:.2f} s/epoch running the frozen layers every epoch "
-          f"({s['ratio']:.1f}x faster)\n")
+    print("\n| train-top above | s/epoch from the cut-point cache | s/epoch running the frozen layers | ratio |")
+    print("|---|---|---|---|")
+    for s in out["speed"]:
+        print(f"| {s['cut_point']} ({s['train_images']} train images) | {s['cached_seconds_per_epoch']:.2f} | "
+              f"{s['frozen_layers_every_epoch_seconds']:.2f} | {s['ratio']:.1f}x |")
+    print()
     print("| rung | test accuracy | balanced accuracy | test images | training s | epochs |\n|---|---|---|---|---|---|")
     for label, r in out["rungs"].items():
         fit = f"{r['fit_seconds']:.1f}" if r["fit_seconds"] is not None else "-"

@@ -31,6 +31,7 @@ class Backbone:
     weights: str  # what was loaded: "imagenet", "none" or a file path
     weights_sha256: str  # sha256 over the backbone's weight tensors, as loaded
     infer: object  # compiled inference call: (N, S, S, 3) float32 tensor -> activations tensor
+    feature_shape: tuple = ()  # the activations of one image
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Activations of a batch, in inference mode (BatchNorm uses its moving statistics)."""
@@ -96,7 +97,8 @@ def build(backbone: str, weights: str = "default", layer: str = "pooled", size: 
 
     # A traced call avoids predict()'s per-batch set-up; retraced only for a short last batch.
     infer = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-    return Backbone(model, spec, size, layer, weights, weights_checksum(model), infer)
+    return Backbone(model, spec, size, layer, weights, weights_checksum(model), infer,
+                    tuple(int(d) for d in model.output_shape[1:]))
 
 
 def cut_points(model) -> list[str]:

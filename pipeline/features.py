@@ -285,45 +285,47 @@ def _prefetched(function, items, workers: int, window: int):
             yield pending.popleft().result()
 
 
-def build_backbone(params: Params, base: Path):
-    """The frozen backbone these params describe (imports TensorFlow)."""
+def build_backbone(f: FeaturesParams, cache_dir: Path):
+    """The frozen Keras backbone these settings describe (imports TensorFlow)."""
     from pipeline import backbones
 
-    f = params.features
-    return backbones.build(f.backbone, f.weights, f.layer, f.image_size, base / params.paths.cache_dir)
+    return backbones.build(f.backbone, f.weights, f.layer, f.image_size, cache_dir)
 
 
-def featurise_files(paths, backbone, f: FeaturesParams, cache_dir: Path):
+def engine(f: FeaturesParams, cache_dir: Path):
+    """What runs the frozen backbone: ``.predict((B, S, S, 3) float32)``, ``.input_size``,
+    ``.weights_sha256``, ``.feature_shape``. LiteRT builds the Keras model only to convert it."""
+    if f.runtime == "litert":
+        from pipeline import litert_runtime
+
+        spec = BACKBONES[f.backbone]
+        return litert_runtime.LiteRTEngine(f.backbone, weights_fingerprint(spec, f.weights), f.layer,
+                                           f.image_size or spec.input_size, cache_dir,
+                                           lambda: build_backbone(f, cache_dir))
+    return build_backbone(f, cache_dir)
+
+
+def featurise_files(paths, runner, f: FeaturesParams):
     """Yield ``(features or None, error or None)`` per path, in order, with ``f.runtime``:
     - ``keras``: images decoded and resized (TensorFlow's ``FitToSize``) on ``f.workers`` threads while
       TensorFlow runs the previous batch;
     - ``litert``: images decoded and resized (OpenCV's twin of ``FitToSize``, no TensorFlow op) on
       ``f.workers`` threads while LiteRT/XNNPACK runs the backbone, checked against Keras first.
     Memory: a bounded window of decoded images, whatever the number of paths."""
+    size = runner.input_size
     if f.runtime == "litert":
         from pipeline import litert_runtime
-
         from pipeline.resize import fit_to_size
 
         litert_runtime.keep_freed_memory()  # every photo allocates fresh arrays of about a megabyte
-        runner = litert_runtime.LiteRTBackbone(litert_runtime.backbone_file(backbone, cache_dir))
-        decoded = _prefetched(lambda path: _decode(path, backbone.input_size, partial(fit_to_size, size=backbone.input_size,
-                                                                                     mode=f.resize)),
-                              paths, workers=f.workers, window=2 * f.batch_size + f.workers)
-        unchecked = [True]
-
-        def predict(images):
-            if unchecked[0]:
-                litert_runtime.check(backbone, runner, images[:8])
-                unchecked[0] = False
-            return runner.predict(images)
+        to_input = partial(fit_to_size, size=size, mode=f.resize)
     else:
         from pipeline.preprocessing import single_image_resizer
 
-        to_input = single_image_resizer(backbone.input_size, f.resize)
-        decoded = _prefetched(lambda path: _decode(path, backbone.input_size, to_input), paths,
-                              workers=f.workers, window=2 * f.batch_size + f.workers)
-        predict = backbone.predict
+        to_input = single_image_resizer(size, f.resize)
+    decoded = _prefetched(lambda path: _decode(path, size, to_input), paths,
+                          workers=f.workers, window=2 * f.batch_size + f.workers)
+    predict = runner.predict
     pending: list = []  # (image or None, error or None), images not yet run
 
     def flush():
@@ -346,14 +348,14 @@ def _featurise(todo, params: Params, base: Path, root: Path, parts_dir: Path, ke
     from tqdm import tqdm
 
     f = params.features
-    backbone = build_backbone(params, base)
+    runner = engine(f, base / params.paths.cache_dir)
     storage = np.dtype(f.dtype)
-    feature_shape = tuple(int(d) for d in backbone.model.output_shape[1:])
-    meta = {"weights_sha256": backbone.weights_sha256, "feature_shape": feature_shape}
+    feature_shape = runner.feature_shape
+    meta = {"weights_sha256": runner.weights_sha256, "feature_shape": feature_shape}
     shas, features, bad = [], [], []
     progress = tqdm(total=len(todo), unit="img", desc="features", mininterval=1.0, disable=None)
     started = time.perf_counter()
-    results = featurise_files([root / r.path for r in todo], backbone, f, base / params.paths.cache_dir)
+    results = featurise_files([root / r.path for r in todo], runner, f)
     try:
         for record, (row, error) in zip(todo, results):
             if row is None:
@@ -372,7 +374,7 @@ def _featurise(todo, params: Params, base: Path, root: Path, parts_dir: Path, ke
     elapsed = time.perf_counter() - started
     log.info("features: featurised %d image(s) in %.1f s (%.1f img/s)", len(todo), elapsed,
              len(todo) / max(elapsed, 1e-9))
-    return backbone.weights_sha256, feature_shape
+    return runner.weights_sha256, feature_shape
 
 
 def _merge(out: Path, rows, feature_shape, dtype, attrs, bad, old_rows, parts: _Parts) -> None:

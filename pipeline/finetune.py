@@ -195,11 +195,7 @@ def run(params: Params, base: str | Path = ".") -> FinetuneResult:
     x = layers.Dropout(p.dropout, name="dropout")(x)
     softmax = layers.Dense(len(classes), activation="softmax", name="softmax")
     model = keras.Model(inputs, softmax(x), name="finetuned")
-    if warm and list(warm[1].classes) == classes:
-        dense = [l for l in warm[1].as_keras((int(network.output.shape[-1]),)).layers
-                 if type(l).__name__ == "Dense"][-1]
-        softmax.set_weights(dense.get_weights())
-        log.info("finetune: softmax starts from train-head's head %s", warm[0][:16])
+    train_top.warm_start(softmax, warm, classes, int(network.output.shape[-1]), "finetune")
 
     train = _batches(keras, *split_data["train"], size, f.resize, p.batch_size, True, p.seed)
     has_val = len(split_data["val"][0]) > 0

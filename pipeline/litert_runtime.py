@@ -7,20 +7,23 @@ here on 1,000 ordinary JPEGs: 150 img/s with one decoding thread, 122 img/s with
 worker process (shipping each 600 KB image between processes cost more than it saved).
 
 The backbone is converted once from Keras (``model.export(format="litert")``) into
-``cache/weights/`` and checked against Keras on the first batch before it is used
+``cache/weights/`` and checked against Keras on the first batch of real images before it is used
 (``TOLERANCE``); a mismatch is an error, never a silently different cache.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.fingerprint import atomic_write_text, file_sha256
+
 log = logging.getLogger("pipeline.litert")
 
-TOLERANCE = 1e-4  # max |LiteRT - Keras| over the features of the check images
+TOLERANCE = 1e-4  # max |LiteRT - Keras| over the check images, relative to the largest activation (if > 1)
 THREADS = 2
 
 
@@ -37,11 +40,6 @@ def _export(model, path: Path) -> Path:
         model.export(str(tmp), format="litert", verbose=False)
         os.replace(tmp, path)
     return path
-
-
-def backbone_file(backbone, cache_dir: Path) -> Path:
-    name = f"{backbone.spec.name}-{backbone.weights_sha256[:16]}-{backbone.layer}-{backbone.input_size}.tflite"
-    return _export(backbone.model, cache_dir / "weights" / name)
 
 
 class LiteRTBackbone:
@@ -68,16 +66,66 @@ class LiteRTBackbone:
         return np.stack(rows)
 
 
-def check(keras_backbone, litert: LiteRTBackbone, samples: np.ndarray) -> float:
-    """Max |LiteRT - Keras| over ``samples``; raises RuntimeError above TOLERANCE."""
-    expected = keras_backbone.predict(samples)
-    got = litert.predict(samples)
-    difference = float(np.abs(expected - got).max())
-    if not difference <= TOLERANCE:
-        raise RuntimeError(f"the LiteRT backbone differs from Keras by {difference:.2g} (> {TOLERANCE:g}) on "
-                           "sample images; set features.runtime: keras")
-    log.info("features: LiteRT backbone matches Keras within %.1e on %d images", difference, len(samples))
-    return difference
+class LiteRTEngine:
+    """The backbone on LiteRT, converted once per (backbone, weights, layer, size) into
+    ``cache/weights/``. Its first use checks it against Keras on the first batch of real images and
+    writes a sidecar JSON; later runs load the verified file without building the Keras model or
+    importing TensorFlow (that keeps small incremental runs cheap)."""
+
+    def __init__(self, name: str, weights_fingerprint: str, layer: str, input_size: int, cache_dir: Path,
+                 build_keras):
+        stem = f"{name}-{weights_fingerprint.split(':')[-1][:16]}-{layer}-{input_size}"
+        self.path = cache_dir / "weights" / f"{stem}.tflite"
+        self.sidecar = cache_dir / "weights" / f"{stem}.verified.json"
+        self.input_size = input_size
+        self.keras = None
+        info = self._verified()
+        if info is None:
+            self.keras = build_keras()  # a Backbone
+            self._convert()
+            self.weights_sha256 = self.keras.weights_sha256
+            self.feature_shape = tuple(int(d) for d in self.keras.model.output_shape[1:])
+        else:
+            self.weights_sha256 = info["weights_sha256"]
+            self.feature_shape = tuple(info["feature_shape"])
+        self.runner = LiteRTBackbone(self.path)
+
+    def _verified(self) -> dict | None:
+        try:
+            info = json.loads(self.sidecar.read_text())
+        except (OSError, ValueError):
+            return None
+        if not self.path.is_file() or info.get("tflite_sha256") != file_sha256(self.path):
+            return None  # the conversion changed or is gone since it was checked
+        return info
+
+    def _convert(self) -> None:
+        if self.path.is_file():
+            self.path.unlink()  # not verified: convert again rather than trust it
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.tflite")
+        self.keras.model.export(str(tmp), format="litert", verbose=False)
+        os.replace(tmp, self.path)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        if self.keras is not None:
+            self._check(images[:8])
+        return self.runner.predict(images)
+
+    def _check(self, samples: np.ndarray) -> None:
+        """Max |LiteRT - Keras| over ``samples``; RuntimeError above TOLERANCE, else the sidecar."""
+        expected = self.keras.predict(samples)
+        difference = float(np.abs(expected - self.runner.predict(samples)).max())
+        limit = TOLERANCE * max(1.0, float(np.abs(expected).max()))
+        if not difference <= limit:
+            raise RuntimeError(f"the LiteRT backbone differs from Keras by {difference:.2g} (> {limit:.2g}) on "
+                               "sample images; set features.runtime: keras")
+        log.info("features: LiteRT backbone matches Keras within %.1e on %d images", difference, len(samples))
+        atomic_write_text(self.sidecar, json.dumps({
+            "tflite_sha256": file_sha256(self.path), "weights_sha256": self.weights_sha256,
+            "feature_shape": list(self.feature_shape), "max_abs_difference": difference,
+            "checked_images": int(len(samples)), "tolerance": TOLERANCE}, indent=2))
+        self.keras = None
 
 
 def keep_freed_memory() -> None:

@@ -59,7 +59,7 @@ class FeaturesParams:
     image_size: int = Field(0, ge=0)  # 0: the backbone's own input size
     resize: Literal["squash", "crop"] = "squash"  # squash the whole image, or centre-crop
     dtype: Literal["float32", "float16"] = "float32"  # storage dtype of the cached activations
-    runtime: Literal["keras", "litert"] = "keras"  # what runs the frozen backbone
+    runtime: Literal["keras", "litert"] = "litert"  # what runs the frozen backbone: LiteRT is ~2x faster, same features
     batch_size: int = _meta(32, key=False, gt=0)
     workers: int = _meta(2, key=False, gt=0)  # image-decoding threads
     commit_every: int = _meta(256, key=False, gt=0)  # images per committed part: the most an interruption loses

@@ -71,7 +71,7 @@ def run(params: Params, base: str | Path, inputs, top_k: int | None = None) -> l
 
     if model.rung == "finetune":  # the fine-tuned network reads the photos themselves
         _predict_finetuned(model, files, shas, predictions, top_k)
-        return predictions
+        return _logged(predictions)
     feature_shape = tuple(model.features_attrs["feature_shape"])
     features = np.zeros((len(files), *feature_shape), np.float32)
     have = np.zeros(len(files), bool)
@@ -90,9 +90,17 @@ def run(params: Params, base: str | Path, inputs, top_k: int | None = None) -> l
     if have.any():
         proba = model.model.predict_proba(features[have])
         for row, i in zip(proba, np.flatnonzero(have)):
-            order = np.argsort(-row)[:top_k]
-            predictions[i].labels = [model.classes[j] for j in order]
-            predictions[i].probabilities = [float(row[j]) for j in order]
+            _fill(predictions[i], row, model.classes, top_k)
+    return _logged(predictions)
+
+
+def _fill(prediction: Prediction, probabilities: np.ndarray, classes: list[str], top_k: int) -> None:
+    order = np.argsort(-probabilities)[:top_k]
+    prediction.labels = [classes[j] for j in order]
+    prediction.probabilities = [float(probabilities[j]) for j in order]
+
+
+def _logged(predictions: list[Prediction]) -> list[Prediction]:
     for prediction in predictions:
         if prediction.error:
             log.warning("predict: skipped %s: %s", prediction.path, prediction.error)
@@ -106,16 +114,9 @@ def _predict_finetuned(model, files, shas, predictions, top_k: int) -> None:
         if sha is None:
             continue
         try:
-            row = model.model.predict_files([path])[0]
+            _fill(predictions[i], model.model.predict_files([path])[0], model.classes, top_k)
         except ImageError as error:
             predictions[i].error = str(error)
-            continue
-        order = np.argsort(-row)[:top_k]
-        predictions[i].labels = [model.classes[j] for j in order]
-        predictions[i].probabilities = [float(row[j]) for j in order]
-    for prediction in predictions:
-        if prediction.error:
-            log.warning("predict: skipped %s: %s", prediction.path, prediction.error)
 
 
 def features_params_of(attrs: dict) -> FeaturesParams:
@@ -124,14 +125,14 @@ def features_params_of(attrs: dict) -> FeaturesParams:
 
 
 def _featurise(model, base, params, paths, positions, features, have, predictions) -> None:
-    from pipeline import backbones, features as features_stage
+    from pipeline import features as features_stage
 
     f = features_params_of(model.features_attrs)
-    backbone = backbones.build(f.backbone, f.weights, f.layer, f.image_size, base / params.paths.cache_dir)
-    if backbone.weights_sha256 != model.features_attrs["weights_sha256"]:
+    runner = features_stage.engine(f, base / params.paths.cache_dir)
+    if runner.weights_sha256 != model.features_attrs["weights_sha256"]:
         raise RuntimeError(f"the backbone's weights differ from those of {model.features_file.name}; "
                            "run 'make features' and 'make train-head' again")
-    results = features_stage.featurise_files(paths, backbone, f, base / params.paths.cache_dir)
+    results = features_stage.featurise_files(paths, runner, f)
     for position, (row, error) in zip(positions, results):
         if row is None:
             predictions[position].error = error

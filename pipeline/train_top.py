@@ -80,6 +80,18 @@ def find(params: Params, base: Path) -> Path | None:
     return folder if (folder / "head.json").is_file() else None
 
 
+def warm_start(softmax, warm, classes: list[str], width: int, stage: str) -> None:
+    """Give a new softmax layer the weights of train-head's head on pooled features (a logistic
+    regression folded into a Dense layer, or the softmax itself), when it has the same classes."""
+    if not warm or list(warm[1].classes) != classes:
+        return
+    dense = [layer for layer in warm[1].as_keras((width,)).layers if type(layer).__name__ == "Dense"]
+    if len(dense) != 1:  # a head with hidden layers does not fit directly on the pooled features
+        return
+    softmax.set_weights(dense[0].get_weights())
+    log.info("%s: softmax starts from train-head's head %s", stage, warm[0][:16])
+
+
 def top_dir(params: Params, base: Path, key: str) -> Path:
     return base / params.paths.cache_dir / "tops" / key[:16]
 
@@ -144,11 +156,8 @@ def run(params: Params, base: str | Path = ".") -> TopResult:
     x = layers.Dropout(p.dropout, name="dropout")(x)
     softmax = layers.Dense(len(classes), activation="softmax", name="softmax")
     model = keras.Model(inputs, softmax(x), name="top_and_head")
-    if warm and not p.hidden_units and list(warm[1].classes) == classes:
-        dense = [l for l in warm[1].as_keras((int(top.output.shape[-1]),)).layers
-                 if type(l).__name__ == "Dense"][-1]
-        softmax.set_weights(dense.get_weights())
-        log.info("train_top: softmax starts from train-head's head %s", warm[0][:16])
+    if not p.hidden_units:
+        warm_start(softmax, warm, classes, int(top.output.shape[-1]), "train_top")
 
     backup = out.with_name(out.name + ".backup")
     log.info("train_top: training the layers above %s (%d trainable weights) on %d cached activations",

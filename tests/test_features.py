@@ -12,24 +12,30 @@ from conftest import CLASS_COLOURS, make_image, make_params
 
 
 class CountingBuild:
-    """Wraps backbones.build and counts the images the backbone was asked to featurise."""
+    """Wraps features.engine: counts the backbones set up and the images they were asked to featurise
+    (whatever the runtime)."""
 
     def __init__(self, monkeypatch):
         self.builds = 0
         self.images = 0
-        real = backbones.build
+        real = features.engine
 
-        def build(*args, **kwargs):
+        def engine(*args, **kwargs):
             self.builds += 1
-            backbone = real(*args, **kwargs)
+            runner = real(*args, **kwargs)
+            original = runner.predict
 
-            def counting_infer(x):
+            def counting_predict(x):
                 self.images += len(x)
-                return backbone.infer(x)
+                return original(x)
 
-            return dataclasses.replace(backbone, infer=counting_infer)
+            if dataclasses.is_dataclass(runner):
+                return dataclasses.replace(runner, infer=lambda x: (setattr(self, "images", self.images + len(x)),
+                                                                     runner.infer(x))[1])
+            runner.predict = counting_predict
+            return runner
 
-        monkeypatch.setattr(backbones, "build", build)
+        monkeypatch.setattr(features, "engine", engine)
 
 
 def run(project, **sections):

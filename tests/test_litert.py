@@ -20,7 +20,7 @@ def test_opencv_resize_matches_the_tensorflow_one(shape, mode):
 
 
 def test_litert_features_equal_keras_features(project):
-    keras_run = features.run(make_params(project), project)
+    keras_run = features.run(make_params(project, features={"runtime": "keras"}), project)
     litert_run = features.run(make_params(project, features={"runtime": "litert"}), project)
     assert litert_run.path != keras_run.path  # the runtime is part of the cache key
     a = feature_store.read_table(keras_run.path)
