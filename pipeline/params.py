@@ -100,7 +100,7 @@ class TrainHeadParams:
 
 @dataclass(frozen=True, config=_CONFIG)
 class TrainTopParams:
-    cut_point: str = "block14"  # where the frozen part ends; the layers above it are trained
+    cut_point: str = "block15"  # where the frozen part ends; the layers above it are trained
     learning_rate: float = Field(0.0001, gt=0)  # low: the top layers start from pretrained weights
     epochs: int = Field(30, gt=0)
     batch_size: int = Field(32, gt=0)

@@ -56,7 +56,8 @@ def lite_project(tmp_path_factory):
 def lite_params(project, **top):
     return make_params(project, features={"backbone": "efficientnet_lite0", "batch_size": 16},
                        data={"train_fraction": 0.6, "val_fraction": 0.2, "test_fraction": 0.2},
-                       train_top={"epochs": 3, "patience": 0, "learning_rate": 0.001, **top})
+                       train_top={"cut_point": "block14", "epochs": 3, "patience": 0, "learning_rate": 0.001,
+                                  **top})
 
 
 @pytest.mark.slow
