@@ -63,7 +63,6 @@ def main() -> None:
 
         files = sorted(p for p in root.rglob("*.jpg"))[: args.runs]
         singles = [decode_rgb(p, 224)[None] for p in files]
-        rng = np.random.default_rng(0)
         batch = np.stack([np.asarray(s[0][:224, :224]) for s in singles[:32] if s.shape[1] >= 224 and s.shape[2] >= 224])
         batch = np.concatenate([batch] * (32 // len(batch) + 1))[:32]
 

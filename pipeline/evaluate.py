@@ -100,7 +100,7 @@ def run(params: Params, base: str | Path = ".") -> EvaluateResult:
 
 def compare(params: Params, base: str | Path = ".") -> str:
     """The rungs trained for these params, side by side on the same test split."""
-    from pipeline import finetune, train_head, train_top
+    from pipeline import features, finetune, train_head, train_top
 
     base = Path(base)
     rows = []
@@ -111,8 +111,6 @@ def compare(params: Params, base: str | Path = ".") -> str:
             rows.append((rung, None))
             continue
         model = train_head.load(folder)
-        from pipeline import features
-
         table = feature_store.read_table(features.cache_file(features_params, base))
         x_test, y_test, test_paths = table.select("test")
         proba = model.predict_files([base / params.data.root / p for p in test_paths]) if rung == "finetune" \

@@ -11,7 +11,6 @@ epoch so that an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time

@@ -1,8 +1,6 @@
 import shutil
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline import dataset
 from pipeline.dataset import DatasetError

@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import backbones, feature_store, features
+from pipeline import feature_store, features
 from pipeline.features import BadDataError
 
 from conftest import CLASS_COLOURS, make_image, make_params

@@ -1,5 +1,4 @@
 """The middle rung: cut-point caches, train-top, hidden layers, advice, comparison."""
-import json
 import shutil
 
 import keras
@@ -10,7 +9,7 @@ from pipeline import advise, backbones, evaluate, feature_store, features, param
     train_top, trained
 from pipeline.params import ParamsError
 
-from conftest import make_dataset, make_params, shared_dataset
+from conftest import make_params, shared_dataset
 from test_features import CountingBuild
 
 
