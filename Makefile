@@ -10,7 +10,7 @@ SET    ?=
 RUN    := $(PY) -m pipeline
 ARGS   := --params $(PARAMS) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup demo features train-head train-top finetune advise compare evaluate all predict export test bench clean-cache
+.PHONY: help setup demo features train train-head train-top finetune advise compare evaluate all predict export test bench clean-cache
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ train-top: setup ## train the backbone's last blocks (above train_top.cut_point)
 
 finetune: setup ## train every layer from the pretrained start on the images (two phases, augmentation)
 	$(RUN) finetune $(ARGS)
+
+train: setup ## train the rung train.strategy names (auto: what 'make advise' recommends)
+	$(RUN) train $(ARGS)
 
 advise: setup ## which rung suits this dataset (head, train-top, fine-tuning), with the reasons
 	$(RUN) advise $(ARGS)

@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
         ("all", "features, train-head and evaluate"),
         ("train-top", "train the backbone's blocks above train_top.cut_point on cached activations"),
         ("finetune", "train the whole network from its pretrained start on the images, with augmentation"),
+        ("train", "train the rung train.strategy names (auto: the one 'advise' recommends)"),
         ("advise", "recommend a rung of the ladder for this dataset, with the reasons"),
         ("compare", "the trained rungs side by side on the test split"),
     ]:
@@ -112,6 +113,15 @@ def _dispatch(args) -> int:
         from pipeline import finetune
 
         finetune.run(params, base)
+        return 0
+    if args.command == "train":
+        from pipeline import advise, features, trained
+
+        rung, advice = advise.chosen_rung(params, base)
+        if advice is not None:
+            print(advise.format_advice(advice))
+        features.run(params, base)
+        trained.bring_up_to_date(params, base, rung)
         return 0
     if args.command == "advise":
         from pipeline import advise, dataset

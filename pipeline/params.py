@@ -29,6 +29,11 @@ def _meta(default, *, key: bool = True, model: str | None = None, **constraints)
 
 
 @dataclass(frozen=True, config=_CONFIG)
+class TrainParams:
+    strategy: Literal["auto", "head", "top", "finetune"] = "auto"  # the rung 'make train' trains; auto: advise
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class PathsParams:
     cache_dir: str = "cache"  # every computed artifact lives under here
     reports_dir: str = "reports"  # metrics, tables, skipped files
@@ -154,6 +159,7 @@ class Params:
     paths: PathsParams = PathsParams()
     data: DataParams = DataParams()
     features: FeaturesParams = FeaturesParams()
+    train: TrainParams = TrainParams()
     train_head: TrainHeadParams = TrainHeadParams()
     train_top: TrainTopParams = TrainTopParams()
     finetune: FinetuneParams = FinetuneParams()

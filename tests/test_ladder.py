@@ -1,4 +1,5 @@
 """The middle rung: cut-point caches, train-top, hidden layers, advice, comparison."""
+import json
 import shutil
 
 import keras
@@ -228,3 +229,21 @@ def test_finetune_two_phases_on_the_images(project):
     assert label in ("misty", "tigger", "neither")
     exported = export.run(params, project)
     assert all(v["max_abs_diff"] <= 1e-4 for v in exported.parity.values())
+
+
+@pytest.mark.parametrize("strategy, rung", [("auto", "head"), ("top", "top")])
+def test_train_strategy(tmp_path, strategy, rung):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, make_dataset
+
+    make_dataset(tmp_path / "photos", per_class=10)
+    (tmp_path / "params.yaml").write_text(
+        "data: {root: photos, train_fraction: 0.6, val_fraction: 0.2, test_fraction: 0.2}\n"
+        f"features: {{backbone: tiny}}\ntrain: {{strategy: {strategy}}}\ntrain_top: {{cut_point: block0, epochs: 2}}\n")
+    out = subprocess.run([sys.executable, "-m", "pipeline", "train"], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ("recommended rung: head" in out.stdout) == (strategy == "auto")
+    assert json.loads((tmp_path / "cache" / "model.json").read_text())["rung"] == rung
