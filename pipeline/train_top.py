@@ -113,7 +113,12 @@ def run(params: Params, base: str | Path = ".") -> TopResult:
     base = Path(base)
     p = params.train_top
     cut = cut_params(params)
-    features_result = features.run(cut, base)  # a cache hit once the cut point is cached
+    try:
+        features_result = features.run(cut, base)  # a cache hit once the cut point is cached
+    except ValueError as error:  # the cut point is this stage's setting: name it so
+        if str(error).startswith("features.layer:"):
+            raise ValueError(str(error).replace("features.layer:", "train_top.cut_point:", 1)) from None
+        raise
     attrs = feature_store.read_attrs(features_result.path)
     if len(attrs["feature_shape"]) != 3:
         raise TrainingError(f"train_top.cut_point {p.cut_point!r} is not a spatial block output; "

@@ -163,7 +163,7 @@ def test_an_interrupted_train_top_continues_from_its_backup(lite_project, monkey
 
 
 def test_wrong_cut_point_names_the_valid_ones(project):
-    with pytest.raises(ValueError, match="no layer 'block99'; valid: block0, block1"):
+    with pytest.raises(ValueError, match="^train_top.cut_point: tiny has no layer 'block99'; valid: block0, block1"):
         train_top.run(make_params(project, train_top={"cut_point": "block99"}), project)
 
 
