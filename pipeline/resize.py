@@ -1,4 +1,4 @@
-"""``FitToSize`` with OpenCV, for the LiteRT runtime's decoding processes (no TensorFlow in them).
+"""``FitToSize`` with OpenCV, for the LiteRT runtime's decoding threads (no TensorFlow op in them).
 
 The same operation as ``preprocessing.FitToSize``: a box filter by the integer factor
 ``side // size`` (OpenCV's INTER_AREA at an exact integer factor is the block mean), then
@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-cv2.setNumThreads(1)  # one image per call, in a worker process: no thread pool of its own
+cv2.setNumThreads(1)  # one image per call on each decoding thread: no thread pool of its own
 
 
 def fit_to_size(image: np.ndarray, size: int, mode: str = "squash") -> np.ndarray:
