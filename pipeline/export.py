@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import feature_store, trained
+from pipeline.fingerprint import replaced_folder
 from pipeline.images import ImageError, decode_rgb
 from pipeline.params import Params, as_dict
 from pipeline.predict import features_params_of
@@ -81,18 +79,10 @@ def run(params: Params, base: str | Path = ".") -> ExportResult:
         log.info("export: float16 feature cache; parity tolerance widened to %g", tolerance)
 
     target = base / params.export.dir
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with replaced_folder(target) as tmp:  # moved into place only after parity held
         files = _write_formats(model, tmp, params, base, current)
         parity = _check_parity(tmp, model, samples, tolerance, params.export.min_top1_agreement)
         _write_metadata(tmp, params, base, current, backbone, f, parity)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     sizes = {name: _size(target / name) for name in files}
     for name, size in sizes.items():
         log.info("export: %-22s %8.1f MB", name, size / 1e6)

@@ -154,10 +154,9 @@ def run(params: Params, base: str | Path = ".") -> FinetuneResult:
     warm = train_top.warm_head(params, base) if p.warm_start else None
     key, upstream_ids = cache_key(params, attrs, warm)
     out = model_dir(params, base, key)
-    if (out / "head.json").is_file():
-        log.info("finetune: cache hit (%s)", out.name)
-        trained.record(params, base, "finetune", out, key, features_result.path)
-        return FinetuneResult(out, key, False, train_head.load(out))
+    cached = train_head.reuse(STAGE, "finetune", params, base, out, key, features_result.path)
+    if cached is not None:
+        return FinetuneResult(out, key, False, cached)
 
     from pipeline import backbones
     from pipeline.tf_import import keras as quiet_keras

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import feature_store, features, trained
-from pipeline.fingerprint import atomic_write_text, describe_changes, stage_key
+from pipeline.fingerprint import atomic_write_text, describe_changes, replaced_folder, stage_key
 from pipeline.params import Params, as_dict, key_fields
 from pipeline.tf_import import keras as _quiet_keras
 
@@ -55,6 +52,15 @@ def cache_key(params: Params, upstream_ids: dict) -> str:
 
 def head_dir(params: Params, base: Path, key: str) -> Path:
     return base / params.paths.cache_dir / "heads" / key[:16]
+
+
+def reuse(stage: str, rung: str, params: Params, base: Path, folder: Path, key: str, features_file: Path):
+    """The model already trained in ``folder`` (recorded as the last trained), or None."""
+    if not (folder / "head.json").is_file():
+        return None
+    log.info("%s: cache hit (%s)", stage, folder.name)
+    trained.record(params, base, rung, folder, key, features_file)
+    return load(folder)
 
 
 def find(params: Params, base: Path) -> Path | None:
@@ -307,18 +313,10 @@ _HEADS = {"logreg": LogRegHead, "softmax": SoftmaxHead, "top": SoftmaxHead}  # t
 
 def _save(head, meta: dict, out: Path) -> None:
     """Write the head folder under a temporary name, then move it into place whole."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with replaced_folder(out) as tmp:
         head.save(tmp)
         (tmp / "history.json").write_text(json.dumps(head.history, indent=2))
         (tmp / "head.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load(folder: Path):

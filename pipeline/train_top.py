@@ -126,10 +126,9 @@ def run(params: Params, base: str | Path = ".") -> TopResult:
     warm = warm_head(params, base) if p.warm_start else None
     key, upstream_ids = cache_key(params, attrs, warm)
     out = top_dir(params, base, key)
-    if (out / "head.json").is_file():
-        log.info("train_top: cache hit (%s)", out.name)
-        trained.record(params, base, "top", out, key, features_result.path)
-        return TopResult(out, key, False, train_head.load(out))
+    cached = train_head.reuse(STAGE, "top", params, base, out, key, features_result.path)
+    if cached is not None:
+        return TopResult(out, key, False, cached)
 
     from pipeline import backbones
     from pipeline.tf_import import keras as quiet_keras
