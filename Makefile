@@ -1,6 +1,7 @@
-# Thin aliases for `python -m pipeline STAGE`. Staleness lives in the cache keys, not in file times:
-# every stage target always runs and does only the work its inputs and params require.
+# Thin aliases for `python -m pipeline COMMAND`. Staleness lives in the cache keys, not in file times:
+# every target always runs and does only the work its inputs and params require.
 #   make train-head PARAMS=my.yaml SET="train_head.C=0.1 train_head.model=softmax"
+# The stage targets (features, train-head, evaluate, ...) are in stages.mk, generated from pipeline/graph.py.
 
 VENV   ?= .venv
 PYTHON ?= python3
@@ -10,10 +11,12 @@ SET    ?=
 RUN    := $(PY) -m pipeline
 ARGS   := --params $(PARAMS) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup demo features train train-head train-top finetune advise compare evaluate all predict export test bench clean-cache
+.PHONY: help setup setup-ray demo all advise compare predict export test bench clean-cache
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+include stages.mk
 
 setup: $(VENV)/.installed ## create .venv with the pinned dependencies and the project
 
@@ -28,38 +31,20 @@ demo: setup ## build the demo dataset (data/demo) and run features, train-head a
 	$(RUN) demo-data --out data/demo
 	$(RUN) all $(ARGS)
 
-features: setup ## cache the frozen backbone's activations of every image (incremental)
-	$(RUN) features $(ARGS)
-
-train-head: setup ## train the head on the cached features (never runs the backbone)
-	$(RUN) train-head $(ARGS)
-
-train-top: setup ## train the backbone's last blocks (above train_top.cut_point) on their cached input
-	$(RUN) train-top $(ARGS)
-
-finetune: setup ## train every layer from the pretrained start on the images (two phases, augmentation)
-	$(RUN) finetune $(ARGS)
-
-train: setup ## train the rung train.strategy names (auto: what 'make advise' recommends)
-	$(RUN) train $(ARGS)
+all: setup ## features, the rung train.strategy chooses, and evaluate
+	$(RUN) all $(ARGS)
 
 advise: setup ## which rung suits this dataset (head, train-top, fine-tuning), with the reasons
 	$(RUN) advise $(ARGS)
 
-compare: setup ## the trained rungs side by side on the test split
+compare: setup ## the rungs trained for these params side by side on the test split
 	$(RUN) compare $(ARGS)
-
-evaluate: setup ## metrics of the model trained last, on the test split; brings it up to date first
-	$(RUN) evaluate $(ARGS)
-
-all: setup ## features, train-head and evaluate
-	$(RUN) all $(ARGS)
 
 predict: setup ## labels for new photos: make predict IMAGES="photo.jpg folder/" [FORMAT=csv|json]
 	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="photo.jpg folder/"'; exit 2; }
 	$(RUN) predict $(IMAGES) $(ARGS) $(if $(FORMAT),--format $(FORMAT))
 
-export: setup ## write the last trained model as .keras, SavedModel and TFLite (checked for parity)
+export: setup ## write the chosen model as .keras, SavedModel and TFLite (checked for parity)
 	$(RUN) export $(ARGS)
 
 test: setup ## run the test suite
@@ -68,5 +53,5 @@ test: setup ## run the test suite
 bench: setup ## benchmarks on ../shared/datasets (numbers quoted in README)
 	$(PY) bench/core.py
 
-clean-cache: ## delete every cached artifact (features, heads, converted weights)
-	rm -rf cache/features cache/heads cache/tops cache/finetuned cache/weights cache/file_index cache/model.json
+clean-cache: setup ## delete every cached artifact (the stages' cache folders, converted weights)
+	$(RUN) clean-cache $(ARGS)

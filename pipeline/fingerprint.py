@@ -67,6 +67,14 @@ def replaced_folder(path: str | Path):
         raise
 
 
+def os_reason(error: OSError) -> str:
+    """The reason of a failed write in a few words: ``No space left on device``, not HDF5's whole report."""
+    if error.errno:
+        return os.strerror(error.errno)
+    text = " ".join(str(error).split())
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def temp_path_for(path: str | Path) -> Path:
     """A unique temporary sibling of ``path``, to be moved over it with ``os.replace``."""
     path = Path(path)
@@ -89,6 +97,29 @@ def describe_changes(old: dict | None, new: dict, prefix: str = "") -> list[str]
         elif a != b:
             changes.append(f"{label}: {_short(a)} -> {_short(b)}")
     return changes
+
+
+class RunRecord:
+    """What a stage's last run was made from (its key's ingredients), kept in a small JSON file, so
+    that a stage that recomputes can say why: ``train_head: recomputing (train_head.C: 1.0 -> 0.1)``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def previous(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def reason(self, ingredients: dict, nothing: str = "nothing cached for these settings yet") -> str:
+        """What changed since the last run, as one line (``nothing`` when there was no last run)."""
+        # through JSON, so that tuples compare equal to the lists read back
+        changes = describe_changes(self.previous(), json.loads(canonical_json(ingredients)))
+        return ", ".join(changes) if changes else nothing
+
+    def save(self, ingredients: dict) -> None:
+        atomic_write_text(self.path, json.dumps(ingredients, indent=2, sort_keys=True))
 
 
 def _short(value) -> str:

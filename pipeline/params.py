@@ -14,13 +14,17 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
-from pipeline.backbones_registry import BACKBONES
+from pipeline.backbones.registry import BACKBONES
 
 _CONFIG = ConfigDict(extra="forbid", strict=True)
 
 
 class ParamsError(ValueError):
-    """A params file or override that cannot be used; the message names the key and the file."""
+    """A params file or override that cannot be used; the message names the key and the file, on one
+    line: characters that would break it (newlines, line separators, ...) are shown escaped."""
+
+    def __init__(self, message: str):
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
 
 
 def _meta(default, *, key: bool = True, model: str | None = None, **constraints):
@@ -30,7 +34,8 @@ def _meta(default, *, key: bool = True, model: str | None = None, **constraints)
 
 @dataclass(frozen=True, config=_CONFIG)
 class TrainParams:
-    strategy: Literal["auto", "head", "top", "finetune"] = "auto"  # the rung 'make train' trains; auto: advise
+    # The rung whose model evaluate, predict, export and 'make train' use; auto: what 'make advise' recommends
+    strategy: Literal["head", "top", "finetune", "auto"] = "head"
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -63,6 +68,9 @@ class FeaturesParams:
     layer: str = "pooled"  # where the frozen part ends
     image_size: int = Field(0, ge=0)  # 0: the backbone's own input size
     resize: Literal["squash", "crop"] = "squash"  # squash the whole image, or centre-crop
+    # full: decode every photo whole, as an app does (the exported model then sees what training saw);
+    # draft: decode large JPEGs at a reduced DCT scale, several times faster on phone photos, not the same pixels
+    decode: Literal["full", "draft"] = "full"
     dtype: Literal["float32", "float16"] = "float32"  # storage dtype of the cached activations
     runtime: Literal["keras", "litert"] = "litert"  # what runs the frozen backbone: LiteRT is ~2x faster, same features
     batch_size: int = _meta(32, key=False, gt=0)
@@ -106,14 +114,15 @@ class TrainHeadParams:
 @dataclass(frozen=True, config=_CONFIG)
 class TrainTopParams:
     cut_point: str = "block15"  # where the frozen part ends; the layers above it are trained
+    epochs_head: int = Field(5, ge=0)  # phase 1: the top layers frozen, only the softmax learns
+    learning_rate_head: float = Field(0.001, gt=0)
+    epochs: int = Field(30, gt=0)  # phase 2: the top layers learn too (BatchNorm kept frozen)
     learning_rate: float = Field(0.0001, gt=0)  # low: the top layers start from pretrained weights
-    epochs: int = Field(30, gt=0)
     batch_size: int = Field(32, gt=0)
     patience: int = Field(5, ge=0)  # early stopping on val loss; 0 disables
     dropout: float = Field(0.2, ge=0, lt=1)  # before the softmax
     hidden_units: tuple[int, ...] = ()  # new hidden layers between the top layers and the softmax
     class_weight: Literal["balanced", "none"] = "balanced"
-    warm_start: bool = True  # start the softmax from train-head's head on pooled features, if there is one
     seed: int = 0
 
 
@@ -130,7 +139,6 @@ class FinetuneParams:
     zoom: float = Field(0.1, ge=0, lt=1)  # random zoom in by up to this share (a random crop)
     color: float = Field(0.1, ge=0, lt=1)  # random brightness and contrast changes of up to this share
     class_weight: Literal["balanced", "none"] = "balanced"
-    warm_start: bool = True  # start the softmax from train-head's head on pooled features, if there is one
     seed: int = 0
 
 
@@ -168,11 +176,11 @@ class Params:
     export: ExportParams = ExportParams()
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Params)}
+SECTIONS: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(Params)}
 
 
 def _section_classes() -> dict[str, type]:
-    return {f.name: type(f.default) for f in dataclasses.fields(Params)}
+    return SECTIONS
 
 
 def _yaml_to_python(raw):
@@ -215,13 +223,19 @@ def build(raw: dict, source: str) -> Params:
         except ValidationError as error:
             raise ParamsError(_describe(error, source, section)) from None
         except (ValueError, TypeError) as error:
-            raise ParamsError(f"{source}: {section}: {error}") from None
+            raise ParamsError(f"{source}: {section}: {' '.join(str(error).split())}") from None
     return Params(**sections)
+
+
+def _shown(name) -> str:
+    """A key as written in messages: as is when printable, else quoted with escapes (one line always)."""
+    text = str(name)
+    return text if text.isprintable() and text == text.strip() and text else repr(text)
 
 
 def _describe(error: ValidationError, source: str, section: str) -> str:
     first = error.errors()[0]
-    loc = ".".join(str(part) for part in first["loc"])
+    loc = ".".join(_shown(part) for part in first["loc"])
     key = f"{section}.{loc}" if loc else section
     msg = first["msg"]
     if first["type"] == "unexpected_keyword_argument":
@@ -274,6 +288,11 @@ def key_fields(section) -> dict:
             continue
         out[field.name] = getattr(section, field.name)
     return out
+
+
+def key_field_names(cls) -> list[str]:
+    """The fields of a section class that can change its stage's output (for any ``model``)."""
+    return [f.name for f in dataclasses.fields(cls) if _field_extra(cls, f.name).get("key", True)]
 
 
 def _field_extra(cls, name: str) -> dict:

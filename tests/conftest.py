@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hypothesis import settings
+
 from pipeline import params as params_mod
+
+# Randomised tests are reproducible where it matters: in CI (CI=true) every run draws the same
+# examples, so a failure there is a bug that the next run shows again, never bad luck. Locally
+# they explore new examples each run; a failure found so is added as an @example.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
@@ -55,6 +64,42 @@ def project(tmp_path) -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_tqdm(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
+
+
+class CountingBackbone:
+    """Wraps ``runtime.open_backbone``: counts the backbones set up and the photos they were asked to run."""
+
+    def __init__(self, monkeypatch):
+        from pipeline import runtime
+
+        self.builds = 0
+        self.images = 0
+        real = runtime.open_backbone
+
+        def open_backbone(*args, **kwargs):
+            self.builds += 1
+            runner = real(*args, **kwargs)
+            original = runner.predict
+
+            def counting_predict(x):
+                self.images += len(x)
+                return original(x)
+
+            object.__setattr__(runner, "predict", counting_predict)
+            return runner
+
+        monkeypatch.setattr(runtime, "open_backbone", open_backbone)
+
+
+def cli(cwd, *args, timeout=300, env=None):
+    """``python -m pipeline ARGS`` in ``cwd`` as a user runs it."""
+    import subprocess
+    import sys
+
+    environment = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+                   **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          env=environment, timeout=timeout)
 
 
 def shared_dataset(name: str) -> Path:

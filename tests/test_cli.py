@@ -1,16 +1,7 @@
 """The command line: one-line errors with a non-zero exit, and the stages end to end."""
 import json
-import subprocess
-import sys
 
-from conftest import ROOT, make_dataset
-
-ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"}
-
-
-def cli(cwd, *args):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
-                          env=ENV, timeout=300)
+from conftest import cli, make_dataset
 
 
 PARAMS = """
@@ -40,7 +31,20 @@ def test_missing_data_root(tmp_path):
 def test_train_head_before_features(tmp_path):
     (tmp_path / "params.yaml").write_text(PARAMS)
     out = cli(tmp_path, "train-head")
-    assert out.returncode == 2 and "run 'make features' first" in out.stderr
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: no cached features at ")
+    assert out.stderr.strip().endswith("; run 'make features' first") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_predict_and_export_before_training_say_what_to_run(tmp_path):
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    make_dataset(tmp_path / "photos", per_class=4)
+    assert cli(tmp_path, "features").returncode == 0
+    for command in (["predict", "photos"], ["export"]):
+        out = cli(tmp_path, *command)
+        assert out.returncode == 2
+        assert out.stderr.strip().splitlines()[-1].startswith("error: no train-head model for these params in ")
+        assert out.stderr.strip().endswith("run 'make train-head' first")
 
 
 def test_all_stages_from_another_directory(tmp_path):
@@ -52,6 +56,6 @@ def test_all_stages_from_another_directory(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "balanced accuracy" in out.stdout
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
-    assert metrics["n_test"] > 0
+    assert metrics["n_test"] == sum(m["support"] for m in metrics["per_class"].values()) > 0
     again = cli(project, "features")
     assert "features: cache hit (24 images, 0 new)" in again.stderr

@@ -5,37 +5,12 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import feature_store, features
-from pipeline.features import BadDataError
+from pipeline.stages import features
+from pipeline.stages.features import BadDataError
+from pipeline.store import parts as parts_mod
+from pipeline.store import table as feature_store
 
-from conftest import CLASS_COLOURS, make_image, make_params
-
-
-class CountingBuild:
-    """Wraps features.engine: counts the backbones set up and the images they were asked to featurise
-    (whatever the runtime)."""
-
-    def __init__(self, monkeypatch):
-        self.builds = 0
-        self.images = 0
-        real = features.engine
-
-        def engine(*args, **kwargs):
-            self.builds += 1
-            runner = real(*args, **kwargs)
-            original = runner.predict
-
-            def counting_predict(x):
-                self.images += len(x)
-                return original(x)
-
-            if dataclasses.is_dataclass(runner):
-                return dataclasses.replace(runner, infer=lambda x: (setattr(self, "images", self.images + len(x)),
-                                                                     runner.infer(x))[1])
-            runner.predict = counting_predict
-            return runner
-
-        monkeypatch.setattr(features, "engine", engine)
+from conftest import CLASS_COLOURS, CountingBackbone as CountingBuild, make_image, make_params
 
 
 def run(project, **sections):
@@ -155,7 +130,7 @@ def test_too_many_bad_images_fail_after_keeping_the_good_ones(project):
 
 
 def test_interrupted_run_keeps_committed_parts(project, monkeypatch):
-    real_write_part = features._write_part
+    real_write_part = parts_mod.write
     calls = []
 
     def write_part_then_crash(*args, **kwargs):
@@ -164,10 +139,10 @@ def test_interrupted_run_keeps_committed_parts(project, monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(features, "_write_part", write_part_then_crash)
+    monkeypatch.setattr(parts_mod, "write", write_part_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(project, features={"commit_every": 10})
-    monkeypatch.setattr(features, "_write_part", real_write_part)
+    monkeypatch.setattr(parts_mod, "write", real_write_part)
     counter = CountingBuild(monkeypatch)
     result = run(project)
     assert counter.images == 36 - 20  # the two committed parts were kept
@@ -201,3 +176,29 @@ def test_a_second_writer_is_refused(project):
     with FileLock(str(path) + ".lock"):
         with pytest.raises(RuntimeError, match="another 'features' run"):
             run(project)
+
+
+def test_top_features_are_a_cache_of_their_own_outside_the_pooled_folder(project, monkeypatch, caplog):
+    params = make_params(project, train_top={"cut_point": "block0"})
+    pooled = features.run(params, project)
+    caplog.set_level("INFO")
+    top = features.run_top(params, project)
+    assert top.path.parent == project / "cache" / "top_features" and pooled.path.parent == project / "cache" / "features"
+    assert "top-features: recomputing (no cache for these settings yet)" in caplog.text
+    with __import__("h5py").File(top.path) as f:
+        assert f["features"].dtype == np.float16 and f["features"].shape == (36, 16, 16, 8)
+    counter = CountingBuild(monkeypatch)
+    caplog.clear()
+    features.run_top(make_params(project, train_top={"cut_point": "block1"}), project)
+    assert "top-features: recomputing (train_top.cut_point: block0 -> block1)" in caplog.text
+    assert counter.images == 36
+    features.run_top(params, project)
+    features.run(params, project)
+    assert counter.builds == 1  # back to block0, and the pooled cache: both hits
+
+
+def test_features_names_what_changed_when_it_recomputes(project, caplog):
+    run(project)
+    caplog.set_level("INFO")
+    run(project, features={"resize": "crop"})
+    assert "features: recomputing (features.resize: squash -> crop)" in caplog.text

@@ -1,11 +1,13 @@
+"""Decoding and resizing, each checked against known values or an independent implementation."""
 import struct
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from pipeline.images import ImageError, decode_rgb, sniff
+from pipeline.data.decode import ImageError, decode_rgb, sniff
+from pipeline.data.resize import fit_to_size
 
 
 def save(tmp_path, image, name, **kwargs):
@@ -15,7 +17,8 @@ def save(tmp_path, image, name, **kwargs):
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    # Left half red, right half blue, stored sideways with orientation 6 (rotate 90 degrees clockwise to view).
+    # Top half red, bottom half blue, stored with orientation 6 (rotate 90 degrees clockwise to view):
+    # upright, red is on the right and blue on the left.
     array = np.zeros((40, 20, 3), np.uint8)
     array[:20] = (255, 0, 0)
     array[20:] = (0, 0, 255)
@@ -24,30 +27,56 @@ def test_exif_orientation_is_applied(tmp_path):
     path = save(tmp_path, Image.fromarray(array), "sideways.jpg", exif=exif, quality=95)
     pixels = decode_rgb(path, 16)
     assert pixels.shape == (20, 40, 3)
-    pixels = load_rgb(path, 16)
-    assert pixels[8, 2, 2] > 200 and pixels[8, 2, 0] < 60  # shown upright: blue on the left
-    assert pixels[8, 13, 0] > 200 and pixels[8, 13, 2] < 60
+    assert pixels[10, 5, 2] > 200 and pixels[10, 5, 0] < 60  # left: blue
+    assert pixels[10, 34, 0] > 200 and pixels[10, 34, 2] < 60  # right: red
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])
-def test_every_mode_becomes_rgb(tmp_path, mode):
-    base = Image.new("RGB", (30, 20), (120, 60, 200))
-    if mode == "I;16":
-        image = Image.fromarray(np.full((20, 30), 40000, np.uint16))
-    else:
-        image = base.convert(mode)
-    fmt = "JPEG" if mode == "CMYK" else "PNG"
-    path = save(tmp_path, image, f"img.{fmt.lower()}", format=fmt)
+COLOUR = (120, 60, 200)
+
+
+def test_cmyk_jpeg_keeps_its_colours(tmp_path):
+    path = save(tmp_path, Image.new("RGB", (32, 32), COLOUR).convert("CMYK"), "cmyk.jpg", quality=95)
+    with Image.open(path) as raw:
+        assert raw.mode == "CMYK"
     pixels = decode_rgb(path, 8)
-    assert pixels.shape[2] == 3 and min(pixels.shape[:2]) >= 8 and pixels.dtype == np.uint8
-    if mode == "I;16":
-        assert abs(int(pixels[0, 0, 0]) - round(40000 / 65535 * 255)) <= 1  # scaled, not clipped at 255
+    assert np.abs(pixels.reshape(-1, 3).mean(axis=0) - COLOUR).max() < 8  # an inverted CMYK would be far off
 
 
-def test_transparent_pixels_become_white(tmp_path):
-    image = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
-    pixels = decode_rgb(save(tmp_path, image, "clear.png"), 4)
-    assert (pixels == 255).all()
+def test_palette_png_gives_the_palette_colours(tmp_path):
+    image = Image.new("P", (10, 10), 1)
+    image.putpalette([0, 0, 0, *COLOUR] + [0] * 762)
+    image.putpixel((0, 0), 0)
+    pixels = decode_rgb(save(tmp_path, image, "palette.png"), 4)
+    assert tuple(pixels[5, 5]) == COLOUR and tuple(pixels[0, 0]) == (0, 0, 0)
+
+
+def test_one_bit_png_is_black_and_white(tmp_path):
+    image = Image.new("1", (8, 4), 0)
+    for x in range(4):
+        for y in range(4):
+            image.putpixel((x, y), 1)
+    pixels = decode_rgb(save(tmp_path, image, "bits.png"), 2)
+    assert (pixels[:, :4] == 255).all() and (pixels[:, 4:] == 0).all()
+
+
+def test_grayscale_becomes_equal_channels(tmp_path):
+    pixels = decode_rgb(save(tmp_path, Image.new("L", (6, 6), 77), "gray.png"), 2)
+    assert (pixels == 77).all() and pixels.shape == (6, 6, 3)
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    image = Image.fromarray(np.full((20, 30), 40000, np.uint16))
+    pixels = decode_rgb(save(tmp_path, image, "deep.png"), 8)
+    assert abs(int(pixels[0, 0, 0]) - round(40000 / 65535 * 255)) <= 1
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    clear = decode_rgb(save(tmp_path, Image.new("RGBA", (10, 10), (0, 0, 0, 0)), "clear.png"), 4)
+    assert (clear == 255).all()
+    half = decode_rgb(save(tmp_path, Image.new("RGBA", (10, 10), (0, 0, 0, 128)), "half.png"), 4)
+    assert np.abs(half.astype(int) - 127).max() <= 1  # black at 50% over white
+    gray_alpha = decode_rgb(save(tmp_path, Image.new("LA", (10, 10), (0, 0)), "la.png"), 4)
+    assert (gray_alpha == 255).all()
 
 
 def test_gif_uses_first_frame(tmp_path):
@@ -58,31 +87,79 @@ def test_gif_uses_first_frame(tmp_path):
     assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50
 
 
-def load_rgb(path, size, mode="squash"):
-    from pipeline.preprocessing import single_image_resizer
-
-    return single_image_resizer(size, mode)(decode_rgb(path, size))
-
-
-def test_squash_and_crop(tmp_path):
-    array = np.zeros((20, 60, 3), np.uint8)
-    array[:, :20] = 255  # white left third
-    path = save(tmp_path, Image.fromarray(array), "wide.png")
-    assert load_rgb(path, 10, "squash")[:, 0].mean() > 200  # squashed: the left edge is white
-    assert load_rgb(path, 10, "crop")[:, 0].mean() < 50  # cropped to the centre: black
+def pil_box(image: np.ndarray, size: int) -> np.ndarray:
+    """PIL's box filter on each channel in float32: at an exact multiple, the mean of each block."""
+    channels = [np.asarray(Image.fromarray(image[..., c].astype(np.float32), "F").resize((size, size), Image.BOX))
+                for c in range(3)]
+    return np.stack(channels, axis=-1)
 
 
-def test_fit_to_size_is_a_box_filter_then_bilinear():
-    from pipeline.preprocessing import single_image_resizer
+@pytest.mark.parametrize("side, size", [(448, 224), (96, 32), (224, 224), (300, 100)])
+def test_resize_equals_pil_box_filter_at_exact_multiples(side, size):
+    from pipeline.data.resize_layer import single_image_resizer
 
-    # a 4x4 checkerboard of 0/255 shrunk by 4 in each direction: the box filter gives the mean, 127.5
-    board = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)
-    image = np.repeat(board[..., None], 3, axis=2)
-    out = single_image_resizer(16, "squash")(image)
-    assert out.shape == (16, 16, 3) and out.dtype == np.float32
-    np.testing.assert_allclose(out, 127.5, atol=1e-4)  # no aliasing: plain bilinear would give 0s or 255s
-    same = single_image_resizer(64, "squash")(image)
-    np.testing.assert_allclose(same, image, atol=1e-4)  # the input size: unchanged
+    image = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    expected = pil_box(image, size)
+    np.testing.assert_allclose(fit_to_size(image, size), expected, atol=2e-3)  # OpenCV twin
+    np.testing.assert_allclose(single_image_resizer(size, "squash")(image), expected, atol=2e-3)  # TensorFlow layer
+
+
+def area_then_linear(image: np.ndarray, size: int) -> np.ndarray:
+    """An independent FitToSize in plain numpy and Python loops, in the photo's own pixel units:
+    complete f-pixel blocks averaged, then output pixel i is the mean of the photo over
+    [i n / size, (i + 1) n / size), block by block (the span past the last complete block reads the
+    last one); growing axes use bilinear interpolation with half-pixel centres."""
+    x = image.astype(np.float64)
+
+    def axis_matrix(n):
+        f = max(1, n // size)
+        blocks = n // f
+        m = np.zeros((size, blocks))
+        for i in range(size):
+            if n >= size:
+                low, high = i * n / size, (i + 1) * n / size
+                for j in range(-(-n // f) + 1):
+                    overlap = max(0.0, min(high, (j + 1) * f) - max(low, j * f))
+                    m[i, min(j, blocks - 1)] += overlap / (high - low)
+            else:
+                source = min(max((i + 0.5) * n / size - 0.5, 0.0), n - 1)
+                lower = int(np.floor(source))
+                m[i, lower] += 1 - (source - lower)
+                m[i, min(lower + 1, n - 1)] += source - lower
+        return m, f, blocks
+
+    (rows_m, fy, rows), (cols_m, fx, cols) = axis_matrix(x.shape[0]), axis_matrix(x.shape[1])
+    boxed = x[:rows * fy, :cols * fx].reshape(rows, fy, cols, fx, 3).mean(axis=(1, 3))
+    return np.einsum("ih,hwc,jw->ijc", rows_m, boxed, cols_m)
+
+
+@pytest.mark.parametrize("shape", [(375, 500), (447, 449), (100, 60), (378, 504), (1512, 2016), (7, 300), (3024, 4032)])
+def test_resize_equals_an_independent_area_and_bilinear_resize(shape):
+    from pipeline.data.resize_layer import single_image_resizer
+
+    image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    expected = area_then_linear(image, 32)
+    np.testing.assert_allclose(fit_to_size(image, 32), expected, atol=2e-3)
+    np.testing.assert_allclose(single_image_resizer(32, "squash")(image), expected, atol=2e-3)
+
+
+def test_a_shrunk_decode_and_a_whole_decode_resize_alike():
+    """What makes an app's full-size decode agree with the pipeline's DCT-scaled one: every output pixel
+    averages the same span of the photo, whatever resolution it was decoded at."""
+    from skimage import data
+
+    photo = np.asarray(Image.fromarray(data.chelsea()).resize((4032, 3024), Image.BICUBIC), np.float64)
+    photo = np.clip(photo + np.random.default_rng(0).normal(0, 3, photo.shape), 0, 255).astype(np.uint8)
+    shrunk = photo.reshape(378, 8, 504, 8, 3).mean(axis=(1, 3)).round().astype(np.uint8)  # a 1/8 DCT decode's DC
+    difference = np.abs(fit_to_size(photo, 224) - fit_to_size(shrunk, 224)).mean()
+    assert difference < 1.2  # on the 0..255 scale; a bilinear last step over a cropped box grid gave 1.95
+
+
+def test_crop_keeps_the_centre_square():
+    image = np.zeros((100, 300, 3), np.uint8)
+    image[:, 100:200] = 255  # the centre square is white, the sides black
+    assert (fit_to_size(image, 50, "crop") == 255).all()
+    assert fit_to_size(image, 50, "squash")[:, :10].max() == 0
 
 
 def test_truncated_jpeg_is_an_image_error(tmp_path):
@@ -100,16 +177,25 @@ def png_header_only(width, height) -> bytes:
         chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
-def test_decompression_bomb_is_refused_without_decoding(tmp_path):
+@pytest.mark.parametrize("width, height", [(30000, 30000), (12000, 10001)])
+def test_decompression_bomb_is_refused_from_its_header(tmp_path, monkeypatch, width, height):
     path = tmp_path / "bomb.png"
-    path.write_bytes(png_header_only(30000, 30000))
-    with pytest.raises(ImageError, match="decompression bomb"):
+    path.write_bytes(png_header_only(width, height))
+
+    def no_decoding(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageError) as error:
         decode_rgb(path, 8)
+    assert str(error.value) == f"{width}x{height} pixels is over the 120,000,000 limit (decompression bomb?)"
 
 
 def test_sniff():
     assert sniff(b"\xff\xd8\xff\xe0rest") == "JPEG"
     assert sniff(b"RIFF\0\0\0\0WEBPVP8 ") == "WEBP"
     assert sniff(b"GIF89a....") == "GIF"
+    assert sniff(b"\x89PNG\r\n\x1a\n") == "PNG"
+    assert sniff(b"BM" + b"\0" * 30) == "BMP"
     assert sniff(b"hello world") is None
     assert sniff(b"") is None

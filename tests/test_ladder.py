@@ -1,44 +1,45 @@
-"""The middle rung: cut-point caches, train-top, hidden layers, advice, comparison."""
+"""The ladder: cut-point caches, train-top, finetune, hidden layers, advice, the strategy, comparison."""
 import json
 import shutil
 
+import h5py
 import keras
 import numpy as np
 import pytest
 
-from pipeline import advise, backbones, evaluate, feature_store, features, params as params_mod, train_head, \
-    train_top, trained
+from pipeline import ladder, params as params_mod, runtime
+from pipeline.backbones import keras_models
+from pipeline.stages import evaluate, features, finetune, train_head, train_top
+from pipeline.store import table as feature_store
+from pipeline.training import advise, keras_fit
 from pipeline.params import ParamsError
+from pipeline.use import compare, export, predict
 
-from conftest import make_params, shared_dataset
-from test_features import CountingBuild
+from conftest import CountingBackbone, cli, make_dataset, make_params, shared_dataset
 
 
 def test_cut_point_cache_is_float16_spatial_and_switching_is_free(project, monkeypatch):
-    pooled = features.run(make_params(project), project)
-    cut = features.run(make_params(project, features={"layer": "block0", "dtype": "float16"}), project)
+    params = make_params(project, train_top={"cut_point": "block0"})
+    pooled = features.run(params, project)
+    cut = features.run_top(params, project)
     assert cut.path != pooled.path
-    table = feature_store.read_table(cut.path)
-    assert table.features.shape == (36, 16, 16, 8)
-    import h5py
-
     with h5py.File(cut.path) as f:
+        assert f["features"].shape == (36, 16, 16, 8)
         assert f["features"].dtype == np.float16 and f["features"].compression == "gzip"
-    counter = CountingBuild(monkeypatch)
-    features.run(make_params(project), project)
-    features.run(make_params(project, features={"layer": "block0", "dtype": "float16"}), project)
+    counter = CountingBackbone(monkeypatch)
+    features.run(params, project)
+    features.run_top(params, project)
     assert counter.builds == 0  # back and forth: both caches are hits
 
 
 def test_top_layers_on_the_cut_cache_give_the_pooled_features(project):
-    pooled = feature_store.read_table(features.run(make_params(project), project).path)
-    cut = feature_store.read_table(
-        features.run(make_params(project, features={"layer": "block0", "dtype": "float16"}), project).path)
-    full = backbones.build("tiny", layer="pooled", cache_dir=project / "cache")
+    params = make_params(project, train_top={"cut_point": "block0"})
+    pooled = feature_store.read_table(features.run(params, project).path)
+    cut = feature_store.read_table(features.run_top(params, project).path)
+    full = keras_models.build("tiny", layer="pooled", cache_dir=project / "cache")
     top = train_top.build_top(full.model, "block0")
     assert "block0" not in [l.name for l in top.layers[1:]] and "normalize" not in [l.name for l in top.layers]
-    from_cut = np.asarray(top(cut.features))
-    np.testing.assert_allclose(from_cut, pooled.features, rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(top(cut.features)), pooled.features, rtol=1e-2, atol=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +57,16 @@ def lite_project(tmp_path_factory):
 def lite_params(project, **top):
     return make_params(project, features={"backbone": "efficientnet_lite0", "batch_size": 16},
                        data={"train_fraction": 0.6, "val_fraction": 0.2, "test_fraction": 0.2},
-                       train_top={"cut_point": "block14", "epochs": 3, "patience": 0, "learning_rate": 0.001,
-                                  **top})
+                       train_top={"cut_point": "block14", "epochs_head": 1, "epochs": 3, "patience": 0,
+                                  "learning_rate": 0.001, **top})
 
 
 @pytest.mark.slow
 def test_lite0_top_blocks_reproduce_the_pooled_features(lite_project):
     params = lite_params(lite_project)
     pooled = feature_store.read_table(features.run(params, lite_project).path)
-    cut = feature_store.read_table(features.run(train_top.cut_params(params), lite_project).path)
-    full = backbones.build("efficientnet_lite0", layer="pooled", cache_dir=lite_project / "cache")
+    cut = feature_store.read_table(features.run_top(params, lite_project).path)
+    full = keras_models.build("efficientnet_lite0", layer="pooled", cache_dir=lite_project / "cache")
     top = train_top.build_top(full.model, "block14")
     from_cut = np.asarray(top(cut.features, training=False))
     assert np.abs(from_cut - pooled.features).max() < 0.02 * np.abs(pooled.features).max()  # float16 input
@@ -74,12 +75,13 @@ def test_lite0_top_blocks_reproduce_the_pooled_features(lite_project):
 @pytest.mark.slow
 def test_train_top_keeps_batchnorm_statistics_and_never_runs_the_frozen_layers(lite_project, monkeypatch):
     params = lite_params(lite_project)
-    features.run(train_top.cut_params(params), lite_project)  # the cut-point cache exists before training
+    features.run_top(params, lite_project)  # the cut-point cache exists before training
 
     def no_backbone_runs(*args, **kwargs):
-        raise AssertionError("train-top ran the frozen backbone over images")
+        raise AssertionError("train-top ran the frozen backbone over photos")
 
-    monkeypatch.setattr(features, "featurise_files", no_backbone_runs)
+    monkeypatch.setattr(runtime, "featurise_files", no_backbone_runs)
+    monkeypatch.setattr(runtime, "open_backbone", no_backbone_runs)
     frozen_calls = []
     real_build_top = train_top.build_top
 
@@ -94,7 +96,7 @@ def test_train_top_keeps_batchnorm_statistics_and_never_runs_the_frozen_layers(l
 
     monkeypatch.setattr(train_top, "build_top", build_top_with_tripwires)
     before = {}
-    real_fit = train_head.fit_keras
+    real_fit = keras_fit.fit
 
     def fit_and_watch(model, *args, **kwargs):
         top = model.get_layer("top")
@@ -104,9 +106,9 @@ def test_train_top_keeps_batchnorm_statistics_and_never_runs_the_frozen_layers(l
         before["conv"] = np.array(top.get_layer("top_conv").kernel)
         return real_fit(model, *args, **kwargs)
 
-    monkeypatch.setattr(train_head, "fit_keras", fit_and_watch)
+    monkeypatch.setattr(keras_fit, "fit", fit_and_watch)
     result = train_top.run(params, lite_project)
-    top = result.model.model_.get_layer("top")
+    top = result.classifier.model_.get_layer("top")
     bn_layers = [l for l in top.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert len(bn_layers) >= 3
     for layer in bn_layers:
@@ -120,57 +122,72 @@ def test_train_top_keeps_batchnorm_statistics_and_never_runs_the_frozen_layers(l
 @pytest.mark.slow
 def test_train_top_rung_is_evaluated_compared_and_exported(lite_project):
     params = lite_params(lite_project)
-    train_head.run(params, lite_project) if features.run(params, lite_project) else None
+    chosen = make_params(lite_project, features={"backbone": "efficientnet_lite0", "batch_size": 16},
+                         data={"train_fraction": 0.6, "val_fraction": 0.2, "test_fraction": 0.2},
+                         train_top={"cut_point": "block14", "epochs_head": 1, "epochs": 3, "patience": 0,
+                                    "learning_rate": 0.001}, train={"strategy": "top"})
+    features.run(params, lite_project)
+    train_head.run(params, lite_project)
+    features.run_top(params, lite_project)
     result = train_top.run(params, lite_project)
-    assert trained.last_rung(params, lite_project) == "top"
-    assert result.model.history["epochs_run"] == 3
-    again = train_top.run(params, lite_project)
-    assert not again.trained
-    metrics = evaluate.run(params, lite_project).metrics
-    assert metrics["rung"] == "top" and metrics["features"]["layer"] == "block14"
-    table = evaluate.compare(params, lite_project)
-    lines = {line.split()[0]: line for line in table.splitlines()[1:]}
-    assert "pooled" in lines["head"] and "block14" in lines["top"]
+    assert result.classifier.history["epochs_run"] == 4  # 1 + 3
+    assert not train_top.run(params, lite_project).trained_now
+    assert evaluate.run(params, lite_project).run["rung"] == "head"  # train.strategy: head decides, not what ran last
+    metrics = evaluate.run(chosen, lite_project)
+    assert metrics.run["rung"] == "top" and metrics.run["features"]["layer"] == "block14"
+    table = compare.run(chosen, lite_project)
+    lines = {line.split()[0]: line for line in table.splitlines()[1:-1]}
+    assert "pooled" in lines["head"] and "block14" in lines["top*"]
     assert "not trained for these params ('make finetune')" in lines["finetune"]
-    from pipeline import export
-
-    exported = export.run(params, lite_project)
-    # the reference went through float16 activations, so export widens its tolerance to 2e-3
-    assert all(v["max_abs_diff"] <= 2e-3 for v in exported.parity.values())
+    exported = export.run(chosen, lite_project)
+    assert exported.parity["model.tflite"]["n_images"] == metrics.metrics["n_test"]
 
 
 @pytest.mark.slow
 def test_an_interrupted_train_top_continues_from_its_backup(lite_project, monkeypatch):
-    params = lite_params(lite_project, epochs=4, seed=7)
-    real_fit = train_head.fit_keras
+    params = lite_params(lite_project, epochs_head=2, epochs=4, seed=7)
+    features.run_top(params, lite_project)
+    real_fit = keras.Model.fit
+    calls = []
 
-    class StopAfterTwo(keras.callbacks.Callback):
+    class StopInPhaseTwo(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
+            if len(calls) == 2 and epoch == 1:
                 raise KeyboardInterrupt
 
     def interrupted(model, *args, callbacks=(), **kwargs):
-        return real_fit(model, *args, callbacks=[*callbacks, StopAfterTwo()], **kwargs)
+        calls.append(1)
+        return real_fit(model, *args, callbacks=[*callbacks, StopInPhaseTwo()], **kwargs)
 
-    monkeypatch.setattr(train_head, "fit_keras", interrupted)
+    monkeypatch.setattr(keras.Model, "fit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_top.run(params, lite_project)
-    assert list((lite_project / "cache" / "tops").glob("*.backup"))
-    monkeypatch.setattr(train_head, "fit_keras", real_fit)
-    result = train_top.run(params, lite_project)
-    assert result.model.history["epochs_run"] == 2  # epochs 3 and 4 only: 1 and 2 came from the backup
-    assert not list((lite_project / "cache" / "tops").glob("*.backup"))
+    assert list((lite_project / "cache" / "train_top").glob("*.backup"))
+    monkeypatch.setattr(keras.Model, "fit", real_fit)
+    history = train_top.run(params, lite_project).classifier.history
+    assert len(history["phases"]["head"]) and len(history["phases"]["head"]["loss"]) == 2  # kept, not rerun
+    assert len(history["phases"]["all"]["loss"]) == 2  # epochs 3 and 4 only: 1 and 2 came from the backup
+    assert not list((lite_project / "cache" / "train_top").glob("*.backup"))
 
 
 def test_wrong_cut_point_names_the_valid_ones(project):
     with pytest.raises(ValueError, match="^train_top.cut_point: tiny has no layer 'block99'; valid: block0, block1"):
-        train_top.run(make_params(project, train_top={"cut_point": "block99"}), project)
+        features.run_top(make_params(project, train_top={"cut_point": "block99"}), project)
+
+
+def test_train_top_before_its_input_says_what_to_run(project):
+    features.run(make_params(project), project)
+    from pipeline.store.table import CacheError
+
+    with pytest.raises(CacheError, match="no cached activations at train_top.cut_point 'block0'.*"
+                                         "run 'make top-features' first"):
+        train_top.run(make_params(project, train_top={"cut_point": "block0"}), project)
 
 
 def test_hidden_units_in_the_softmax_head(project):
     params = make_params(project, train_head={"model": "softmax", "hidden_units": [8], "epochs": 5})
     features.run(params, project)
-    head = train_head.run(params, project).head
+    head = train_head.run(params, project).classifier
     assert [l.name for l in head.model_.layers if l.name.startswith("hidden")] == ["hidden_0"]
     with pytest.raises(ParamsError, match="hidden_units needs model: softmax"):
         params_mod.load(None, ["train_head.hidden_units=[8]"])
@@ -191,59 +208,79 @@ def test_advice_notes_small_images():
 
 
 def test_advice_from_a_scanned_dataset(project):
-    from pipeline import dataset
+    from pipeline.data import scan
 
-    summary = advise.summarise(dataset.scan(make_params(project).data, project))
-    assert set(summary.train_per_class) == {"misty", "tigger", "neither"}
+    import hashlib
+
+    params = make_params(project)
+    summary = advise.summarise(scan.scan(params.data, project))
+    expected = {c: 0 for c in ("misty", "neither", "tigger")}
+    for path in (project / "photos").rglob("*.png"):  # the hash split, computed here from the bytes
+        position = int(hashlib.sha256(path.read_bytes()).hexdigest()[:16], 16) / 2.0**64
+        expected[path.parent.name] += position < params.data.train_fraction
+    assert summary.train_per_class == expected
     assert summary.median_short_side == 40
     assert "recommended rung: head" in advise.format_advice(advise.recommend(summary))
 
 
-def test_finetune_two_phases_on_the_images(project):
-    from pipeline import export, finetune, predict
-
+def test_finetune_two_phases_on_the_photos(project):
     base_params = make_params(project, finetune={"epochs_head": 2, "epochs_all": 0, "batch_size": 8})
     features.run(base_params, project)
     head_only = finetune.run(base_params, project)
-    network = head_only.model.model_.get_layer("tiny_to_pooled")
-    pretrained = backbones.build("tiny", cache_dir=project / "cache").model
+    network = head_only.classifier.model_.get_layer("tiny_to_pooled")
+    pretrained = keras_models.build("tiny", cache_dir=project / "cache").model
     for a, b in zip(network.get_weights(), pretrained.get_weights()):
         np.testing.assert_array_equal(a, b)  # phase 1 alone leaves the backbone as pretrained
     assert {"augment_flip", "augment_zoom", "augment_brightness", "augment_contrast"} <= \
-        {l.name for l in head_only.model.model_.layers}
+        {l.name for l in head_only.classifier.model_.layers}
 
     params = make_params(project, finetune={"epochs_head": 2, "epochs_all": 3, "batch_size": 8,
-                                            "learning_rate_all": 0.01})
+                                            "learning_rate_all": 0.01}, train={"strategy": "finetune"})
     result = finetune.run(params, project)
-    assert set(result.model.history["phases"]) == {"head", "all"}
-    changed = result.model.model_.get_layer("tiny_to_pooled").get_weights()
+    assert set(result.classifier.history["phases"]) == {"head", "all"}
+    changed = result.classifier.model_.get_layer("tiny_to_pooled").get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(changed, pretrained.get_weights()))
-    assert trained.last_rung(params, project) == "finetune"
-    assert not finetune.run(params, project).trained  # a cache hit the second time
+    assert not finetune.run(params, project).trained_now  # a cache hit the second time
 
-    metrics = evaluate.run(params, project).metrics
-    assert metrics["rung"] == "finetune" and metrics["n_test"] > 0
-    assert "finetune" in evaluate.compare(params, project)
-    photo = project / "photos" / "misty" / "misty_03.png"
-    label = predict.run(params, project, [photo])[0].labels[0]
-    assert label in ("misty", "tigger", "neither")
+    run = evaluate.run(params, project)
+    assert run.run["rung"] == "finetune" and run.metrics["n_test"] > 0
+    # predict answers for each test photo what evaluate computed for it
+    rows = [line.split(",") for line in (project / "reports" / "predictions.csv").read_text().splitlines()[1:]]
+    got = predict.run(params, project, [project / "photos" / path for path, _, _ in rows])
+    assert [g.labels[0] for g in got] == [predicted for _, _, predicted in rows]
     exported = export.run(params, project)
     assert all(v["max_abs_diff"] <= 1e-4 for v in exported.parity.values())
 
 
 @pytest.mark.parametrize("strategy, rung", [("auto", "head"), ("top", "top")])
-def test_train_strategy(tmp_path, strategy, rung):
-    import subprocess
-    import sys
-
-    from conftest import ROOT, make_dataset
-
+def test_make_train_trains_the_rung_the_strategy_chooses(tmp_path, strategy, rung):
     make_dataset(tmp_path / "photos", per_class=10)
     (tmp_path / "params.yaml").write_text(
         "data: {root: photos, train_fraction: 0.6, val_fraction: 0.2, test_fraction: 0.2}\n"
-        f"features: {{backbone: tiny}}\ntrain: {{strategy: {strategy}}}\ntrain_top: {{cut_point: block0, epochs: 2}}\n")
-    out = subprocess.run([sys.executable, "-m", "pipeline", "train"], cwd=tmp_path, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"})
+        f"features: {{backbone: tiny}}\ntrain: {{strategy: {strategy}}}\n"
+        "train_top: {cut_point: block0, epochs: 2, epochs_head: 1}\n")
+    out = cli(tmp_path, "train", "--with-upstream")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert ("recommended rung: head" in out.stdout) == (strategy == "auto")
-    assert json.loads((tmp_path / "cache" / "model.json").read_text())["rung"] == rung
+    trained = {name for name in ("train_head", "train_top", "finetune")
+               if any((tmp_path / "cache" / name).glob("*/model.json"))}
+    assert trained == {ladder.RUNGS[rung].section}
+
+
+def test_params_alone_decide_what_is_evaluated(tmp_path):
+    """evaluate, then train-top, then evaluate with the same params: the same model, the same metrics."""
+    make_dataset(tmp_path / "photos", per_class=10)
+    (tmp_path / "params.yaml").write_text(
+        "data: {root: photos, train_fraction: 0.6, val_fraction: 0.2, test_fraction: 0.2}\n"
+        "features: {backbone: tiny}\ntrain_top: {cut_point: block0, epochs: 2, epochs_head: 1}\n")
+    first = cli(tmp_path, "evaluate", "--with-upstream")
+    assert first.returncode == 0, first.stderr[-2000:]
+    metrics = (tmp_path / "reports" / "metrics.json").read_text()
+    run = json.loads((tmp_path / "reports" / "run.json").read_text())
+    top = cli(tmp_path, "train-top", "--with-upstream")
+    assert top.returncode == 0, top.stderr[-2000:]
+    again = cli(tmp_path, "evaluate", "--with-upstream")
+    assert again.returncode == 0
+    assert (tmp_path / "reports" / "metrics.json").read_text() == metrics
+    assert json.loads((tmp_path / "reports" / "run.json").read_text())["model"]["key"] == run["model"]["key"]
+    assert "evaluate: rung head (train-head), chosen by train.strategy: head" in again.stderr
+    assert "a train-top model is trained for these params too; evaluate it with train.strategy: top" in again.stderr

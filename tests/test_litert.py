@@ -2,9 +2,11 @@
 import numpy as np
 import pytest
 
-from pipeline import feature_store, features, litert_runtime
-from pipeline.preprocessing import single_image_resizer
-from pipeline.resize import fit_to_size
+from pipeline.backbones import litert as litert_runtime
+from pipeline.data.resize import fit_to_size
+from pipeline.data.resize_layer import single_image_resizer
+from pipeline.stages import features
+from pipeline.store import table as feature_store
 
 from conftest import make_params
 

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from pipeline import evaluate, features
+from pipeline.stages import evaluate, features, train_head
 
 from conftest import make_params, shared_dataset
 
@@ -19,6 +19,7 @@ def test_lite0_features_separate_dogs_from_cats(tmp_path):
     params = make_params(tmp_path, features={"backbone": "efficientnet_lite0", "batch_size": 16},
                          data={"train_fraction": 0.5, "val_fraction": 0.0, "test_fraction": 0.5})
     features.run(params, tmp_path)
+    train_head.run(params, tmp_path)
     metrics = evaluate.run(params, tmp_path).metrics
     assert metrics["n_test"] > 40
     assert metrics["accuracy"] >= 0.95  # FACTS.md: about 98% with 50 training images per class

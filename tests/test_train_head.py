@@ -5,8 +5,12 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import backbones, evaluate, feature_store, features, train_head
-from pipeline.feature_store import CacheError
+from pipeline.backbones import keras_models
+from pipeline.stages import evaluate, features, train_head
+from pipeline.store import batches
+from pipeline.store import table as feature_store
+from pipeline.store.table import CacheError
+from pipeline.training.contract import TrainingError
 
 from conftest import CLASS_COLOURS, ROOT, make_dataset, make_image, make_params
 
@@ -24,7 +28,7 @@ def run(project, **sections):
 def forbid_backbone(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("train_head built the backbone")
-    monkeypatch.setattr(backbones, "build", refuse)
+    monkeypatch.setattr(keras_models, "build", refuse)
 
 
 def test_without_features_it_says_what_to_run(project):
@@ -36,29 +40,33 @@ def test_cache_contract(featurised, monkeypatch, caplog):
     forbid_backbone(monkeypatch)
     caplog.set_level("INFO")
     first = run(featurised)
-    assert first.trained and (first.path / "head.json").is_file() and (first.path / "history.json").is_file()
+    assert first.trained_now and (first.folder / "model.json").is_file() and (first.folder / "history.json").is_file()
     second = run(featurised)
-    assert not second.trained and second.path == first.path  # twice: a hit
+    assert not second.trained_now and second.folder == first.folder  # twice: a hit
     assert "train_head: cache hit" in caplog.text
-    other_stage = run(featurised, evaluate={"top_k": 1}, features={"batch_size": 3})
-    assert not other_stage.trained  # another stage's param: a hit
+    other_stage = run(featurised, evaluate={"top_k": 1}, features={"batch_size": 3}, train_top={"epochs": 2})
+    assert not other_stage.trained_now  # another stage's param: a hit
     caplog.clear()
     own = run(featurised, train_head={"C": 0.05})
-    assert own.trained and own.path != first.path  # its own param: a miss, naming the change
+    assert own.trained_now and own.folder != first.folder  # its own param: a miss, naming the change
     assert "train_head: recomputing (train_head.C: 1.0 -> 0.05)" in caplog.text
-    monkeypatch.setattr(train_head, "VERSION", train_head.VERSION + 1)
-    assert run(featurised).trained  # a VERSION bump: a miss
+    import dataclasses
+
+    bumped = dataclasses.replace(train_head.RUNG, version=train_head.VERSION + 1)
+    assert bumped.train(make_params(featurised), featurised).trained_now  # a VERSION bump: a miss
 
 
-def test_new_features_content_retrains_the_head(featurised):
+def test_new_features_content_retrains_the_head(featurised, caplog):
     first = run(featurised)
     (featurised / "photos" / "misty" / "misty_00.png").unlink()
     features.run(make_params(featurised), featurised)
+    caplog.set_level("INFO")
     assert run(featurised).key != first.key
+    assert "train_head: recomputing (inputs.pooled: " in caplog.text
 
 
 def test_logreg_train_head_never_imports_tensorflow(featurised):
-    code = ("import sys; from pipeline import params, train_head; "
+    code = ("import sys; from pipeline import params; from pipeline.stages import train_head; "
             "p = params.build({'features': {'backbone': 'tiny'}, 'data': {'root': 'photos', 'train_fraction': 0.6, "
             "'val_fraction': 0.2, 'test_fraction': 0.2}}, 'test'); "
             "train_head.run(p, '.'); print('tensorflow' in sys.modules, 'keras' in sys.modules)")
@@ -68,15 +76,25 @@ def test_logreg_train_head_never_imports_tensorflow(featurised):
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_softmax_head_learns(featurised, monkeypatch):
+def test_softmax_head_learns_and_streams_the_cache(featurised, monkeypatch):
     forbid_backbone(monkeypatch)
-    result = run(featurised, train_head={"model": "softmax", "learning_rate": 0.05, "epochs": 30})
-    history = json.loads((result.path / "history.json").read_text())
-    assert history["train_accuracy"] >= 0.9 and history["val_accuracy"] >= 0.9
-    loaded = train_head.load(result.path)
+    largest = []
+    real_read = batches.FeatureReader.read
+
+    def read(self, positions):
+        largest.append(len(positions))
+        return real_read(self, positions)
+
+    monkeypatch.setattr(batches.FeatureReader, "read", read)
+    result = run(featurised, train_head={"model": "softmax", "learning_rate": 0.05, "epochs": 30, "batch_size": 4})
+    history = json.loads((result.folder / "history.json").read_text())
+    assert history["val_accuracy"] >= 0.9 and history["epochs"]["accuracy"][-1] >= 0.9
+    assert max(largest) <= 64  # batches of 4 in training, of 64 for the val accuracy; never the table
+    loaded = train_head.RUNG.load(make_params(featurised, train_head={"model": "softmax", "learning_rate": 0.05,
+                                                                      "epochs": 30, "batch_size": 4}), featurised)
     table = feature_store.read_table(features.cache_file(make_params(featurised), featurised))
-    np.testing.assert_allclose(loaded.predict_proba(table.features), result.head.predict_proba(table.features),
-                               atol=1e-6)
+    np.testing.assert_allclose(loaded.classifier.predict_proba(table.features),
+                               result.classifier.predict_proba(table.features), atol=1e-6)
 
 
 def test_softmax_stops_early_on_the_validation_split(tmp_path, monkeypatch):
@@ -91,8 +109,7 @@ def test_softmax_stops_early_on_the_validation_split(tmp_path, monkeypatch):
                                                "patience": 3})
     features.run(params, tmp_path)
     forbid_backbone(monkeypatch)
-    result = train_head.run(params, tmp_path)
-    history = result.head.history
+    history = train_head.run(params, tmp_path).classifier.history
     val_loss = history["epochs"]["val_loss"]
     assert history["epochs_run"] < 100
     best = int(np.argmin(val_loss))
@@ -100,7 +117,7 @@ def test_softmax_stops_early_on_the_validation_split(tmp_path, monkeypatch):
     assert history["val_accuracy"] <= 0.5  # it restored the best weights, which are still bad on swapped val
 
 
-def test_search_c_uses_only_the_train_split(featurised, monkeypatch):
+def test_search_c_uses_only_the_train_split_and_picks_the_best(featurised, monkeypatch):
     from sklearn import model_selection
 
     seen = []
@@ -111,58 +128,81 @@ def test_search_c_uses_only_the_train_split(featurised, monkeypatch):
         return real_fit(self, x, y, **kwargs)
 
     monkeypatch.setattr(model_selection.GridSearchCV, "fit", fit)
-    result = run(featurised, train_head={"search_C": True, "C_grid": [0.1, 1.0], "cv_folds": 3})
-    n_train = json.loads((result.path / "head.json").read_text())["n_train"]
-    assert seen == [n_train]
-    assert result.head.history["chosen_C"] in (0.1, 1.0)
+    grid = [1e-4, 0.01, 1.0]
+    result = run(featurised, train_head={"search_C": True, "C_grid": grid, "cv_folds": 3})
+    assert seen == [result.meta["n_train"]]
+    # the same cross-validation, computed independently on the train split: same scores, best C chosen
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    params = make_params(featurised)
+    table = feature_store.read_table(features.cache_file(params, featurised))
+    x, y = table.features[table.splits == "train"], table.labels[table.splits == "train"]
+    folds = model_selection.StratifiedKFold(3, shuffle=True, random_state=0)
+    expected = [real_cross_val(make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced",
+                                                                                  max_iter=2000)), x, y, folds)
+                for c in grid]
+    scores = result.classifier.history["cv_balanced_accuracy"]
+    assert [scores[repr(c)] for c in grid] == pytest.approx(expected)
+    assert result.classifier.history["chosen_C"] == grid[int(np.argmax(expected))]
+
+
+def real_cross_val(model, x, y, folds) -> float:
+    from sklearn.model_selection import cross_val_score
+
+    return float(np.mean(cross_val_score(model, x, y, cv=folds, scoring="balanced_accuracy")))
 
 
 def test_missing_class_in_train_split(project):
     # With a tiny train fraction, some class ends up without training images.
     params = make_params(project, data={"train_fraction": 0.01, "val_fraction": 0.49, "test_fraction": 0.5})
     features.run(params, project)
-    with pytest.raises(train_head.TrainingError, match="no images in the train split"):
+    with pytest.raises(TrainingError, match="no images in the train split"):
         train_head.run(params, project)
 
 
-def test_evaluate_writes_metrics_and_misclassified(featurised):
+def test_evaluate_writes_numbers_only_metrics_and_the_run(featurised):
     params = make_params(featurised)
+    train_head.run(params, featurised)
     result = evaluate.run(params, featurised)
     metrics = json.loads((featurised / "reports" / "metrics.json").read_text())
-    for name in ("accuracy", "balanced_accuracy", "n_test", "classes", "per_class", "confusion_matrix"):
-        assert name in metrics
+
+    def leaves(value):
+        return [v for x in value.values() for v in leaves(x)] if isinstance(value, dict) else [value]
+
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in leaves(metrics))
+    assert set(metrics) == {"accuracy", "balanced_accuracy", "macro_f1", "n_test", "per_class"}
+    run_info = json.loads((featurised / "reports" / "run.json").read_text())
+    assert run_info["rung"] == "head" and run_info["classes"] == ["misty", "neither", "tigger"]
     table = feature_store.read_table(features.cache_file(params, featurised))
     n_test = int((table.splits == "test").sum())
-    assert metrics["n_test"] == n_test == sum(map(sum, metrics["confusion_matrix"]))
-    assert metrics["classes"] == ["misty", "neither", "tigger"]
+    assert metrics["n_test"] == n_test == sum(map(sum, run_info["confusion_matrix"]))
     assert metrics["accuracy"] >= 0.8  # colours are easy even for a random tiny network
-    assert set(metrics["per_class"]["misty"]) == {"precision", "recall", "f1", "support"}
     lines = (featurised / "reports" / "misclassified.csv").read_text().splitlines()
     assert lines[0].startswith("path,true,predicted,p_predicted,p_true")
-    wrong = n_test - round(metrics["accuracy"] * n_test)
-    assert len(lines) - 1 == wrong
+    assert len(lines) - 1 == n_test - round(metrics["accuracy"] * n_test)
     assert "balanced accuracy" in result.table
 
 
-def test_evaluate_retrains_the_head_when_its_params_changed(featurised, caplog):
-    evaluate.run(make_params(featurised), featurised)
-    caplog.set_level("INFO")
-    evaluate.run(make_params(featurised, train_head={"C": 0.3}), featurised)
-    assert "train_head: recomputing (train_head.C: 1.0 -> 0.3)" in caplog.text
+def test_evaluate_trains_nothing_and_says_what_to_run(featurised):
+    with pytest.raises(CacheError, match=r"no train-head model for these params .*run 'make train-head' first"):
+        evaluate.run(make_params(featurised, train_head={"C": 0.3}), featurised)
 
 
 def test_metrics_match_hand_computed_values():
-    y = np.array(["a", "a", "b", "b", "b"])
+    y = np.array([0, 0, 1, 1, 1])
     proba = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
-    metrics = evaluate.compute_metrics(y, proba, ["a", "b"])
+    metrics, confusion = evaluate.compute_metrics(y, proba, ["a", "b"])
     assert metrics["accuracy"] == pytest.approx(3 / 5)
     assert metrics["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3) / 2)
-    assert metrics["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert confusion == [[1, 1], [1, 2]]
     assert metrics["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
 
 
 def test_empty_test_split_is_an_error(project):
     params = make_params(project, data={"train_fraction": 0.8, "val_fraction": 0.2, "test_fraction": 0.0})
     features.run(params, project)
+    train_head.run(params, project)
     with pytest.raises(evaluate.EvaluationError, match="test split is empty"):
         evaluate.run(params, project)

@@ -78,18 +78,8 @@ def summarise(dataset, sample: int = 200) -> Summary:
     return Summary(counts, int(statistics.median(sides)) if sides else None)
 
 
-def chosen_rung(params, base) -> tuple[str, Advice | None]:
-    """The rung ``train.strategy`` asks for; with ``auto``, the recommendation for the dataset."""
-    from pipeline import dataset
-
-    if params.train.strategy != "auto":
-        return params.train.strategy, None
-    advice = recommend(summarise(dataset.scan(params.data, base)))
-    return advice.rung, advice
-
-
 def format_advice(advice: Advice) -> str:
-    lines = [f"recommended rung: {advice.rung}  ->  {advice.command}"]
+    lines = [f"recommended rung: {advice.rung}  ->  {advice.command}, or train.strategy: {advice.rung}"]
     lines += [f"  - {reason}" for reason in advice.reasons]
     lines.append(f"  thresholds: head below {TOP_MIN} train images in the smallest class, train-top below "
                  f"{FINETUNE_MIN}, fine-tuning from {FINETUNE_MIN}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.fingerprint import atomic_write_text
-from pipeline.images import IMAGE_SUFFIXES, sniff
+from pipeline.data.decode import IMAGE_SUFFIXES, sniff
 from pipeline.params import DataParams
 
 SPLITS = ("train", "val", "test")

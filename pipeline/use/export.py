@@ -2,8 +2,9 @@
 
 The exported Keras model takes one RGB image of any size, ``(1, H, W, 3)`` uint8 (or a batch of
 same-sized images), and returns class probabilities ``(N, n_classes)``. Inside: ``FitToSize``
-(the features stage's own resize), the frozen backbone with its normalisation, and the head (a
-logistic-regression head is folded into one Dense softmax layer).
+(the features stage's own resize), the frozen part of the backbone with its normalisation, and
+the classifier of the rung params choose (a logistic-regression head is folded into one Dense
+softmax layer; the fine-tuned network is the whole model).
 
 Files in ``export.dir`` (default ``models/``): ``model.keras``, ``saved_model/`` (signature
 ``serve``), ``model.tflite`` (float32), optionally ``model_dynamic.tflite`` or
@@ -20,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import feature_store, trained
+from pipeline import ladder, runtime
+from pipeline.data.decode import ImageError, decode_rgb
 from pipeline.fingerprint import replaced_folder
-from pipeline.images import ImageError, decode_rgb
 from pipeline.params import Params, as_dict
-from pipeline.predict import features_params_of
+from pipeline.training.inputs import iterate
+from pipeline.use.predict import features_params_of
 
 log = logging.getLogger("pipeline.export")
 FORMAT_VERSION = 1
@@ -41,51 +43,50 @@ class ExportResult:
     parity: dict  # format -> {"max_abs_diff" | "top1_agreement", "n_images"}
 
 
-def build_export_model(backbone, head_model, size: int, resize: str):
-    """uint8 (N, H, W, 3) -> probabilities (N, n_classes)."""
-    from pipeline.preprocessing import FitToSize, keras
+def build_export_model(backbone, classifier_model, size: int, resize: str):
+    """uint8 (N, H, W, 3) -> probabilities (N, n_classes): resize, [the frozen backbone,] the classifier."""
+    from pipeline.data.resize_layer import FitToSize, keras
 
     image = keras.Input((None, None, 3), dtype="uint8", name="image")
     x = FitToSize(size, resize, name="fit_to_size")(image)
-    if backbone is not None:  # None: head_model takes the resized image itself (fine-tuned network)
+    if backbone is not None:  # None: the classifier takes the resized image itself (fine-tuned network)
         x = backbone.model(x, training=False)
-    probabilities = head_model(x, training=False)
+    probabilities = classifier_model(x, training=False)
     return keras.Model(image, probabilities, name="classifier")
 
 
 def run(params: Params, base: str | Path = ".") -> ExportResult:
-    from pipeline import backbones
+    from pipeline.backbones import keras_models
 
     base = Path(base)
-    current = trained.load_current(params, base)
-    attrs = current.features_attrs
+    rung, _ = ladder.chosen(params, base)
+    trained = rung.load(params, base)
+    log.info("export: %s", ladder.describe_choice(params, rung))
+    inputs = trained.inputs
+    attrs = inputs.attrs
     f = features_params_of(attrs)
-    backbone = backbones.build(f.backbone, f.weights, f.layer, f.image_size, base / params.paths.cache_dir)
-    if backbone.weights_sha256 != attrs["weights_sha256"]:
-        raise ExportError(f"the backbone's weights differ from those of {current.features_file.name}; "
-                          "run 'make features' and 'make train-head' again")
-    if current.rung == "finetune":  # one network from resized image to probabilities
-        model = build_export_model(None, current.model.image_model(), backbone.input_size, f.resize)
-    else:
-        head_model = current.model.as_keras(tuple(attrs["feature_shape"]))
-        model = build_export_model(backbone, head_model, backbone.input_size, f.resize)
+    size = runtime.input_size(f)
+    backbone = None
+    if inputs.layer != runtime.IMAGE:
+        backbone = keras_models.build(f.backbone, f.weights, inputs.layer, f.image_size, base / params.paths.cache_dir)
+        if backbone.weights_sha256 != attrs["weights_sha256"]:
+            raise ExportError(f"the backbone's weights differ from those of {inputs.path.name}; "
+                              f"run 'make features' and 'make {rung.stage}' again")
+    model = build_export_model(backbone, trained.classifier.as_keras(inputs.shape), size, f.resize)
 
-    samples = _test_samples(params, base, current)
-    if not samples:
-        raise ExportError("no test images to check parity on; set data.test_fraction > 0")
     tolerance = params.export.tolerance
     if attrs["dtype"] == "float16":
         tolerance = max(tolerance, 2e-3)  # the reference itself went through float16 storage
         log.info("export: float16 feature cache; parity tolerance widened to %g", tolerance)
-
     target = base / params.export.dir
     with replaced_folder(target) as tmp:  # moved into place only after parity held
-        files = _write_formats(model, tmp, params, base, current)
-        parity = _check_parity(tmp, model, samples, tolerance, params.export.min_top1_agreement)
-        _write_metadata(tmp, params, base, current, backbone, f, parity)
+        files = _write_formats(model, tmp, params, base, trained, runtime.draft_size(f))
+        parity = _check_parity(tmp, model, _test_samples(params, base, trained, runtime.draft_size(f)), tolerance,
+                               params.export.min_top1_agreement)
+        _write_metadata(tmp, params, base, trained, size, f, parity)
     sizes = {name: _size(target / name) for name in files}
-    for name, size in sizes.items():
-        log.info("export: %-22s %8.1f MB", name, size / 1e6)
+    for name, size_bytes in sizes.items():
+        log.info("export: %-22s %8.1f MB", name, size_bytes / 1e6)
     return ExportResult(target, sizes, parity)
 
 
@@ -96,39 +97,34 @@ def _size(path: Path) -> int:
 @dataclass
 class _Sample:
     path: str
-    pixels: np.ndarray  # (H, W, 3) uint8, as the features stage decoded it
-    reference: np.ndarray  # (n_classes,) the pipeline's probabilities from the cached features
+    pixels: np.ndarray  # (H, W, 3) uint8, decoded as the features stage does
+    reference: np.ndarray  # (n_classes,) the pipeline's probabilities from its own inputs
 
 
-def _test_samples(params: Params, base: Path, current) -> list[_Sample]:
-    """Test images that still have the bytes they were cached with, with the pipeline's answer."""
+def _test_samples(params: Params, base: Path, trained, draft: int):
+    """Yield the test photos that still have the bytes they were cached with, with the pipeline's answer;
+    a batch of test rows at a time (memory does not grow with the test split)."""
     import hashlib
 
-    table = feature_store.read_table(current.features_file)
-    mask = table.splits == "test"
+    inputs = trained.inputs
     root = base / params.data.root
-    size = int(table.attrs["input_size"])
-    samples, changed = [], 0
-    if current.rung == "finetune":
-        reference = current.model.predict_files([root / p for p in table.paths[mask]])
-    else:
-        reference = current.model.predict_proba(table.features[mask])
-    for path, sha, probabilities in zip(table.paths[mask], table.sha256[mask], reference):
-        file = root / path
-        try:
-            if hashlib.sha256(file.read_bytes()).hexdigest() != sha:
+    changed = 0
+    for positions, x in iterate(inputs, "test", 32):
+        reference = trained.classifier.predict_proba(x)
+        for path, sha, probabilities in zip(inputs.paths(positions), inputs.sha256(positions), reference):
+            file = root / path
+            try:
+                if hashlib.sha256(file.read_bytes()).hexdigest() != sha:
+                    changed += 1
+                    continue
+                yield _Sample(path, decode_rgb(file, draft), probabilities)
+            except (OSError, ImageError):
                 changed += 1
-                continue
-            samples.append(_Sample(path, decode_rgb(file, size), probabilities))
-        except (OSError, ImageError):
-            changed += 1
     if changed:
-        log.warning("export: %d test image(s) changed or missing since 'make features'; checked the other %d",
-                    changed, len(samples))
-    return samples
+        log.warning("export: %d test image(s) changed or missing since 'make features'; checked the others", changed)
 
 
-def _write_formats(model, folder: Path, params: Params, base: Path, current) -> list[str]:
+def _write_formats(model, folder: Path, params: Params, base: Path, trained, draft: int) -> list[str]:
     files = ["model.keras", "saved_model", "model.tflite"]
     model.save(folder / "model.keras")
     model.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
@@ -136,29 +132,29 @@ def _write_formats(model, folder: Path, params: Params, base: Path, current) -> 
     quantize = params.export.quantize
     if quantize != "none":
         name = f"model_{quantize}.tflite"
-        (folder / name).write_bytes(_quantized(folder / "saved_model", quantize, params, base, current))
+        (folder / name).write_bytes(_quantized(folder / "saved_model", quantize, params, base, trained, draft))
         files.append(name)
-    (folder / "labels.txt").write_text("\n".join(current.classes) + "\n")
+    (folder / "labels.txt").write_text("\n".join(trained.classes) + "\n")
     return files + ["labels.txt", "model.json"]
 
 
-def _quantized(saved_model: Path, mode: str, params: Params, base: Path, current) -> bytes:
+def _quantized(saved_model: Path, mode: str, params: Params, base: Path, trained, draft: int) -> bytes:
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "int8":
-        table = feature_store.read_table(current.features_file)
-        paths = table.paths[table.splits == "train"]
+        train = trained.inputs.rows("train").positions
         rng = np.random.default_rng(0)
-        chosen = rng.choice(len(paths), size=min(len(paths), params.export.representative_images), replace=False)
-        size = int(table.attrs["input_size"])
+        chosen = np.sort(rng.choice(len(train), size=min(len(train), params.export.representative_images),
+                                    replace=False))
+        paths = trained.inputs.paths(train[chosen])
         root = base / params.data.root
 
         def representative():
-            for i in sorted(chosen):
+            for path in paths:
                 try:
-                    yield [decode_rgb(root / paths[i], size)[None]]
+                    yield [decode_rgb(root / path, draft)[None]]
                 except ImageError:
                     continue
 
@@ -173,7 +169,7 @@ class _Runners:
         import keras
         import tensorflow as tf
 
-        import pipeline.preprocessing  # noqa: F401  (registers FitToSize for loading)
+        import pipeline.data.resize_layer  # noqa: F401  (registers FitToSize for loading)
 
         self.formats = {"keras (in memory)": lambda x: np.asarray(live_model(x, training=False))[0]}
         reloaded = keras.saving.load_model(folder / "model.keras")
@@ -211,29 +207,40 @@ def _tflite_runner(path: Path):
     return run
 
 
-def _check_parity(folder: Path, model, samples: list[_Sample], tolerance: float, min_agreement: float) -> dict:
+def _check_parity(folder: Path, model, samples, tolerance: float, min_agreement: float) -> dict:
+    """Run every test photo through every format and compare with the pipeline's probabilities."""
     runners = _Runners(folder, model)
+    diffs: dict = {name: [] for name in runners.formats}
+    agree: dict = {name: [] for name in runners.formats}
+    seconds = dict.fromkeys(runners.formats, 0.0)
+    paths = []
+    for sample in samples:
+        paths.append(sample.path)
+        for name, runner in runners.formats.items():
+            started = time.perf_counter()
+            output = runner(sample.pixels[None])
+            seconds[name] += time.perf_counter() - started
+            diffs[name].append(float(np.abs(output - sample.reference).max()))
+            agree[name].append(bool(output.argmax() == sample.reference.argmax()))
+    if not paths:
+        raise ExportError("no test images to check parity on; set data.test_fraction > 0")
     report, failures = {}, []
-    for name, runner in runners.formats.items():
-        started = time.perf_counter()
-        outputs = np.stack([runner(s.pixels[None]) for s in samples])
-        references = np.stack([s.reference for s in samples])
-        diff = np.abs(outputs - references).max(axis=1)
-        agree = outputs.argmax(axis=1) == references.argmax(axis=1)
+    for name in runners.formats:
+        diff, same = np.array(diffs[name]), np.array(agree[name])
         quantized = name.startswith(("model_dynamic", "model_int8"))
-        entry = {"n_images": len(samples), "max_abs_diff": float(diff.max()), "top1_agreement": float(agree.mean()),
-                 "seconds": time.perf_counter() - started}
+        entry = {"n_images": len(paths), "max_abs_diff": float(diff.max()), "top1_agreement": float(same.mean()),
+                 "seconds": seconds[name]}
         report[name] = entry
         ok = entry["top1_agreement"] >= min_agreement if quantized else entry["max_abs_diff"] <= tolerance
         if quantized:
             log.info("export: parity %-20s top-1 agreement %.2f%% on %d test images", name,
-                     100 * entry["top1_agreement"], len(samples))
+                     100 * entry["top1_agreement"], len(paths))
         else:
             log.info("export: parity %-20s max |diff| %.2e on %d test images", name, entry["max_abs_diff"],
-                     len(samples))
+                     len(paths))
         if not ok:
-            worst = np.argsort(-diff)[:3] if not quantized else np.flatnonzero(~agree)[:3]
-            names = ", ".join(f"{samples[i].path} ({diff[i]:.2g})" for i in worst)
+            worst = np.argsort(-diff)[:3] if not quantized else np.flatnonzero(~same)[:3]
+            names = ", ".join(f"{paths[i]} ({diff[i]:.2g})" for i in worst)
             limit = f"max |diff| {entry['max_abs_diff']:.2g} > {tolerance:g}" if not quantized else \
                 f"top-1 agreement {100 * entry['top1_agreement']:.1f}% < {100 * min_agreement:g}%"
             failures.append(f"{name}: {limit}; worst: {names}")
@@ -242,28 +249,31 @@ def _check_parity(folder: Path, model, samples: list[_Sample], tolerance: float,
     return report
 
 
-def _write_metadata(folder: Path, params: Params, base: Path, current, backbone, features_params, parity) -> None:
-    metrics_path = base / params.paths.reports_dir / "metrics.json"
+def _write_metadata(folder: Path, params: Params, base: Path, trained, size: int, features_params, parity) -> None:
+    reports = base / params.paths.reports_dir
     metrics = None
-    if metrics_path.is_file():
-        recorded = json.loads(metrics_path.read_text())
-        if recorded.get("head", {}).get("key") == current.key:  # only metrics of this very model
+    try:
+        run_info = json.loads((reports / "run.json").read_text())
+        if run_info.get("model", {}).get("key") == trained.key:  # only metrics of this very model
+            recorded = json.loads((reports / "metrics.json").read_text())
             metrics = {k: recorded[k] for k in ("accuracy", "balanced_accuracy", "n_test")}
-    head_meta = json.loads((current.path / "head.json").read_text())
-    attrs = current.features_attrs
+    except (OSError, ValueError, KeyError):
+        pass
+    meta = trained.meta
+    attrs = trained.inputs.attrs
     description = {
         "format_version": FORMAT_VERSION,
-        "classes": current.classes,
+        "classes": trained.classes,
         "input": {"shape": [None, None, None, 3], "dtype": "uint8", "color": "RGB, upright (EXIF applied)",
                   "note": "one image of any size per call, or a batch of same-sized images"},
-        "output": {"shape": [None, len(current.classes)], "dtype": "float32", "meaning": "class probabilities"},
-        "preprocessing": {"resize": features_params.resize, "input_size": backbone.input_size,
+        "output": {"shape": [None, len(trained.classes)], "dtype": "float32", "meaning": "class probabilities"},
+        "preprocessing": {"resize": features_params.resize, "input_size": size,
                           "method": "box filter by the integer factor side // size, then bilinear",
                           "normalization": attrs["preprocessing"]},
-        "provenance": {"rung": current.rung, "backbone": attrs["backbone"], "weights": attrs["weights"],
-                       "weights_sha256": attrs["weights_sha256"], "layer": attrs["layer"],
-                       "features_key": attrs["key"], "head_key": current.key, "head": head_meta["model"],
-                       "head_params": head_meta["params"], "features_params": as_dict(features_params)},
+        "provenance": {"rung": trained.rung.name, "stage": trained.rung.stage, "backbone": attrs["backbone"],
+                       "weights": attrs["weights"], "weights_sha256": attrs["weights_sha256"],
+                       "layer": trained.inputs.layer, "features_key": attrs["key"], "model_key": trained.key,
+                       "model_params": meta["params"], "features_params": as_dict(features_params)},
         "metrics": metrics,
         "parity": parity,
     }

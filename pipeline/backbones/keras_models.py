@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import efficientnet_lite
-from pipeline.backbones_registry import BACKBONES, BackboneSpec
+from pipeline.backbones import efficientnet_lite
+from pipeline.backbones.registry import BACKBONES, BackboneSpec
 from pipeline.fingerprint import file_sha256
 
 log = logging.getLogger("pipeline.backbones")

@@ -21,21 +21,21 @@ MAX_GALLERY = 60  # misclassified thumbnails on the page, worst first
 THUMBNAIL = 160  # pixels, longer side
 
 
-def append_history(path: Path, metrics: dict) -> tuple[dict | None, dict]:
+def append_history(path: Path, summary: dict) -> tuple[dict | None, dict]:
     """Append this evaluation to history.jsonl; returns (previous entry or None, this entry)."""
     entries = read_history(path)
     entry = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "accuracy": metrics["accuracy"],
-        "balanced_accuracy": metrics["balanced_accuracy"],
-        "n_test": metrics["n_test"],
-        "f1": {c: m["f1"] for c, m in metrics["per_class"].items()},
-        "head": metrics["head"]["model"],
-        "head_key": metrics["head"]["key"],
-        "head_params": metrics["head"]["params"],
-        "backbone": metrics["features"]["backbone"],
-        "layer": metrics["features"]["layer"],
-        "features_key": metrics["features"]["key"],
+        "accuracy": summary["accuracy"],
+        "balanced_accuracy": summary["balanced_accuracy"],
+        "n_test": summary["n_test"],
+        "f1": {c: m["f1"] for c, m in summary["per_class"].items()},
+        "model": summary["model"],
+        "model_key": summary["model_key"],
+        "model_params": summary["model_params"],
+        "backbone": summary["backbone"],
+        "layer": summary["layer"],
+        "features_key": summary["features_key"],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -68,11 +68,13 @@ def diff(previous: dict | None, current: dict) -> str:
         change = f"{new - old:+.4f}" if old is not None else "new"
         old_text = f"{old:.4f}" if old is not None else "-"
         lines.append(f"{name:<{width}}  {old_text:>8}  {new:8.4f}  {change:>8}")
-    if previous.get("head_key") != current["head_key"]:
-        changed = [f"{k}: {previous['head_params'].get(k)} -> {v}" for k, v in current["head_params"].items()
-                   if previous.get("head_params", {}).get(k) != v]
+    if previous.get("model") != current["model"]:
+        lines.append(f"model changed: {previous.get('model')} -> {current['model']}")
+    elif previous.get("model_key") != current["model_key"]:
+        changed = [f"{k}: {previous['model_params'].get(k)} -> {v}" for k, v in current["model_params"].items()
+                   if previous.get("model_params", {}).get(k) != v]
         if changed:
-            lines.append("head settings changed: " + ", ".join(changed))
+            lines.append(f"{current['model']} settings changed: " + ", ".join(changed))
     return "\n".join(lines)
 
 
@@ -199,7 +201,7 @@ def write(reports: Path, data_root: Path, metrics: dict, misclassified: list[dic
                           f"<td>{sum(row.values())}</td></tr>" for c, row in counts.items())
     skipped_rows = "".join(f"<tr><td>{e(s['path'])}</td><td>{e(s['reason'])}</td></tr>" for s in skipped[:200])
     history_rows = "".join(
-        f"<tr><td>{i}</td><td>{e(h['time'])}</td><td>{e(h['head'])}</td><td>{h['accuracy']:.4f}</td>"
+        f"<tr><td>{i}</td><td>{e(h['time'])}</td><td>{e(h.get('model', ''))}</td><td>{h['accuracy']:.4f}</td>"
         f"<td>{h['balanced_accuracy']:.4f}</td><td>{h['n_test']}</td></tr>"
         for i, h in reversed(list(enumerate(history, start=1))))
     page = f"""<!doctype html>
@@ -220,7 +222,7 @@ pre {{ background: #f6f6f6; padding: .8rem; overflow-x: auto; }}
 </style></head>
 <body data-images-loaded="pending">
 <h1>Evaluation report</h1>
-<p class="sub">{e(metrics['head']['model'])} head on {e(provenance['backbone'])} features ({e(provenance['layer'])}),
+<p class="sub">{e(metrics['model'])} model on {e(provenance['backbone'])} activations ({e(provenance['layer'])}),
 {metrics['n_test']} test images, {e(history[-1]['time'] if history else '')}</p>
 <div class="cards">
 <div class="card">accuracy<div class="v" data-metric="accuracy">{metrics['accuracy']:.4f}</div></div>
@@ -240,7 +242,7 @@ pre {{ background: #f6f6f6; padding: .8rem; overflow-x: auto; }}
 <div class="plots"><img src="{_data_uri(plots['training_curves.png'])}" alt="training curves"></div>
 <h2>History</h2>
 <div class="plots"><img src="{_data_uri(plots['history.png'])}" alt="metrics over evaluations"></div>
-<table><tr><th>#</th><th>time</th><th>head</th><th>accuracy</th><th>balanced accuracy</th><th>test images</th></tr>
+<table><tr><th>#</th><th>time</th><th>model</th><th>accuracy</th><th>balanced accuracy</th><th>test images</th></tr>
 {history_rows}</table>
 <h2>Data</h2>
 <table><tr><th>class</th><th>train</th><th>val</th><th>test</th><th>all</th></tr>{counts_rows}</table>

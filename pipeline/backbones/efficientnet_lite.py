@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.torch_pickle import load_legacy_state_dict
+from pipeline.backbones.torch_pickle import load_legacy_state_dict
 
 # (kernel, stride, expand ratio, output filters, repeats) per stage of EfficientNet-B0.
 _STAGES = [(3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),

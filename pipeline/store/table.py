@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.fingerprint import canonical_json
 
-_STR = h5py.string_dtype("utf-8")
+STRING = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 1 << 20
 
 
@@ -37,7 +37,8 @@ class CacheError(RuntimeError):
 
 @dataclass
 class FeatureTable:
-    """The rows of a feature cache, held in memory (features as a numpy array)."""
+    """The rows of a feature cache, held in memory (features as a numpy array). For small caches and
+    whole-table analyses only: training and evaluation read caches in batches (``store.batches``)."""
 
     path: Path
     sha256: np.ndarray  # (N,) str
@@ -158,11 +159,12 @@ def chunk_rows(row_shape: tuple, dtype) -> int:
 
 
 def write_table(path: Path, rows: list[tuple[str, str, str, str]], row_features, row_shape: tuple, dtype: str,
-                attrs: dict, bad: list[tuple[str, str]] = ()) -> None:
+                attrs: dict, bad: list[tuple[str, str]] = (), columns: dict | None = None) -> None:
     """Write a complete cache file at ``path`` (a temporary name; the caller moves it into place).
 
     ``rows``: (sha256, path, label, split), sorted by sha256. ``row_features(start, stop)`` returns
     the (stop - start, *row_shape) features of those rows, so memory stays at one chunk.
+    ``columns``: other small per-row datasets ({name: array with one entry per row}).
     """
     n = len(rows)
     chunk = chunk_rows(row_shape, dtype)
@@ -178,9 +180,12 @@ def write_table(path: Path, rows: list[tuple[str, str, str, str]], row_features,
             data[start:stop] = row_features(start, stop)
         f.create_dataset("sha256", data=np.array([r[0] for r in rows], dtype="S64"))
         for i, name in enumerate(("path", "label", "split"), start=1):
-            f.create_dataset(name, data=np.array([r[i] for r in rows], dtype=object), dtype=_STR)
-        f.create_dataset("bad_sha256", data=np.array([b[0] for b in bad], dtype="S64"))
-        f.create_dataset("bad_reason", data=np.array([b[1] for b in bad], dtype=object), dtype=_STR)
+            f.create_dataset(name, data=np.array([r[i] for r in rows], dtype=object), dtype=STRING)
+        f.create_dataset("bad_sha256", data=np.array([b[0] for b in bad], dtype="S64").reshape(len(bad)))
+        f.create_dataset("bad_reason", data=np.array([b[1] for b in bad], dtype=object).reshape(len(bad)),
+                         dtype=STRING)
+        for name, values in (columns or {}).items():
+            f.create_dataset(name, data=values)
         for name, value in attrs.items():
             f.attrs[name] = value if isinstance(value, (str, int, float)) else json.dumps(value)
         f.attrs["n_rows"] = n

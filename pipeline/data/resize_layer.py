@@ -4,11 +4,17 @@
 float32 in 0..255:
 - ``crop`` first keeps the largest centred square (the shorter side is then scaled to S);
 - each axis is shrunk by an integer factor ``f = max(1, side // S)`` with a box filter (the mean
-  of f x f blocks: the antialiasing), then bilinear interpolation makes it exactly S x S.
+  of f x f blocks);
+- then each axis becomes exactly S, output pixel i covering the source span [i n / S, (i + 1) n / S):
+  by area averaging where it shrinks (the 2 or 3 box pixels under the span, weighted by overlap),
+  by bilinear interpolation (half-pixel centres) where it grows.
+Every output pixel averages the same span of the photo whatever resolution it was decoded at, so
+a JPEG decoded at a reduced DCT scale (the features stage) and decoded whole (an app) end close to
+the same pixels.
 
-Built only from reshape, mean, slicing and bilinear resize, so it converts to TFLite builtins
-(TensorFlow's antialiased resize does not), and the exported model resizes exactly as the
-features stage did. That is what makes export parity hold by construction.
+Built only from reshape, mean, slicing, range arithmetic and gathers, so it converts to TFLite
+builtins (TensorFlow's antialiased resize does not), and the exported model resizes as the
+features stage did. ``data/resize.py`` is its OpenCV twin.
 """
 from __future__ import annotations
 
@@ -46,7 +52,8 @@ class FitToSize(keras.layers.Layer):
         x = x[:, : rows * fy, : cols * fx, :]
         x = tf.reshape(x, tf.stack([shape[0], rows, fy, cols, fx, 3]))
         x = tf.reduce_mean(x, axis=[2, 4])
-        x = tf.image.resize(x, (self.size, self.size), method="bilinear", antialias=False)
+        x = _resample(x, 1, height, self.size)
+        x = _resample(x, 2, width, self.size)
         return tf.ensure_shape(x, [None, self.size, self.size, 3])
 
     def compute_output_shape(self, input_shape):
@@ -54,6 +61,37 @@ class FitToSize(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "size": self.size, "mode": self.mode}
+
+
+def _taps(n, size: int):
+    """``data.resize.taps`` in TensorFlow ops: per output pixel, 3 indices into the box-filtered axis
+    and their weights, (size, 3) int32 and float32, for an axis of ``n`` source pixels."""
+    f = tf.maximum(1, n // size)
+    blocks = n // f
+    r = tf.cast(n, tf.float32) / tf.cast(f * size, tf.float32)
+    i = tf.range(size, dtype=tf.float32)[:, None]
+    k = tf.range(3, dtype=tf.float32)[None, :]
+    start = i * r
+    area_index = tf.floor(start) + k
+    area_weights = tf.maximum(0.0, tf.minimum(start + r, area_index + 1.0) - tf.maximum(start, area_index)) / r
+    source = (i + 0.5) * r - 0.5
+    first = tf.floor(source)
+    fraction = source - first
+    linear_weights = tf.concat([1.0 - fraction, fraction, tf.zeros_like(fraction)], axis=1)
+    shrink = r >= 1.0
+    index = tf.where(shrink, area_index, first + k)
+    weights = tf.where(shrink, area_weights, linear_weights)
+    return tf.clip_by_value(tf.cast(index, tf.int32), 0, blocks - 1), weights
+
+
+def _resample(x, axis: int, n, size: int):
+    """Resize the box-filtered ``x`` (N, H, W, 3) along ``axis`` (1 or 2) to ``size`` pixels; ``n`` is
+    that axis's length before the box filter."""
+    index, weights = _taps(n, size)
+    gathered = tf.gather(x, index, axis=axis)  # the axis becomes (size, 3)
+    shape = [1, 1, 1, 1, 1]
+    shape[axis], shape[axis + 1] = size, 3
+    return tf.reduce_sum(gathered * tf.reshape(weights, shape), axis=axis + 1)
 
 
 def single_image_resizer(size: int, mode: str):

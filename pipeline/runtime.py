@@ -1,0 +1,132 @@
+"""Photos on disk in, the frozen backbone's activations at one layer out: the features stage and
+predict both run photos through here, so a photo is decoded, resized and featurised one way.
+
+``open_backbone`` picks what runs the frozen part (``features.runtime``):
+- ``litert``: LiteRT with XNNPACK, converted once and checked against Keras (``backbones.litert``);
+  the decoding threads resize with OpenCV (``data.resize``), no TensorFlow op in them;
+- ``keras``: the TensorFlow model through a traced call; decoding threads resize with the Keras
+  ``FitToSize`` layer.
+``layer="image"`` is the input itself (decoded and resized, no backbone): the fine-tuned network's input.
+
+``featurise_files`` overlaps decoding (``features.workers`` threads, a bounded window) with the
+backbone, so memory holds a window of decoded photos whatever their number.
+"""
+from __future__ import annotations
+
+import collections
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.backbones.keras_models import weights_fingerprint
+from pipeline.backbones.registry import BACKBONES
+from pipeline.data.decode import ImageError, decode_rgb
+from pipeline.params import FeaturesParams
+
+IMAGE = "image"  # the layer name of the network's input: resized photos, nothing frozen
+
+
+@dataclass
+class ImageRunner:
+    """No backbone: the resized photo is the input (for the fine-tuned network)."""
+
+    input_size: int
+    weights_sha256: str = ""
+
+    @property
+    def feature_shape(self) -> tuple:
+        return (self.input_size, self.input_size, 3)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return images
+
+
+def input_size(f: FeaturesParams) -> int:
+    return f.image_size or BACKBONES[f.backbone].input_size
+
+
+def draft_size(f: FeaturesParams) -> int:
+    """What ``decode_rgb`` may shrink a JPEG to while decoding: the input size with ``decode: draft``,
+    else 0 (the whole photo)."""
+    return input_size(f) if f.decode == "draft" else 0
+
+
+def open_backbone(f: FeaturesParams, cache_dir: Path, layer: str | None = None):
+    """What runs the frozen part up to ``layer`` (default ``f.layer``): ``.predict((B, S, S, 3) float32)
+    -> (B, *feature_shape)``, ``.input_size``, ``.weights_sha256``, ``.feature_shape``."""
+    layer = layer or f.layer
+    if layer == IMAGE:
+        return ImageRunner(input_size(f))
+    if f.runtime == "litert":
+        from pipeline.backbones import litert
+
+        spec = BACKBONES[f.backbone]
+        return litert.LiteRTEngine(f.backbone, weights_fingerprint(spec, f.weights), layer, input_size(f),
+                                   cache_dir, lambda: build_keras(f, cache_dir, layer))
+    return build_keras(f, cache_dir, layer)
+
+
+def build_keras(f: FeaturesParams, cache_dir: Path, layer: str | None = None):
+    """The frozen Keras backbone up to ``layer`` (imports TensorFlow)."""
+    from pipeline.backbones import keras_models
+
+    return keras_models.build(f.backbone, f.weights, layer or f.layer, f.image_size, cache_dir)
+
+
+def resizer(f: FeaturesParams, size: int):
+    """(H, W, 3) uint8 -> (size, size, 3) float32 0..255, the way ``f.runtime`` does it."""
+    if f.runtime == "litert":
+        from pipeline.backbones.litert import keep_freed_memory
+        from pipeline.data.resize import fit_to_size
+
+        keep_freed_memory()  # every photo allocates fresh arrays of about a megabyte
+        return partial(fit_to_size, size=size, mode=f.resize)
+    from pipeline.data.resize_layer import single_image_resizer
+
+    return single_image_resizer(size, f.resize)
+
+
+def decode_file(path: Path, draft: int, resize):
+    """(the backbone's input (S, S, 3) float32, None) or (None, the reason it cannot be used)."""
+    try:
+        return resize(decode_rgb(path, draft)), None
+    except ImageError as error:
+        return None, str(error)
+
+
+def prefetched(function, items, workers: int, window: int):
+    """``map(function, items)`` on a thread pool, in order, with at most ``window`` items in flight."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def featurise_files(paths, runner, f: FeaturesParams):
+    """Yield ``(activations or None, error or None)`` per path, in order."""
+    to_input = resizer(f, runner.input_size)
+    draft = draft_size(f)
+    decoded = prefetched(lambda path: decode_file(path, draft, to_input), paths,
+                         workers=f.workers, window=2 * f.batch_size + f.workers)
+    pending: list = []  # (image or None, error or None), images not yet run
+
+    def flush():
+        images = [image for image, _ in pending if image is not None]
+        # (B, S, S, 3) float32 0..255 -> (B, *feature_shape), inference mode
+        outputs = iter(runner.predict(np.stack(images)) if images else [])
+        results = [(next(outputs), None) if image is not None else (None, error) for image, error in pending]
+        pending.clear()
+        return results
+
+    for item in decoded:
+        pending.append(item)
+        if sum(image is not None for image, _ in pending) == f.batch_size:
+            yield from flush()
+    yield from flush()

@@ -1,0 +1,126 @@
+"""A rung's input rows: what its classifier reads, for training, evaluation, predict and export.
+
+Every rung reads rows of one "layer" of the network, in batches:
+- ``CachedInputs``: activations stored by a features stage (pooled features for the head, the
+  cut point's activations for train-top), read from HDF5 a batch at a time (``store.batches``);
+- ``ImageInputs``: the photos themselves, decoded and resized exactly as in the features stage,
+  for the fine-tuned network (its rows, labels and splits are those of the pooled cache).
+
+Both have the same face: ``layer``, ``shape`` (one row's), ``classes``, ``identity`` (the content
+hash a rung's cache key depends on), ``rows(split)``, ``plan(rows, ...)``, ``read(positions)``,
+``paths(positions)``, ``position_of`` (sha256 -> row, for predict). Memory: one batch of rows plus a
+per-row index of a few bytes, whatever the number of photos.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.data.decode import ImageError, decode_rgb
+from pipeline.store import batches, table
+from pipeline.store.batches import SplitRows
+
+
+class CachedInputs:
+    """Rows of a feature cache file; ``missing`` is the error text when there is none."""
+
+    def __init__(self, path: Path, missing: str | None = None):
+        if missing and not path.is_file():
+            raise table.CacheError(missing)
+        self.path = path
+        self.attrs = table.read_attrs(path)
+        self.classes = list(self.attrs["classes"])
+        self.layer = str(self.attrs["layer"])
+        self.shape = tuple(int(d) for d in self.attrs["feature_shape"])
+        self.identity = str(self.attrs["content_hash"])
+        self._reader: batches.FeatureReader | None = None
+
+    @property
+    def reader(self) -> batches.FeatureReader:
+        if self._reader is None:
+            self._reader = batches.FeatureReader(self.path)
+        return self._reader
+
+    def rows(self, split: str) -> SplitRows:
+        with h5py.File(self.path, "r") as f:
+            return batches.split_rows(f, split, self.classes)
+
+    def plan(self, rows: SplitRows, batch_size: int, shuffle: bool = False, seed: int = 0) -> list[np.ndarray]:
+        return batches.plan(rows.positions, batch_size, self.reader.chunk_rows, shuffle, seed)
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        """(B, *shape) float32."""
+        return self.reader.read(positions)
+
+    def paths(self, positions: np.ndarray) -> list[str]:
+        return _column(self.path, "path", positions)
+
+    def sha256(self, positions: np.ndarray) -> list[str]:
+        return _column(self.path, "sha256", positions)
+
+    def position_of(self) -> dict[str, int]:
+        """{sha256: row} of every row (for predict: photos already in the cache)."""
+        with h5py.File(self.path, "r") as f:
+            return {sha: i for i, sha in enumerate(f["sha256"].asstr()[...].tolist())}
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+class ImageInputs(CachedInputs):
+    """The photos listed in a feature cache, decoded and resized to ``input_size`` (the network's input)."""
+
+    layer_name = "image"
+
+    def __init__(self, path: Path, root: Path, input_size: int, resize, draft_size: int = 0,
+                 missing: str | None = None, workers: int = 2):
+        super().__init__(path, missing)
+        self.layer = self.layer_name
+        self.shape = (input_size, input_size, 3)
+        self.root = root
+        self.input_size = input_size
+        self.draft_size = draft_size
+        self.resize = resize  # (H, W, 3) uint8 -> (S, S, 3) float32
+        self.workers = workers
+        self.chunk_rows = 1
+
+    def plan(self, rows: SplitRows, batch_size: int, shuffle: bool = False, seed: int = 0) -> list[np.ndarray]:
+        return batches.plan(rows.positions, batch_size, 1, shuffle, seed, window=len(rows) or 1)
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        """(B, S, S, 3) float32 0..255, decoded on ``workers`` threads."""
+        files = [self.root / p for p in self.paths(positions)]
+        with ThreadPoolExecutor(self.workers) as pool:
+            images = list(pool.map(self._load, files))
+        return np.stack(images) if images else np.zeros((0, *self.shape), np.float32)
+
+    def _load(self, file: Path) -> np.ndarray:
+        try:
+            return self.resize(decode_rgb(file, self.draft_size))
+        except ImageError as error:
+            raise table.CacheError(f"{file} changed since 'make features' ({error}); run it again") from None
+
+
+def _column(path: Path, name: str, positions: np.ndarray) -> list[str]:
+    positions = np.asarray(positions, dtype=np.int64)
+    if not len(positions):
+        return []
+    order = np.argsort(positions, kind="stable")
+    unique, inverse = np.unique(positions[order], return_inverse=True)
+    with h5py.File(path, "r") as f:
+        values = f[name].asstr()[unique.tolist()] if len(unique) > 1 else [f[name].asstr()[int(unique[0])]]
+    out = np.empty(len(positions), dtype=object)
+    out[order] = np.asarray(values, dtype=object)[inverse]
+    return out.tolist()
+
+
+def iterate(inputs, split: str, batch_size: int):
+    """Yield ``(positions, x)`` for every row of ``split``, in file order."""
+    rows = inputs.rows(split)
+    for positions in inputs.plan(rows, batch_size):
+        yield positions, inputs.read(positions)

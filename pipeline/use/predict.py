@@ -1,0 +1,159 @@
+"""Command `predict`: top-k labels for new photos, with the model params choose (``train.strategy``).
+
+Photos already in the model's input cache (same bytes) reuse their cached row; others go through
+the same runtime as the features stage (``pipeline.runtime``): decoded and resized the same way,
+then the backbone up to the layer the model reads (nothing more for the fine-tuned network).
+Photos are handled ``BATCH`` at a time, so memory does not grow with their number.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import ladder, runtime
+from pipeline.data.decode import sniff
+from pipeline.params import FeaturesParams, Params
+
+log = logging.getLogger("pipeline.predict")
+BATCH = 256  # photos per step
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[str] = field(default_factory=list)  # best first
+    probabilities: list[float] = field(default_factory=list)
+    cached: bool = False
+    error: str | None = None
+
+
+def expand(inputs) -> list[Path]:
+    """Files as given, folders walked (sorted, hidden files skipped). A missing path stays in the
+    list so that it is reported."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            for current, dirs, names in os.walk(item):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files += [Path(current) / n for n in sorted(names) if not n.startswith(".")]
+        else:
+            files.append(item)
+    return files
+
+
+def run(params: Params, base: str | Path, inputs, top_k: int | None = None) -> list[Prediction]:
+    """Top-k labels for every photo under ``inputs`` (files or folders) with the model params choose."""
+    base = Path(base)
+    rung, _ = ladder.chosen(params, base)
+    trained = rung.load(params, base)
+    log.info("predict: %s", ladder.describe_choice(params, rung))
+    top_k = min(top_k or params.predict.top_k, len(trained.classes))
+    files = expand(inputs)
+    if not files:
+        raise FileNotFoundError(f"no files under {', '.join(map(str, inputs))}")
+    predictions = [Prediction(str(path)) for path in files]
+    shas = [_identify(path, prediction) for path, prediction in zip(files, predictions)]
+    cached = trained.inputs.position_of()
+    runner = None
+    for start in range(0, len(files), BATCH):
+        chunk = range(start, min(len(files), start + BATCH))
+        rows: dict[int, np.ndarray] = {}
+        hits = [i for i in chunk if shas[i] in cached]
+        if hits:
+            for i, row in zip(hits, trained.inputs.read(np.array([cached[shas[i]] for i in hits]))):
+                rows[i] = row
+                predictions[i].cached = True
+        todo = [i for i in chunk if shas[i] is not None and i not in rows]
+        if todo:
+            runner = runner or _runner(trained, params, base)
+            f = features_params_of(trained.inputs.attrs)
+            for i, (row, error) in zip(todo, runtime.featurise_files([files[i] for i in todo], runner, f)):
+                if row is None:
+                    predictions[i].error = error
+                else:
+                    rows[i] = row
+        if rows:
+            order = sorted(rows)
+            proba = trained.classifier.predict_proba(np.stack([rows[i] for i in order]).astype(np.float32))
+            for i, row in zip(order, proba):
+                _fill(predictions[i], row, trained.classes, top_k)
+    n_cached = sum(p.cached for p in predictions)
+    n_done = sum(bool(p.labels) for p in predictions)
+    log.info("predict: %d photo(s), %d from the cache, %d through the %s, %d unreadable", len(files), n_cached,
+             n_done - n_cached, "backbone" if trained.inputs.layer != runtime.IMAGE else "fine-tuned network",
+             sum(p.error is not None for p in predictions))
+    return _logged(predictions)
+
+
+def _identify(path: Path, prediction: Prediction) -> str | None:
+    """The sha256 of a photo's bytes, or None with the reason recorded."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        prediction.error = f"cannot read: {error.strerror or error}"
+        return None
+    if sniff(data[:32]) is None:
+        prediction.error = "not an image (unrecognised content)"
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
+def _runner(trained, params: Params, base: Path):
+    """What turns a new photo into the model's input: the backbone up to the inputs' layer."""
+    attrs = trained.inputs.attrs
+    runner = runtime.open_backbone(features_params_of(attrs), base / params.paths.cache_dir, trained.inputs.layer)
+    if trained.inputs.layer != runtime.IMAGE and runner.weights_sha256 != attrs["weights_sha256"]:
+        raise RuntimeError(f"the backbone's weights differ from those of {trained.inputs.path.name}; "
+                           f"run 'make features' and 'make {trained.rung.stage}' again")
+    return runner
+
+
+def _fill(prediction: Prediction, probabilities: np.ndarray, classes: list[str], top_k: int) -> None:
+    order = np.argsort(-probabilities)[:top_k]
+    prediction.labels = [classes[j] for j in order]
+    prediction.probabilities = [float(probabilities[j]) for j in order]
+
+
+def _logged(predictions: list[Prediction]) -> list[Prediction]:
+    for prediction in predictions:
+        if prediction.error:
+            log.warning("predict: skipped %s: %s", prediction.path, prediction.error)
+    return predictions
+
+
+def features_params_of(attrs: dict) -> FeaturesParams:
+    """The features settings a cache was made with, from its own attributes."""
+    return FeaturesParams(**attrs["params"])
+
+
+def format_predictions(predictions: list[Prediction], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps([
+            {"path": p.path, "cached": p.cached, "error": p.error,
+             "predictions": [{"label": label, "probability": round(prob, 6)}
+                             for label, prob in zip(p.labels, p.probabilities)]}
+            for p in predictions], indent=2)
+    k = max((len(p.labels) for p in predictions), default=0)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", *[f"{what}_{j + 1}" for j in range(k) for what in ("label", "p")], "error"])
+        for p in predictions:
+            cells = [v for label, prob in zip(p.labels, p.probabilities) for v in (label, f"{prob:.6f}")]
+            writer.writerow([p.path, *cells, *[""] * (2 * k - len(cells)), p.error or ""])
+        return buffer.getvalue().rstrip("\n")
+    width = max([len(p.path) for p in predictions] + [4])
+    lines = [f"{'path':<{width}}  prediction"]
+    for p in predictions:
+        text = ("  ".join(f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probabilities))
+                if not p.error else f"skipped: {p.error}")
+        lines.append(f"{p.path:<{width}}  {text}")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""The stage declaration and everything derived from it; the package's import graph."""
+import ast
+import json
+import re
+
+import pytest
+import yaml
+
+from pipeline import cli as cli_mod, graph, ladder
+from pipeline.stages import features, train_head
+
+from conftest import ROOT, cli, make_dataset, make_params
+
+
+def test_generated_files_are_current():
+    assert (ROOT / "dvc.yaml").read_text() == graph.render_dvc_yaml(), "run 'python -m pipeline dvc-yaml'"
+    assert (ROOT / "stages.mk").read_text() == graph.render_makefile(), "run 'python -m pipeline makefile'"
+
+
+def test_cli_make_and_dvc_list_the_declared_stages():
+    names = [s.name for s in graph.STAGES]
+    assert names == ["features", "top-features", "train-head", "train-top", "finetune", "evaluate"]
+    subcommands = cli_mod._parser()._subparsers._group_actions[0].choices
+    assert set(names) | {"train"} <= set(subcommands)
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(dvc) == names
+    targets = re.findall(r"^([a-z-]+): setup ## ", (ROOT / "stages.mk").read_text(), re.M)
+    assert targets == [*names, "train"]
+    assert "include stages.mk" in (ROOT / "Makefile").read_text()
+
+
+def test_dvc_stages_read_exactly_their_params():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert dvc["train-head"]["params"] == [f"train_head.{k}" for k in (
+        "model", "class_weight", "seed", "C", "search_C", "C_grid", "cv_folds", "max_iter", "learning_rate",
+        "epochs", "batch_size", "l2", "dropout", "patience", "hidden_units")] + ["train.strategy"]
+    assert "features.batch_size" not in dvc["features"]["params"]  # speed only: not a reason to rerun
+    assert not any(p.startswith("train_head") for name, s in dvc.items() if name != "train-head" for p in s["params"])
+    assert dvc["train-top"]["deps"][0] == "${paths.cache_dir}/top_features"
+    assert "${paths.cache_dir}/top_features" not in [next(iter(o)) for o in dvc["features"]["outs"]]
+    for name in ("top-features", "train-head", "train-top", "finetune"):
+        assert dvc[name]["cmd"].endswith("--if-chosen")  # gated: trains only when train.strategy chooses it
+
+
+def test_clean_cache_removes_the_declared_folders(project):
+    params = make_params(project)
+    features.run(params, project)
+    train_head.run(params, project)
+    (project / "params.yaml").write_text(json.dumps({"data": {"root": "photos", "train_fraction": 0.6,
+                                                              "val_fraction": 0.2, "test_fraction": 0.2},
+                                                     "features": {"backbone": "tiny"}}))
+    out = cli(project, "clean-cache")
+    assert out.returncode == 0
+    assert sorted(p.name for p in (project / "cache").iterdir()) == []
+
+
+def test_the_chain_follows_the_strategy(project):
+    head = [s.name for s in graph.chain("evaluate", make_params(project), project)]
+    assert head == ["features", "train-head", "evaluate"]
+    top = [s.name for s in graph.chain("evaluate", make_params(project, train={"strategy": "top"}), project)]
+    assert top == ["top-features", "train-top", "evaluate"]
+    named = [s.name for s in graph.chain("train-top", make_params(project), project)]
+    assert named == ["top-features", "train-top"]  # asked by name: it runs whatever the strategy
+
+
+def test_a_gated_stage_does_nothing_unless_chosen(tmp_path):
+    make_dataset(tmp_path / "photos", per_class=6)
+    (tmp_path / "params.yaml").write_text("data: {root: photos, train_fraction: 0.6, val_fraction: 0.2, "
+                                          "test_fraction: 0.2}\nfeatures: {backbone: tiny}\n")
+    out = cli(tmp_path, "train-top", "--if-chosen")
+    assert out.returncode == 0
+    assert "train-top: not chosen, nothing to do (rung head (train-head), chosen by train.strategy: head" in out.stderr
+    assert (tmp_path / "cache" / "train_top").is_dir() and not any((tmp_path / "cache" / "train_top").iterdir())
+
+
+def _imports(path):
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):  # function-level imports included
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("pipeline"):
+            deps.add(node.module)
+            deps.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            deps.update(alias.name for alias in node.names if alias.name.startswith("pipeline"))
+    return module, deps
+
+
+def test_no_import_cycles_in_the_package():
+    modules = dict(_imports(path) for path in (ROOT / "pipeline").rglob("*.py"))
+    graph_ = {m: {d for d in deps if d in modules and d != m} for m, deps in modules.items()}
+    cycles = []
+
+    def visit(module, stack):
+        if module in stack:
+            cycles.append(stack[stack.index(module):] + [module])
+            return
+        for dep in sorted(graph_[module]):
+            visit(dep, stack + [module])
+
+    for module in sorted(graph_):
+        visit(module, [])
+        if cycles:
+            break
+    assert not cycles, " -> ".join(cycles[0])
+
+
+def test_predict_does_not_use_the_features_stage():
+    assert "pipeline.stages.features" not in _imports(ROOT / "pipeline" / "use" / "predict.py")[1]
+    assert not [d for d in _imports(ROOT / "pipeline" / "runtime.py")[1] if d.startswith("pipeline.stages")]
+
+
+@pytest.mark.parametrize("rung", list(ladder.RUNGS.values()), ids=list(ladder.RUNGS))
+def test_every_rung_has_its_stage_section_and_folder(rung):
+    stage = graph.BY_NAME[rung.stage]
+    assert stage.entry == rung.train and stage.cache_folders == (rung.section,)
+    assert rung.section in graph.params_keys((rung.section,))[0]
+
+
+@pytest.mark.parametrize("module", ["use/predict.py", "use/export.py", "use/compare.py", "stages/evaluate.py"])
+def test_users_of_a_model_never_branch_on_the_rung(module):
+    tree = ast.parse((ROOT / "pipeline" / module).read_text(encoding="utf-8"))
+    rung_names = set(ladder.RUNGS)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            compared = [n.value for n in (node.left, *node.comparators) if isinstance(n, ast.Constant)]
+            assert not rung_names & set(compared), f"{module}:{node.lineno} compares with a rung's name"
