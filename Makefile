@@ -11,7 +11,7 @@ SET    ?=
 RUN    := $(PY) -m pipeline
 ARGS   := --params $(PARAMS) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup setup-ray demo all advise compare predict export test bench clean-cache
+.PHONY: help setup setup-ray demo all advise compare inspect predict export test bench clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ advise: setup ## which rung suits this dataset (head, train-top, fine-tuning), w
 
 compare: setup ## the rungs trained for these params side by side on the test split
 	$(RUN) compare $(ARGS)
+
+inspect: features ## likely label errors, near-duplicates (and leaks between splits), outliers; reads the cache only
+	$(RUN) inspect $(ARGS)
 
 predict: setup ## labels for new photos: make predict IMAGES="photo.jpg folder/" [FORMAT=csv|json]
 	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="photo.jpg folder/"'; exit 2; }

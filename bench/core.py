@@ -88,7 +88,7 @@ def bench_dataset(name: str, repeats: int) -> dict:
                  "softmax (Keras)": ["--set", "train_head.model=softmax"]}
         out["accuracy"] = {}
         for label, extra in heads.items():
-            run_stage(project, "evaluate", *extra)
+            run_stage(project, "evaluate", "--with-upstream", *extra)
             metrics = json.loads((project / "reports" / "metrics.json").read_text())
             out["accuracy"][label] = {"accuracy": metrics["accuracy"],
                                       "balanced_accuracy": metrics["balanced_accuracy"], "n_test": metrics["n_test"]}

@@ -5,9 +5,11 @@
 Trains the default pipeline (EfficientNet-Lite0 + logreg) on a shared dataset in a temporary
 project, exports it twice (dynamic-range and int8 quantised TFLite beside the float formats),
 then times each format in this process on the dataset's own JPEGs, decoded beforehand:
-- latency: one image at its own size (about 500 x 375), the resize inside the model included;
-  median over --runs images;
-- throughput: batches of 32 images of 224 x 224, images per second, median of 5 batches.
+- latency: one photo at its own size (about 500 x 375), median over --runs photos; and one
+  phone-sized photo (4032 x 3024, made by bench/_photos.py), median over 10: the resize inside
+  the model is part of it;
+- throughput: batches of 32 of the photos resized beforehand to 224 x 224 (the resize does nothing)
+  and to 500 x 375 (it does its work), images per second, median of 5 batches.
 Results: a Markdown table on stdout and bench/results/export.json.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def cli(project: Path, *args: str) -> None:
@@ -45,14 +48,16 @@ def main() -> None:
     root = DATASETS / args.dataset
     if not root.is_dir():
         raise SystemExit(f"no {root}; this benchmark needs the shared photo datasets")
-    from pipeline.export import _tflite_runner
-    from pipeline.images import decode_rgb
+    from PIL import Image
+
+    from _photos import make_phone_images
+    from pipeline.data.decode import decode_rgb
+    from pipeline.use.export import _tflite_runner
 
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
         (project / "params.yaml").write_text(json.dumps({"data": {"root": str(root)}}))
-        cli(project, "features")
-        cli(project, "train-head")
+        cli(project, "train-head", "--with-upstream")
         cli(project, "export", "--set", "export.quantize=dynamic", "--set", "export.dir=models_dynamic")
         cli(project, "export", "--set", "export.quantize=int8", "--set", "export.dir=models")
         folder = project / "models"
@@ -62,14 +67,18 @@ def main() -> None:
             "parity"]["model_dynamic.tflite"]
 
         files = sorted(p for p in root.rglob("*.jpg"))[: args.runs]
-        singles = [decode_rgb(p, 224)[None] for p in files]
-        batch = np.stack([np.asarray(s[0][:224, :224]) for s in singles[:32] if s.shape[1] >= 224 and s.shape[2] >= 224])
-        batch = np.concatenate([batch] * (32 // len(batch) + 1))[:32]
+        singles = [decode_rgb(p)[None] for p in files]
+        phones = [decode_rgb(p)[None] for p in sorted(make_phone_images(200).rglob("*.jpg"))[:10]]
+
+        def same_size_batch(width, height):
+            return np.stack([np.asarray(Image.fromarray(s[0]).resize((width, height))) for s in singles[:32]])
+
+        batches = {"224x224": same_size_batch(224, 224), "500x375": same_size_batch(500, 375)}
 
         import keras
         import tensorflow as tf
 
-        import pipeline.preprocessing  # noqa: F401
+        import pipeline.data.resize_layer  # noqa: F401
 
         keras_model = keras.saving.load_model(folder / "model.keras")
         traced = tf.function(lambda x: keras_model(x, training=False), reduce_retracing=True)
@@ -87,32 +96,39 @@ def main() -> None:
         results = {}
         for name, run in runners.items():
             run(singles[0]), run(singles[1])  # warm up (tracing, allocation)
-            latencies = []
-            for image in singles:
-                started = time.perf_counter()
-                run(image)
-                latencies.append(time.perf_counter() - started)
-            run(batch)
-            throughputs = []
-            for _ in range(5):
-                started = time.perf_counter()
+            latency = {}
+            for label, images in (("photo", singles), ("phone", phones)):
+                run(images[0])
+                times = []
+                for image in images:
+                    started = time.perf_counter()
+                    run(image)
+                    times.append(time.perf_counter() - started)
+                latency[label] = 1000 * statistics.median(times)
+            throughput = {}
+            for label, batch in batches.items():
                 run(batch)
-                throughputs.append(len(batch) / (time.perf_counter() - started))
+                rates = []
+                for _ in range(5):
+                    started = time.perf_counter()
+                    run(batch)
+                    rates.append(len(batch) / (time.perf_counter() - started))
+                throughput[label] = statistics.median(rates)
             key = name.split(" ")[0]
-            agreement = parity.get(key, {})
-            results[name] = {"latency_ms_median": 1000 * statistics.median(latencies),
-                             "batch32_images_per_second_median": statistics.median(throughputs),
-                             "size_mb": sizes[name] / 1e6, "parity": agreement}
+            results[name] = {"latency_ms_median": latency, "batch32_images_per_second_median": throughput,
+                             "size_mb": sizes[name] / 1e6, "parity": parity.get(key, {})}
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "export.json").write_text(json.dumps(results, indent=2))
-    print("| format | size MB | latency, 1 image (ms, median) | batch of 32 (img/s, median) | parity on the test split |")
-    print("|---|---|---|---|---|")
+    print("| format | size MB | latency, 1 photo ~500x375 (ms) | latency, 1 photo 4032x3024 (ms) "
+          "| batch of 32 at 224x224 (img/s) | batch of 32 at 500x375 (img/s) | parity on the test split |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         p = r["parity"]
         check = (f"max diff {p['max_abs_diff']:.1e}" if "dynamic" not in name and "int8" not in name
                  else f"top-1 agreement {100 * p['top1_agreement']:.1f}%") if p else ""
-        print(f"| {name} | {r['size_mb']:.1f} | {r['latency_ms_median']:.1f} | "
-              f"{r['batch32_images_per_second_median']:.0f} | {check} |")
+        lat, thr = r["latency_ms_median"], r["batch32_images_per_second_median"]
+        print(f"| {name} | {r['size_mb']:.1f} | {lat['photo']:.1f} | {lat['phone']:.1f} | {thr['224x224']:.0f} | "
+              f"{thr['500x375']:.0f} | {check} |")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATASETS = ROOT.parent / "shared" / "datasets"
 
-from pipeline import evaluate, feature_store, features, finetune, params as params_mod, train_head, train_top  # noqa: E402
+from pipeline import params as params_mod  # noqa: E402
+from pipeline.stages import evaluate, features, finetune, train_head, train_top  # noqa: E402
+from pipeline.store import table as feature_store  # noqa: E402
 
 
 def epoch_seconds(model, x, y, epochs=3) -> float:
@@ -65,21 +67,21 @@ def main() -> None:
         out["cache"]["pooled (float32)"] = pooled.path.stat().st_size / pooled.n_rows / 1e3
         for cut in args.cut_points:
             p = params_mod.build({"data": {"root": str(root)}, "train_top": {"cut_point": cut}}, "bench")
-            result = features.run(train_top.cut_params(p), base)
+            result = features.run_top(p, base)
             shape = feature_store.read_attrs(result.path)["feature_shape"]
             out["cache"][f"{cut} {tuple(shape)} (float16, gzip)"] = result.path.stat().st_size / result.n_rows / 1e3
 
         # 2. epoch time: cached activations vs the frozen layers run every epoch
         import keras
 
-        from pipeline import backbones
-        from pipeline.images import decode_rgb
-        from pipeline.preprocessing import single_image_resizer
+        from pipeline.backbones import keras_models as backbones
+        from pipeline.data.decode import decode_rgb
+        from pipeline.data.resize_layer import single_image_resizer
 
         out["speed"] = []
         for cut in args.cut_points:
             p = params_mod.build({"data": {"root": str(root)}, "train_top": {"cut_point": cut}}, "bench")
-            table = feature_store.read_table(features.cache_file(train_top.cut_params(p), base))
+            table = feature_store.read_table(features.top_cache_file(p, base))
             x_cut, labels, paths = table.select("train")
             classes = sorted(set(labels))
             y = np.array([classes.index(c) for c in labels])
@@ -89,7 +91,7 @@ def main() -> None:
                                              keras.layers.Dense(len(classes), activation="softmax")])
             cached = epoch_seconds(cached_model, x_cut, y)
             resize = single_image_resizer(224, "squash")
-            images = np.stack([resize(decode_rgb(root / path, 224)) for path in paths])
+            images = np.stack([resize(decode_rgb(root / path)) for path in paths])
             frozen = keras.Model(full.model.input, full.model.get_layer(cut).output)
             frozen.trainable = False
             end_to_end = keras.Sequential([keras.Input((224, 224, 3)), frozen, top,
@@ -108,18 +110,13 @@ def main() -> None:
         for cut in args.cut_points:
             setups[f"train-top above {cut}"] = ({"train_top": {"cut_point": cut}}, "top")
         setups["finetune (2 + 2 epochs)"] = ({"finetune": {"epochs_head": 2, "epochs_all": 2}}, "finetune")
+        stages = {"head": train_head.run, "top": train_top.run, "finetune": finetune.run}
         for label, (overrides, rung) in setups.items():
-            p = params_mod.build({"data": {"root": str(root)}, **overrides}, "bench")
-            if rung == "top":
-                train_head.run(p, base)  # the warm start for the softmax
-                model = train_top.run(p, base).model
-            elif rung == "finetune":
-                train_head.run(p, base)
-                model = finetune.run(p, base).model
-            else:
-                model = train_head.run(p, base).head
-            metrics = evaluate.run(p, base).metrics
-            assert metrics["rung"] == rung
+            p = params_mod.build({"data": {"root": str(root)}, "train": {"strategy": rung}, **overrides}, "bench")
+            model = stages[rung](p, base).classifier
+            result = evaluate.run(p, base)
+            assert result.run["rung"] == rung
+            metrics = result.metrics
             out["rungs"][label] = {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
                                    "n_test": metrics["n_test"], "fit_seconds": model.history.get("fit_seconds"),
                                    "epochs": model.history.get("epochs_run")}

@@ -1,84 +1,119 @@
-"""Feature extraction speed against the way a Keras user would do it, and memory as data grows.
+"""Feature extraction speed against the way a Keras user would do it, the machine's ceiling, and memory.
 
     .venv/bin/python bench/speed.py [--repeats 3] [--phone-images 200]
 
-Image sets, all under ../shared/datasets/dogs_vs_cats_1k:
-- ordinary: the 1,000 JPEGs as they are (about 500 x 375);
-- phone: the first --phone-images of them upscaled to 4032 x 3024 with mild noise (sigma 3, so
-  they compress and decode like real photos rather than smooth upscales) and re-encoded as JPEG
-  quality 92; made by this benchmark into bench/.phone_images (git-ignored).
-Per set and repeat, in separate processes and in alternating order:
-- naive: keras.utils.image_dataset_from_directory + model.predict on the same Keras backbone;
-- pipeline (keras): `features.run` on an empty cache, files on disk to HDF5;
-- pipeline (litert): the same with features.runtime=litert.
-Every process builds the backbone from the same converted weights, and the times exclude only
-interpreter start and imports. Then: an incremental run adding 10 images to the 1,000 (vs the full
-run), and peak memory of the features stage at 1,000 and 4,000 images (3,000 made by flipping and
-re-encoding). Medians; Markdown on stdout, JSON in bench/results/speed.json.
+Every method is a whole process, timed from start to exit: imports, loading the backbone,
+listing and hashing, decoding, the backbone, writing. All are *warm* alike: the one-time
+conversions of a machine are made beforehand into one weights folder that every run starts with
+(the Keras weights converted from the .pth, which the naive way loads too; the verified LiteRT
+file), and nothing else is cached (an empty feature cache). Peak memory is the process's own.
+
+Methods, per image set, in alternating order, --repeats times, medians:
+- naive: ``keras.utils.image_dataset_from_directory`` + ``model.predict`` (bench/_naive.py);
+- pipeline (keras): ``python -m pipeline features --set features.runtime=keras``;
+- pipeline (litert): ``python -m pipeline features`` (the default);
+- pipeline (litert, decode: draft): large JPEGs decoded at a reduced DCT scale (phone-sized set).
+Image sets: the 1,000 dogs-vs-cats JPEGs (~500 x 375); phone-sized: the first --phone-images
+upscaled to 4032 x 3024 with mild noise, JPEG quality 92 (bench/_photos.py).
+
+Also: the ceiling, the LiteRT backbone alone (random inputs made beforehand, 1 and 2 threads,
+batch 1 and 32) and the stage's in-stage rate as a share of it; an incremental run adding 10
+photos to the cached 1,000; peak memory at 1,000 and 4,000 photos (3,000 flipped re-encodes).
+Results: Markdown on stdout and bench/results/speed.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT.parent / "shared" / "datasets" / "dogs_vs_cats_1k"
-ONCE = ROOT / "bench" / "_features_once.py"
+sys.path.insert(0, str(ROOT / "bench"))
+from _photos import SOURCE, make_phone_images  # noqa: E402
+from _run import run_measured  # noqa: E402
 
 
-def measure(*args: str) -> dict:
-    """Run _features_once.py; its JSON plus the process's peak RSS in MB."""
-    env = {**os.environ, "TQDM_DISABLE": "1"}
+def measure_naive(root: Path, cache: Path) -> dict:
+    env = {**os.environ, "TQDM_DISABLE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen([sys.executable, str(ONCE), *args], stdout=out, stderr=err, env=env, text=True)
+        process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_naive.py"), str(root), str(cache)],
+                                   stdout=out, stderr=err, env=env, text=True)
         _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
     if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{args} failed:\n{stderr[-3000:]}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_mb"] = usage.ru_maxrss / 1024
-    return result
+        raise SystemExit(f"naive failed:\n{stderr[-3000:]}")
+    return {"seconds": seconds, "peak_mb": usage.ru_maxrss / 1024,
+            "images": json.loads(stdout.strip().splitlines()[-1])["images"]}
 
 
-def warm_cache(cache: Path) -> None:
-    """Converted weights (and LiteRT files) made once, copied into every fresh cache."""
-    measure("pipeline", str(SOURCE), str(cache), "features.runtime=litert")
-    measure("pipeline", str(SOURCE), str(cache / "k"), "features.runtime=keras")
-    shutil.rmtree(cache / "features"), shutil.rmtree(cache / "k")
+def project_for(root: Path, work: Path, warm: Path, **features) -> Path:
+    """A fresh project on ``root`` whose cache holds only the machine's converted weights."""
+    project = Path(tempfile.mkdtemp(dir=work))
+    (project / "cache").mkdir()
+    shutil.copytree(warm, project / "cache" / "weights")
+    (project / "params.yaml").write_text(json.dumps({"data": {"root": str(root)}, "features": features}))
+    return project
 
 
-def fresh_cache(warm: Path, into: Path) -> Path:
-    shutil.copytree(warm / "weights", into / "weights")
-    return into
+def measure_pipeline(root: Path, work: Path, warm: Path, **features) -> dict:
+    project = project_for(root, work, warm, **features)
+    result = run_measured(project, "features")
+    stage = re.search(r"featurised (\d+) image\(s\) in ([\d.]+) s", result["stderr"])
+    shutil.rmtree(project)
+    return {"seconds": result["seconds"], "peak_mb": result["peak_mb"], "images": int(stage.group(1)),
+            "in_stage_images_per_second": int(stage.group(1)) / float(stage.group(2))}
 
 
-def make_phone_images(count: int) -> Path:
-    folder = ROOT / "bench" / ".phone_images"
-    marker = folder / f".complete-{count}"
-    if marker.exists():
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    rng = np.random.default_rng(0)
+def warm_weights(work: Path) -> Path:
+    """Convert once (the .pth to Keras weights; Keras to a verified LiteRT file) into one folder."""
+    project = Path(tempfile.mkdtemp(dir=work))
+    small = project / "photos"
     for label in ("cats", "dogs"):
-        (folder / label).mkdir(parents=True)
-        for path in sorted((SOURCE / label).iterdir())[: count // 2]:
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image).convert("RGB").resize((4032, 3024), Image.BICUBIC)
-            pixels = np.asarray(image, np.float32) + rng.normal(0, 3, (3024, 4032, 3)).astype(np.float32)
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / label / path.name, quality=92)
-    marker.touch()
-    return folder
+        (small / label).mkdir(parents=True)
+        for path in sorted((SOURCE / label).iterdir())[:8]:
+            shutil.copy(path, small / label / path.name)
+    (project / "params.yaml").write_text(json.dumps({"data": {"root": "photos"}}))
+    run_measured(project, "features")
+    run_measured(project, "features", "--set", "features.runtime=keras")
+    return project / "cache" / "weights"
+
+
+def ceiling(tflite: Path, seconds: float = 8.0) -> dict:
+    """Images per second of the LiteRT backbone alone, on inputs made beforehand."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    out = {}
+    rng = np.random.default_rng(0)
+    for threads in (1, 2):
+        for batch in (1, 32):
+            interpreter = Interpreter(model_path=str(tflite), num_threads=threads)
+            index = interpreter.get_input_details()[0]["index"]
+            interpreter.resize_tensor_input(index, (batch, 224, 224, 3))
+            interpreter.allocate_tensors()
+            x = rng.uniform(0, 255, (batch, 224, 224, 3)).astype(np.float32)
+            interpreter.set_tensor(index, x)
+            interpreter.invoke()  # warm up
+            done, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                interpreter.set_tensor(index, x)
+                interpreter.invoke()
+                done += batch
+            out[f"{threads} thread(s), batch {batch}"] = done / (time.perf_counter() - started)
+    return out
 
 
 def link_tree(target: Path, sources: list[tuple[str, Path]]) -> Path:
@@ -89,7 +124,7 @@ def link_tree(target: Path, sources: list[tuple[str, Path]]) -> Path:
 
 
 def variants(target: Path, copies: int) -> Path:
-    """The 1,000 images plus `copies - 1` re-encoded variants of each (new bytes, same photo)."""
+    """The 1,000 photos plus `copies - 1` re-encoded variants of each (new bytes, same photo)."""
     for label in ("cats", "dogs"):
         (target / label).mkdir(parents=True)
         for path in sorted((SOURCE / label).iterdir()):
@@ -111,23 +146,24 @@ def main() -> None:
         raise SystemExit(f"no {SOURCE}; this benchmark needs the shared photo datasets")
     results: dict = {"sets": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        warm = tmp / "warm"
-        warm_cache(warm)
-        sets = {"ordinary JPEGs (~500x375), 1,000": SOURCE,
-                f"phone-sized JPEGs (4032x3024, made here), {args.phone_images}": make_phone_images(args.phone_images)}
-        for name, root in sets.items():
-            runs: dict = {"naive": [], "pipeline (keras)": [], "pipeline (litert)": []}
+        work = Path(tmp)
+        warm = warm_weights(work)
+        tflite = next(p for p in warm.glob("*-pooled-224.tflite"))
+        results["ceiling"] = ceiling(tflite)
+        sets = {"ordinary JPEGs (~500x375), 1,000": (SOURCE, False),
+                f"phone-sized JPEGs (4032x3024, made here), {args.phone_images}":
+                    (make_phone_images(args.phone_images), True)}
+        for name, (root, phone) in sets.items():
+            methods = {"naive": lambda r: measure_naive(r, warm_copy(work, warm)),
+                       "pipeline (keras)": lambda r: measure_pipeline(r, work, warm, runtime="keras"),
+                       "pipeline (litert)": lambda r: measure_pipeline(r, work, warm)}
+            if phone:
+                methods["pipeline (litert, decode: draft)"] = lambda r: measure_pipeline(r, work, warm, decode="draft")
+            runs: dict = {how: [] for how in methods}
             for repeat in range(args.repeats):
-                order = list(runs) if repeat % 2 == 0 else list(reversed(runs))
+                order = list(methods) if repeat % 2 == 0 else list(reversed(methods))
                 for how in order:
-                    cache = fresh_cache(warm, tmp / f"c-{len(os.listdir(tmp))}")
-                    if how == "naive":
-                        runs[how].append(measure("naive", str(root), str(cache)))
-                    else:
-                        runtime = "litert" if "litert" in how else "keras"
-                        runs[how].append(measure("pipeline", str(root), str(cache), f"features.runtime={runtime}"))
-                    shutil.rmtree(cache)
+                    runs[how].append(methods[how](root))
             summary = {}
             for how, values in runs.items():
                 seconds = statistics.median(v["seconds"] for v in values)
@@ -135,49 +171,62 @@ def main() -> None:
                                 "images_per_second": values[0]["images"] / seconds,
                                 "peak_mb_median": statistics.median(v["peak_mb"] for v in values),
                                 "runs_seconds": [v["seconds"] for v in values]}
-            for how in ("pipeline (keras)", "pipeline (litert)"):
+                if "in_stage_images_per_second" in values[0]:
+                    summary[how]["in_stage_images_per_second"] = statistics.median(
+                        v["in_stage_images_per_second"] for v in values)
+            for how in summary:
                 summary[how]["ratio_to_naive"] = summary[how]["images_per_second"] / summary["naive"]["images_per_second"]
             results["sets"][name] = summary
 
-        # Incremental: 10 new images on top of a cached 1,000.
-        runtime = "features.runtime=" + os.environ.get("BENCH_RUNTIME", "litert")
-        root = link_tree(tmp / "incremental", [(l, p) for l in ("cats", "dogs") for p in sorted((SOURCE / l).iterdir())])
-        cache = fresh_cache(warm, tmp / "incremental-cache")
-        full = measure("pipeline", str(root), str(cache), runtime)
+        # Incremental: 10 new photos on top of a cached 1,000.
+        root = link_tree(work / "incremental", [(l, p) for l in ("cats", "dogs") for p in sorted((SOURCE / l).iterdir())])
+        project = project_for(root, work, warm)
+        full = run_measured(project, "features")
         for i, path in enumerate(sorted((SOURCE / "cats").iterdir())[:10]):
             with Image.open(path) as image:
                 ImageOps.flip(image.convert("RGB")).save(root / "cats" / f"new_{i}.jpg", quality=90)
-        added = measure("pipeline", str(root), str(cache), runtime)
-        hit = measure("pipeline", str(root), str(cache), runtime)
+        added = run_measured(project, "features")
+        hit = run_measured(project, "features")
         results["incremental"] = {"full_seconds": full["seconds"], "add_10_seconds": added["seconds"],
-                                  "new": added["new"], "ratio": added["seconds"] / full["seconds"],
-                                  "nothing_changed_seconds": hit["seconds"]}
+                                  "ratio": added["seconds"] / full["seconds"], "nothing_changed_seconds": hit["seconds"]}
 
-        # Memory at 1,000 and 4,000 images.
+        # Memory at 1,000 and 4,000 photos.
         memory = {}
         for copies in (1, 4):
-            root = variants(tmp / f"mem-{copies}", copies)
-            cache = fresh_cache(warm, tmp / f"mem-cache-{copies}")
-            run = measure("pipeline", str(root), str(cache), runtime)
+            root = variants(work / f"mem-{copies}", copies)
+            run = measure_pipeline(root, work, warm)
             memory[run["images"]] = {"peak_mb": run["peak_mb"], "seconds": run["seconds"]}
         results["memory"] = memory
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "speed.json").write_text(json.dumps(results, indent=2))
 
-    print("| image set | method | images/s (median) | ratio to naive | peak MB |")
-    print("|---|---|---|---|---|")
+    best = max(results["ceiling"].values())
+    print("LiteRT backbone alone (EfficientNet-Lite0, 224 px, inputs made beforehand), images/s: " +
+          ", ".join(f"{k} {v:.0f}" for k, v in results["ceiling"].items()))
+    print()
+    print("| image set | method | images/s, whole process (median) | ratio to naive | in stage img/s "
+          "| share of the ceiling | peak MB |")
+    print("|---|---|---|---|---|---|---|")
     for name, summary in results["sets"].items():
         for how, s in summary.items():
-            ratio = f"{s['ratio_to_naive']:.2f}x" if "ratio_to_naive" in s else "1.00x"
-            print(f"| {name} | {how} | {s['images_per_second']:.1f} | {ratio} | {s['peak_mb_median']:.0f} |")
+            stage = s.get("in_stage_images_per_second")
+            cells = (f"{stage:.1f} | {100 * stage / best:.0f}%" if stage else "- | -")
+            print(f"| {name} | {how} | {s['images_per_second']:.1f} | {s['ratio_to_naive']:.2f}x | {cells} | "
+                  f"{s['peak_mb_median']:.0f} |")
     inc = results["incremental"]
-    print(f"\nincremental ({runtime}): full run over 1,000 images {inc['full_seconds']:.1f} s; adding 10 "
+    print(f"\nincremental: full run over 1,000 photos {inc['full_seconds']:.1f} s; adding 10 "
           f"{inc['add_10_seconds']:.2f} s ({100 * inc['ratio']:.1f}% of the full run); nothing changed "
-          f"{inc['nothing_changed_seconds']:.2f} s")
+          f"{inc['nothing_changed_seconds']:.2f} s (whole processes)")
     sizes = sorted(results["memory"])
-    print(f"peak memory ({runtime}): " + ", ".join(f"{n:,} images {results['memory'][n]['peak_mb']:.0f} MB"
-                                                 for n in sizes)
+    print("peak memory: " + ", ".join(f"{n:,} photos {results['memory'][n]['peak_mb']:.0f} MB" for n in sizes)
           + f" (ratio {results['memory'][sizes[-1]]['peak_mb'] / results['memory'][sizes[0]]['peak_mb']:.3f})")
+
+
+def warm_copy(work: Path, warm: Path) -> Path:
+    """A cache folder holding the machine's converted weights, for the naive way."""
+    cache = Path(tempfile.mkdtemp(dir=work))
+    shutil.copytree(warm, cache / "weights")
+    return cache
 
 
 if __name__ == "__main__":

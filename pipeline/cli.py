@@ -19,6 +19,7 @@ COMMANDS = {  # commands that are not stages: name -> help
     "all": "features, the rung train.strategy chooses, and evaluate (= evaluate --with-upstream)",
     "advise": "recommend a rung of the ladder for this dataset, with the reasons",
     "compare": "the trained rungs side by side on the test split",
+    "inspect": "likely label errors, near-duplicates (and leakage), outliers, from the feature cache",
     "predict": "top-k labels for photos (files or folders) with the model train.strategy chooses",
     "export": "write the chosen model as .keras, SavedModel and TFLite, after checking it answers like the pipeline",
     "clean-cache": "delete every cached artifact (the stages' cache folders, converted weights, file index)",
@@ -63,8 +64,9 @@ def _expected_errors() -> tuple[type, ...]:
     from pipeline.stages.features import BadDataError
     from pipeline.store.table import CacheError
     from pipeline.training.contract import TrainingError
+    from pipeline.use.inspect import InspectError
 
-    return (params_mod.ParamsError, DatasetError, CacheError, BadDataError, TrainingError, EvaluationError,
+    return (params_mod.ParamsError, DatasetError, CacheError, BadDataError, TrainingError, EvaluationError, InspectError,
             FileNotFoundError, RuntimeError, ValueError)
 
 
@@ -128,6 +130,11 @@ def _dispatch(args) -> int:
         from pipeline.use import compare
 
         print(compare.run(params, base))
+        return 0
+    if args.command == "inspect":
+        from pipeline.use import inspect
+
+        print(inspect.run(params, base).text)
         return 0
     if args.command == "clean-cache":
         cache = base / params.paths.cache_dir

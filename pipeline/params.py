@@ -27,9 +27,10 @@ class ParamsError(ValueError):
         super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
 
 
-def _meta(default, *, key: bool = True, model: str | None = None, **constraints):
-    """A field with cache-key metadata and pydantic constraints."""
-    return Field(default, json_schema_extra={"key": key, "model": model}, **constraints)
+def _meta(default, *, key: bool = True, model: str | None = None, output: bool = False, **constraints):
+    """A field with cache-key metadata and pydantic constraints. ``output``: not in the cache file's key,
+    yet it changes what the stage writes (so DVC must rerun the stage when it changes)."""
+    return Field(default, json_schema_extra={"key": key, "model": model, "output": output}, **constraints)
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -52,6 +53,7 @@ class DataParams:
     val_fraction: float = Field(0.15, ge=0.0, le=1.0)
     test_fraction: float = Field(0.15, ge=0.0, le=1.0)
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)  # fail when more images than this are unreadable
+    group_near_duplicates: bool = False  # put each group of near-duplicate photos into one split (no leakage)
 
     def __post_init__(self):
         total = self.train_fraction + self.val_fraction + self.test_fraction
@@ -73,6 +75,11 @@ class FeaturesParams:
     decode: Literal["full", "draft"] = "full"
     dtype: Literal["float32", "float16"] = "float32"  # storage dtype of the cached activations
     runtime: Literal["keras", "litert"] = "litert"  # what runs the frozen backbone: LiteRT is ~2x faster, same features
+    # int8: a full-integer LiteRT backbone calibrated on up to 200 train photos, checked against float before use
+    precision: Literal["float32", "int8"] = "float32"
+    # the views cached per photo; heads train on their mean, predict and export average the same views.
+    # Adding hflip later featurises only the mirrored view of the photos already cached.
+    views: tuple[Literal["original", "hflip"], ...] = _meta(("original",), key=False, output=True)
     batch_size: int = _meta(32, key=False, gt=0)
     workers: int = _meta(2, key=False, gt=0)  # image-decoding threads
     commit_every: int = _meta(256, key=False, gt=0)  # images per committed part: the most an interruption loses
@@ -80,6 +87,13 @@ class FeaturesParams:
     def __post_init__(self):
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if self.precision == "int8" and self.runtime != "litert":
+            raise ValueError("precision: int8 runs on LiteRT; set features.runtime: litert")
+        if not self.views or self.views[0] != "original" or len(set(self.views)) != len(self.views):
+            raise ValueError("views: a list that starts with original, each view once, e.g. [original, hflip]")
+        if len(self.views) > 1 and self.layer != "pooled":
+            raise ValueError("views beyond original need layer: pooled (a mirrored photo's spatial map is not the "
+                             "map mirrored)")
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -148,6 +162,15 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True, config=_CONFIG)
+class InspectParams:
+    folds: int = Field(5, ge=2)  # K-fold logistic regression for out-of-fold probabilities (fewer for small classes)
+    C: float = Field(1.0, gt=0)  # of that logistic regression
+    outliers: float = Field(0.01, gt=0, le=1)  # share of photos listed as outliers, the least typical first
+    near_duplicate_threshold: float | None = Field(None, gt=-1, le=1)  # cosine similarity; null: calibrated
+    thumbnails: int = Field(24, ge=0)  # photos shown per finding on the report page
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class PredictParams:
     top_k: int = Field(3, gt=0)  # labels listed per image
     format: Literal["table", "csv", "json"] = "table"
@@ -172,6 +195,7 @@ class Params:
     train_top: TrainTopParams = TrainTopParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    inspect: InspectParams = InspectParams()
     predict: PredictParams = PredictParams()
     export: ExportParams = ExportParams()
 
@@ -292,7 +316,8 @@ def key_fields(section) -> dict:
 
 def key_field_names(cls) -> list[str]:
     """The fields of a section class that can change its stage's output (for any ``model``)."""
-    return [f.name for f in dataclasses.fields(cls) if _field_extra(cls, f.name).get("key", True)]
+    return [f.name for f in dataclasses.fields(cls)
+            if _field_extra(cls, f.name).get("key", True) or _field_extra(cls, f.name).get("output")]
 
 
 def _field_extra(cls, name: str) -> dict:

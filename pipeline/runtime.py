@@ -27,6 +27,9 @@ from pipeline.data.decode import ImageError, decode_rgb
 from pipeline.params import FeaturesParams
 
 IMAGE = "image"  # the layer name of the network's input: resized photos, nothing frozen
+# The views of a photo that the features stage can cache, applied to the resized input (S, S, 3);
+# the exported model applies the same ones (``use.export``).
+VIEWS = {"original": lambda image: image, "hflip": lambda image: image[:, ::-1]}
 
 
 @dataclass
@@ -54,9 +57,11 @@ def draft_size(f: FeaturesParams) -> int:
     return input_size(f) if f.decode == "draft" else 0
 
 
-def open_backbone(f: FeaturesParams, cache_dir: Path, layer: str | None = None):
+def open_backbone(f: FeaturesParams, cache_dir: Path, layer: str | None = None, calibration=None):
     """What runs the frozen part up to ``layer`` (default ``f.layer``): ``.predict((B, S, S, 3) float32)
-    -> (B, *feature_shape)``, ``.input_size``, ``.weights_sha256``, ``.feature_shape``."""
+    -> (B, *feature_shape)``, ``.input_size``, ``.weights_sha256``, ``.feature_shape``.
+    ``calibration``: for ``precision: int8``, a function giving the photos to calibrate on (the
+    features stage's; the converted model is kept, so it is called once)."""
     layer = layer or f.layer
     if layer == IMAGE:
         return ImageRunner(input_size(f))
@@ -65,8 +70,26 @@ def open_backbone(f: FeaturesParams, cache_dir: Path, layer: str | None = None):
 
         spec = BACKBONES[f.backbone]
         return litert.LiteRTEngine(f.backbone, weights_fingerprint(spec, f.weights), layer, input_size(f),
-                                   cache_dir, lambda: build_keras(f, cache_dir, layer))
+                                   cache_dir, lambda: build_keras(f, cache_dir, layer), f.precision, calibration)
     return build_keras(f, cache_dir, layer)
+
+
+def calibration_photos(f: FeaturesParams, files: list[Path]):
+    """A function giving the first ``INT8_CALIBRATION_PHOTOS`` of ``files`` that decode, resized as the
+    backbone's input: the int8 conversion's calibration set."""
+    from pipeline.backbones.litert import INT8_CALIBRATION_PHOTOS
+
+    def images():
+        to_input, draft, made = resizer(f, input_size(f)), draft_size(f), []
+        for file in files:
+            image, _ = decode_file(file, draft, to_input)
+            if image is not None:
+                made.append(image)
+            if len(made) == INT8_CALIBRATION_PHOTOS:
+                break
+        return made
+
+    return images
 
 
 def build_keras(f: FeaturesParams, cache_dir: Path, layer: str | None = None):
@@ -109,8 +132,8 @@ def prefetched(function, items, workers: int, window: int):
             yield pending.popleft().result()
 
 
-def featurise_files(paths, runner, f: FeaturesParams):
-    """Yield ``(activations or None, error or None)`` per path, in order."""
+def featurise_files(paths, runner, f: FeaturesParams, views=("original",)):
+    """Yield ``((len(views), *feature_shape) activations or None, error or None)`` per path, in order."""
     to_input = resizer(f, runner.input_size)
     draft = draft_size(f)
     decoded = prefetched(lambda path: decode_file(path, draft, to_input), paths,
@@ -119,8 +142,13 @@ def featurise_files(paths, runner, f: FeaturesParams):
 
     def flush():
         images = [image for image, _ in pending if image is not None]
-        # (B, S, S, 3) float32 0..255 -> (B, *feature_shape), inference mode
-        outputs = iter(runner.predict(np.stack(images)) if images else [])
+        # (B * V, S, S, 3) float32 0..255 -> (B, V, *feature_shape), inference mode
+        if images:
+            batch = np.stack([VIEWS[view](image) for image in images for view in views])
+            activations = runner.predict(batch)
+            outputs = iter(activations.reshape(len(images), len(views), *activations.shape[1:]))
+        else:
+            outputs = iter([])
         results = [(next(outputs), None) if image is not None else (None, error) for image, error in pending]
         pending.clear()
         return results

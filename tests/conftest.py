@@ -67,28 +67,46 @@ def _quiet_tqdm(monkeypatch):
 
 
 class CountingBackbone:
-    """Wraps ``runtime.open_backbone``: counts the backbones set up and the photos they were asked to run."""
+    """Wraps ``runtime.open_backbone``: counts the backbones set up and the photos they were asked to run
+    (the near-duplicate calibration's copies apart: ``calibration_images``)."""
 
     def __init__(self, monkeypatch):
         from pipeline import runtime
+        from pipeline.stages import features
 
         self.builds = 0
         self.images = 0
+        self.calibration_images = 0
+        self.calibrating = False
         real = runtime.open_backbone
 
         def open_backbone(*args, **kwargs):
-            self.builds += 1
+            calibrating = self.calibrating
+            self.builds += not calibrating
             runner = real(*args, **kwargs)
             original = runner.predict
 
             def counting_predict(x):
-                self.images += len(x)
+                if calibrating:
+                    self.calibration_images += len(x)
+                else:
+                    self.images += len(x)
                 return original(x)
 
             object.__setattr__(runner, "predict", counting_predict)
             return runner
 
+        real_calibrated = features._calibrated
+
+        def calibrated(*args, **kwargs):
+            self.calibrating = True
+            try:
+                return real_calibrated(*args, **kwargs)
+            finally:
+                self.calibrating = False
+
         monkeypatch.setattr(runtime, "open_backbone", open_backbone)
+        monkeypatch.setattr(features, "_calibrated", calibrated)
 
 
 def cli(cwd, *args, timeout=300, env=None):

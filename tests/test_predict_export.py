@@ -180,10 +180,10 @@ def test_a_failed_parity_check_leaves_the_previous_export_as_it_was(trained_proj
     before = folder_digest(trained_project / "models")
     real_build = export.build_export_model
 
-    def wrong_normalisation(backbone, head_model, size, resize):
+    def wrong_normalisation(*args):
         import keras
 
-        model = real_build(backbone, head_model, size, resize)
+        model = real_build(*args)
         image = keras.Input((None, None, 3), dtype="uint8")
         darker = keras.layers.Rescaling(0.8)(keras.layers.Rescaling(1.0)(image))  # a preprocessing mismatch
         return keras.Model(image, model(keras.ops.cast(darker, "uint8")))

@@ -24,22 +24,18 @@ from pipeline.fingerprint import atomic_write_text, file_sha256
 log = logging.getLogger("pipeline.litert")
 
 TOLERANCE = 1e-4  # max |LiteRT - Keras| over the check images, relative to the largest activation (if > 1)
+INT8_MIN_COSINE = 0.95  # int8: the least cosine similarity to the float features accepted on any check image
+INT8_CALIBRATION_PHOTOS = 200  # int8: train photos whose activations set the quantisation ranges
 THREADS = 2
 
 
 def interpreter(path: Path, threads: int = THREADS):
     from ai_edge_litert.interpreter import Interpreter
 
-    return Interpreter(model_path=str(path), num_threads=threads)
+    from pipeline.tf_import import quiet
 
-
-def _export(model, path: Path) -> Path:
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.tflite")
-        model.export(str(tmp), format="litert", verbose=False)
-        os.replace(tmp, path)
-    return path
+    with quiet():
+        return Interpreter(model_path=str(path), num_threads=threads)
 
 
 class LiteRTBackbone:
@@ -55,8 +51,11 @@ class LiteRTBackbone:
         # One image per call: XNNPACK on 2 cores ran Lite0 at 192 img/s with batch 1 and 158 with
         # batch 32 (measured here), so batching only costs memory.
         if self.batch is None:
-            self.interpreter.resize_tensor_input(self.input, (1, *images.shape[1:]))
-            self.interpreter.allocate_tensors()
+            from pipeline.tf_import import quiet
+
+            with quiet():  # XNNPACK announces itself here
+                self.interpreter.resize_tensor_input(self.input, (1, *images.shape[1:]))
+                self.interpreter.allocate_tensors()
             self.batch = 1
         rows = []
         for image in images:
@@ -67,20 +66,32 @@ class LiteRTBackbone:
 
 
 class LiteRTEngine:
-    """The backbone on LiteRT, converted once per (backbone, weights, layer, size) into
+    """The backbone on LiteRT, converted once per (backbone, weights, layer, size, precision) into
     ``cache/weights/``. Its first use checks it against Keras on the first batch of real images and
     writes a sidecar JSON; later runs load the verified file without building the Keras model or
-    importing TensorFlow (that keeps small incremental runs cheap)."""
+    importing TensorFlow (that keeps small incremental runs cheap).
+
+    ``precision="int8"``: a full-integer model (int8 weights and activations, float input and output),
+    its quantisation ranges calibrated on ``calibration()``: up to ``INT8_CALIBRATION_PHOTOS`` of the
+    user's train photos, (S, S, 3) float32 each. Checked against the float Keras model by the cosine
+    similarity of each check image's features; refused below ``INT8_MIN_COSINE``."""
 
     def __init__(self, name: str, weights_fingerprint: str, layer: str, input_size: int, cache_dir: Path,
-                 build_keras):
+                 build_keras, precision: str = "float32", calibration=None):
         stem = f"{name}-{weights_fingerprint.split(':')[-1][:16]}-{layer}-{input_size}"
+        if precision == "int8":
+            stem += "-int8"
         self.path = cache_dir / "weights" / f"{stem}.tflite"
         self.sidecar = cache_dir / "weights" / f"{stem}.verified.json"
         self.input_size = input_size
+        self.precision = precision
+        self.calibration = calibration
         self.keras = None
         info = self._verified()
         if info is None:
+            if precision == "int8" and calibration is None:
+                raise RuntimeError(f"the int8 backbone {self.path.name} is calibrated on your train photos by the "
+                                   "features stage; run 'make features' first")
             self.keras = build_keras()  # a Backbone
             self._convert()
             self.weights_sha256 = self.keras.weights_sha256
@@ -104,8 +115,30 @@ class LiteRTEngine:
             self.path.unlink()  # not verified: convert again rather than trust it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.tflite")
-        self.keras.model.export(str(tmp), format="litert", verbose=False)
+        from pipeline.tf_import import quiet
+
+        with quiet():
+            if self.precision == "int8":
+                tmp.write_bytes(self._int8())
+            else:
+                self.keras.model.export(str(tmp), format="litert", verbose=False)
         os.replace(tmp, self.path)
+
+    def _int8(self) -> bytes:
+        import tempfile
+
+        import tensorflow as tf
+
+        images = list(self.calibration())
+        log.info("features: converting the backbone to int8, calibrated on %d train photos (once)", len(images))
+        self.calibrated_on = len(images)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.keras.model.export(f"{tmp}/saved_model", format="tf_saved_model", verbose=False)
+            converter = tf.lite.TFLiteConverter.from_saved_model(f"{tmp}/saved_model")
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = lambda: ([image[None].astype(np.float32)] for image in images)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]  # every op in int8
+            return converter.convert()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         if self.keras is not None:
@@ -113,18 +146,36 @@ class LiteRTEngine:
         return self.runner.predict(images)
 
     def _check(self, samples: np.ndarray) -> None:
-        """Max |LiteRT - Keras| over ``samples``; RuntimeError above TOLERANCE, else the sidecar."""
+        """Float: max |LiteRT - Keras| over ``samples``, RuntimeError above TOLERANCE. Int8: the cosine
+        similarity of each sample's features to the float ones, RuntimeError below INT8_MIN_COSINE.
+        Else the sidecar, so that later runs trust the file without TensorFlow."""
         expected = self.keras.predict(samples)
-        difference = float(np.abs(expected - self.runner.predict(samples)).max())
-        limit = TOLERANCE * max(1.0, float(np.abs(expected).max()))
-        if not difference <= limit:
-            raise RuntimeError(f"the LiteRT backbone differs from Keras by {difference:.2g} (> {limit:.2g}) on "
-                               "sample images; set features.runtime: keras")
-        log.info("features: LiteRT backbone matches Keras within %.1e on %d images", difference, len(samples))
-        atomic_write_text(self.sidecar, json.dumps({
-            "tflite_sha256": file_sha256(self.path), "weights_sha256": self.weights_sha256,
-            "feature_shape": list(self.feature_shape), "max_abs_difference": difference,
-            "checked_images": int(len(samples)), "tolerance": TOLERANCE}, indent=2))
+        got = self.runner.predict(samples)
+        record = {"tflite_sha256": file_sha256(self.path), "weights_sha256": self.weights_sha256,
+                  "feature_shape": list(self.feature_shape), "checked_images": int(len(samples)),
+                  "precision": self.precision}
+        if self.precision == "int8":
+            a, b = expected.reshape(len(samples), -1), got.reshape(len(samples), -1)
+            cosine = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+            worst = float(cosine.min())
+            if not worst >= INT8_MIN_COSINE:
+                self.path.unlink(missing_ok=True)
+                raise RuntimeError(f"the int8 backbone's features differ from the float ones (cosine similarity "
+                                   f"{worst:.3f} < {INT8_MIN_COSINE} on a check photo); set features.precision: "
+                                   "float32")
+            log.info("features: int8 backbone checked against float on %d photos: cosine similarity min %.4f, "
+                     "median %.4f", len(samples), worst, float(np.median(cosine)))
+            record.update({"min_cosine": worst, "median_cosine": float(np.median(cosine)),
+                           "threshold": INT8_MIN_COSINE, "calibration_photos": getattr(self, "calibrated_on", None)})
+        else:
+            difference = float(np.abs(expected - got).max())
+            limit = TOLERANCE * max(1.0, float(np.abs(expected).max()))
+            if not difference <= limit:
+                raise RuntimeError(f"the LiteRT backbone differs from Keras by {difference:.2g} (> {limit:.2g}) on "
+                                   "sample images; set features.runtime: keras")
+            log.info("features: LiteRT backbone matches Keras within %.1e on %d images", difference, len(samples))
+            record.update({"max_abs_difference": difference, "tolerance": TOLERANCE})
+        atomic_write_text(self.sidecar, json.dumps(record, indent=2))
         self.keras = None
 
 

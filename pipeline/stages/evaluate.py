@@ -130,11 +130,23 @@ def run(params: Params, base: str | Path = ".") -> EvaluateResult:
         report.read_history(reports / "history.jsonl"),
         provenance={**run_info["features"], "model": run_info["model"], "data_root": params.data.root,
                     "params": {name: as_dict(getattr(params, name)) for name in SECTIONS}},
-        counts=_counts(trained), skipped=_read_skipped(features.skipped_csv(params, base)))
+        counts=_counts(trained), skipped=_read_skipped(features.skipped_csv(params, base)),
+        quality=report.data_quality_section(reports, base / params.data.root, _content_hash(params, base),
+                                            params.inspect.thumbnails))
     text = format_table(metrics, classes, result["confusion"]) + "\n\n" + report.diff(previous_entry, entry)
     log.info("evaluate: accuracy %.4f, balanced accuracy %.4f on %d test images; wrote %s and %s",
              metrics["accuracy"], metrics["balanced_accuracy"], metrics["n_test"], metrics_path, page)
     return EvaluateResult(metrics, run_info, metrics_path, text)
+
+
+def _content_hash(params: Params, base: Path) -> str | None:
+    """The features stage's cache content, which 'make inspect' findings must be from to be shown."""
+    from pipeline.store import table
+
+    try:
+        return table.read_attrs(features.cache_file(params, base))["content_hash"]
+    except (table.CacheError, KeyError):
+        return None
 
 
 def _read_json(path: Path) -> dict | None:

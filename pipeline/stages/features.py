@@ -36,6 +36,7 @@ from pipeline.data import scan as scan_mod
 from pipeline.data.decode import DECODE_METHODS
 from pipeline.fingerprint import RunRecord, atomic_write_text, os_reason, stage_key, temp_path_for
 from pipeline.params import FeaturesParams, Params, as_dict, key_fields
+from pipeline.quality import near_duplicates
 from pipeline.store import parts as parts_mod
 from pipeline.store import table
 from pipeline.store.table import CacheError
@@ -79,8 +80,10 @@ def key_params(f: FeaturesParams) -> dict:
 
 
 def top_settings(params: Params) -> FeaturesParams:
-    """The features settings of train-top's input: activations at the cut point, stored as float16."""
-    return dataclasses.replace(params.features, layer=params.train_top.cut_point, dtype="float16")
+    """The features settings of train-top's input: activations at the cut point, stored as float16, of
+    the photo as it is (a mirrored view's spatial map is not the same map mirrored)."""
+    return dataclasses.replace(params.features, layer=params.train_top.cut_point, dtype="float16",
+                               views=("original",))
 
 
 def cache_key(f: FeaturesParams) -> str:
@@ -161,25 +164,36 @@ def _update(params: Params, base: Path, f: FeaturesParams, data, key: str, out: 
         stale.unlink(missing_ok=True)  # temporary files of a run that was killed
     old_rows, old_bad, old_attrs = _read_existing(out, key, stage)
     parts = parts_mod.read(parts_dir, key)
-    cached = set(old_rows) | set(parts.rows)
+    cached = set(old_rows) | parts.shas()
     known_bad = {**old_bad, **parts.bad}
     todo = [r for r in data.records if r.sha256 not in cached and r.sha256 not in known_bad]
+    # views asked for that cached rows lack (features.views grew): only those views are computed
+    old_views = set(table.stored_views(old_attrs)) if old_rows else set()
+    missing_views = {view: [r for r in data.records if r.sha256 in cached and not parts.has(r.sha256, table.view_dataset(view))
+                            and (view not in old_views or r.sha256 not in old_rows)]
+                     for view in f.views if view != "original"}
+    jobs = [(todo, tuple(f.views))] + [(records, (view,)) for view, records in missing_views.items() if records]
 
     meta = {"weights_sha256": parts.meta.get("weights_sha256", old_attrs.get("weights_sha256", "")),
             "feature_shape": parts.meta.get("feature_shape", tuple(old_attrs.get("feature_shape", ())))}
     if todo:
         log.info("%s: %d new image(s) to featurise (%d cached)", stage, len(todo), len(cached))
-        meta = _featurise(todo, params, base, f, data.root, parts_dir, key, stage)
+    for records, views in jobs[1:]:
+        log.info("%s: view %s of %d cached image(s) to featurise (features.views)", stage, views[0], len(records))
+    if any(records for records, _ in jobs):
+        meta = _featurise(jobs, params, base, f, data.root, parts_dir, key, stage)
         parts.close()
         parts = parts_mod.read(parts_dir, key)
         known_bad = {**old_bad, **parts.bad}
     try:
-        return _commit(params, f, data, key, out, old_rows, old_bad, parts, known_bad, todo, meta, stage)
+        return _commit(params, base, f, data, key, out, old_rows, old_bad, old_attrs, parts, known_bad, todo, meta,
+                       stage)
     finally:
         parts.close()
 
 
-def _commit(params, f, data, key, out, old_rows, old_bad, parts, known_bad, todo, meta, stage) -> FeaturesResult:
+def _commit(params, base, f, data, key, out, old_rows, old_bad, old_attrs, parts, known_bad, todo, meta,
+            stage) -> FeaturesResult:
     """Merge the old rows and the parts into the cache file, unless nothing changed."""
     wanted = {r.sha256: r for r in data.records}
     rows = sorted((r.sha256, r.path, r.label, r.split) for r in data.records if r.sha256 not in known_bad)
@@ -190,24 +204,128 @@ def _commit(params, f, data, key, out, old_rows, old_bad, parts, known_bad, todo
             skipped.append(scan_mod.Skipped(path, reason))
             log.warning("%s: skipped %s: %s", stage, path, reason)
     skipped.sort(key=lambda s: s.path)
-    removed = len([sha for sha in old_rows if sha not in wanted])
-    unchanged = not todo and not parts.files and rows == sorted(old_rows.values()) and \
-        bad_here == sorted(old_bad.items())
-    if unchanged:
-        log.info("%s: cache hit (%s images, 0 new)", stage, f"{len(rows):,}")
-        return FeaturesResult(out, key, len(rows), 0, 0, skipped)
     if not rows:
         raise scan_mod.DatasetError(f"no usable images under {data.root}; see {params.paths.reports_dir}/skipped.csv")
-
-    attrs = _provenance(f, key, meta, data.classes, stage)
-    _merge(out, rows, meta["feature_shape"], f.dtype, attrs, bad_here, old_rows, parts)
+    sources = _Sources(out, old_rows, parts, meta["feature_shape"])
+    try:
+        if stage == STAGE:
+            calibration = _calibrated(params, base, f, data.root, out, key, rows, sources)
+        if params.data.group_near_duplicates and data.split_mode == "hash":
+            rows = (_grouped(rows, sources, calibration, stage) if stage == STAGE
+                    else _splits_of_features_stage(params, base, rows, stage))
+        removed = len([sha for sha in old_rows if sha not in wanted])
+        unchanged = not todo and not parts.files and rows == sorted(old_rows.values()) and \
+            bad_here == sorted(old_bad.items()) and table.stored_views(old_attrs) == list(f.views)
+        if unchanged:
+            log.info("%s: cache hit (%s images, 0 new)", stage, f"{len(rows):,}")
+            return FeaturesResult(out, key, len(rows), 0, 0, skipped)
+        attrs = _provenance(f, key, meta, data.classes, stage)
+        _merge(out, rows, meta["feature_shape"], f.dtype, attrs, bad_here, sources)
+    finally:
+        sources.close()
     parts.remove()
     n_new = len(todo) - len([r for r in todo if r.sha256 in known_bad])
     if todo or removed:
         log.info("%s: %d new image(s), %d removed (%s cached)", stage, n_new, removed, f"{len(rows):,}")
     else:
-        log.info("%s: cache hit (%s images, 0 new); labels, splits or parts updated", stage, f"{len(rows):,}")
+        log.info("%s: cache hit (%s images, 0 new); views, labels, splits or parts updated", stage, f"{len(rows):,}")
     return FeaturesResult(out, key, len(rows), n_new, removed, skipped)
+
+
+class _Sources:
+    """The features of rows by sha256, from this run's part files or the old cache file."""
+
+    def __init__(self, out: Path, old_rows: dict, parts, feature_shape):
+        self.parts = parts
+        self.shape = tuple(feature_shape)
+        self.old = h5py.File(out, "r") if old_rows else None
+        self.old_index = {sha: i for i, sha in enumerate(sorted(old_rows))}  # the old file's rows are sorted by sha
+
+    def get(self, shas: list[str], dtype=np.float32, view: str = "original") -> np.ndarray:
+        name = table.view_dataset(view)
+        block = np.empty((len(shas), *self.shape), dtype=dtype)
+        from_old = []
+        for i, sha in enumerate(shas):
+            if self.parts.has(sha, name):
+                block[i] = self.parts.row(sha, name)
+            else:
+                from_old.append((self.old_index[sha], i))
+        if from_old:
+            from_old.sort()
+            source, target = zip(*from_old)
+            block[list(target)] = self.old[name][list(source)]
+        return block
+
+    def close(self) -> None:
+        if self.old is not None and self.old.id.valid:
+            self.old.close()
+
+
+def calibration_file(out: Path) -> Path:
+    return out.with_name(out.stem + ".near_duplicates.json")
+
+
+def _calibrated(params, base: Path, f, root: Path, out: Path, key: str, rows, sources) -> dict:
+    """The near-duplicate threshold of these photos (``quality.near_duplicates.calibrate``), kept beside
+    the cache; made again only when a photo of its sample is gone (adding photos keeps it)."""
+    import json
+
+    by_sha = sorted(rows)
+    path = calibration_file(out)
+    try:
+        stored = json.loads(path.read_text())
+        present = {r[0] for r in rows}
+        if stored.get("key") == key and stored.get("version") == near_duplicates.VERSION and \
+                set(stored.get("sample", [None])) <= present:
+            return stored
+    except (OSError, ValueError):
+        pass
+    sample = by_sha[:near_duplicates.SAMPLE]
+    record = {"key": key, "version": near_duplicates.VERSION, "sample": [r[0] for r in sample]}
+    originals = near_duplicates.unit_vectors(sources.get([r[0] for r in sample]))
+    distinct = near_duplicates.unit_vectors(sources.get([r[0] for r in by_sha[:near_duplicates.DISTINCT]]))
+    runner = runtime.open_backbone(f, base / params.paths.cache_dir)
+    result = {**record, **near_duplicates.calibrate(
+        [(sha, root / p) for sha, p, _, _ in sample], originals, distinct,
+        lambda paths: [(None if row is None else row[0], error)
+                       for row, error in runtime.featurise_files(paths, runner, f)])}
+    atomic_write_text(path, json.dumps(result, indent=2))
+    if result["threshold"] is not None:
+        log.info("features: near-duplicate threshold %.3f, calibrated on %d copies of %d of these photos "
+                 "(catches %.0f%% of them; %.2f%% of distinct pairs above it)", result["threshold"],
+                 result["copies"]["n"], len(sample), 100 * result["recall_on_copies"],
+                 100 * result["distinct_pairs_above"])
+    return result
+
+
+def _grouped(rows, sources, calibration: dict, stage: str):
+    """Rows with each near-duplicate group in one split: that of its member with the smallest sha256."""
+    threshold = calibration.get("threshold")
+    if threshold is None:
+        return rows
+    vectors = np.concatenate([near_duplicates.unit_vectors(sources.get([r[0] for r in rows[i:i + 1024]]))
+                              for i in range(0, len(rows), 1024)])
+    found = near_duplicates.pairs(vectors, threshold)
+    group = near_duplicates.groups(len(rows), found)
+    split_of_group = {}
+    for g, row in zip(group, rows):  # rows are sorted by sha: the first member of a group decides
+        split_of_group.setdefault(g, row[3])
+    grouped = [(sha, path, label, split_of_group[g]) for g, (sha, path, label, _) in zip(group, rows)]
+    moved = sum(a[3] != b[3] for a, b in zip(rows, grouped))
+    members = int(np.sum(np.bincount(group)[group] > 1))
+    log.info("%s: %d photo(s) in near-duplicate groups, %d moved to their group's split "
+             "(data.group_near_duplicates)", stage, members, moved)
+    return grouped
+
+
+def _splits_of_features_stage(params, base: Path, rows, stage: str):
+    """top-features takes its splits from the features stage's cache, where near-duplicates were grouped."""
+    pooled = cache_file(params, base)
+    if not pooled.is_file():
+        raise CacheError(f"{stage} with data.group_near_duplicates takes its splits from {pooled}; "
+                         "run 'make features' first")
+    index = {sha: split for sha, _, _, split in table.read_index(pooled)[0]}
+    return [(sha, path, label, index.get(sha, split)) for sha, path, label, split in rows]
 
 
 def _read_existing(out: Path, key: str, stage: str):
@@ -228,87 +346,85 @@ def _read_existing(out: Path, key: str, stage: str):
 
 
 class _PartWriter:
-    """Collects finished rows and commits a part every ``commit_every`` photos."""
+    """Collects finished rows (one activation per view) and commits a part every ``commit_every`` photos."""
 
-    def __init__(self, folder: Path, key: str, meta: dict, commit_every: int, dtype):
+    def __init__(self, folder: Path, key: str, meta: dict, commit_every: int, dtype, views: tuple[str, ...]):
         self.folder, self.key, self.meta, self.commit_every, self.dtype = folder, key, meta, commit_every, dtype
+        self.views = views
         self.shas: list = []
-        self.features: list = []
+        self.columns: dict = {table.view_dataset(v): [] for v in views}
         self.bad: list = []
 
-    def add(self, sha256: str, row, error: str | None) -> None:
-        if row is None:
+    def add(self, sha256: str, rows, error: str | None) -> None:
+        """``rows``: (len(views), *feature_shape), or None with the reason."""
+        if rows is None:
             self.bad.append((sha256, error))
         else:
             self.shas.append(sha256)
-            self.features.append(np.asarray(row).astype(self.dtype))
+            for view, row in zip(self.views, rows):
+                self.columns[table.view_dataset(view)].append(np.asarray(row).astype(self.dtype))
         if len(self.shas) + len(self.bad) >= self.commit_every:
             self.commit()
 
     def commit(self) -> None:
         if self.shas or self.bad:
-            parts_mod.write(self.folder, self.key, self.meta, self.shas, {"features": self.features}, self.bad)
-        self.shas, self.features, self.bad = [], [], []
+            parts_mod.write(self.folder, self.key, self.meta, self.shas, self.columns, self.bad)
+        self.shas, self.bad = [], []
+        self.columns = {name: [] for name in self.columns}
 
 
-def _featurise(todo, params: Params, base: Path, f: FeaturesParams, root: Path, parts_dir: Path, key: str,
+def _featurise(jobs, params: Params, base: Path, f: FeaturesParams, root: Path, parts_dir: Path, key: str,
                stage: str) -> dict:
-    """Run the backbone over ``todo``, committing a part file every ``commit_every`` photos."""
+    """Run the backbone over each job's records for the job's views, committing a part file every
+    ``commit_every`` photos."""
     from tqdm import tqdm
 
-    runner = runtime.open_backbone(f, base / params.paths.cache_dir)
+    runner = runtime.open_backbone(f, base / params.paths.cache_dir, calibration=_calibration_set(
+        [r for records, _ in jobs for r in records], root, f))
     meta = {"weights_sha256": runner.weights_sha256, "feature_shape": tuple(runner.feature_shape)}
-    writer = _PartWriter(parts_dir, key, meta, f.commit_every, np.dtype(f.dtype))
-    progress = tqdm(total=len(todo), unit="img", desc=stage, mininterval=1.0, disable=None)
+    total = sum(len(records) for records, _ in jobs)
+    progress = tqdm(total=total, unit="img", desc=stage, mininterval=1.0, disable=None)
     started = time.perf_counter()
-    results = runtime.featurise_files([root / r.path for r in todo], runner, f)
     try:
-        for record, (row, error) in zip(todo, results):
-            writer.add(record.sha256, row, error)
-            progress.update(1)
-        writer.commit()
+        for records, views in jobs:
+            if not records:
+                continue
+            writer = _PartWriter(parts_dir, key, meta, f.commit_every, np.dtype(f.dtype), views)
+            results = runtime.featurise_files([root / r.path for r in records], runner, f, views)
+            for record, (rows, error) in zip(records, results):
+                writer.add(record.sha256, rows, error)
+                progress.update(1)
+            writer.commit()
     finally:
         progress.close()
     elapsed = time.perf_counter() - started
-    log.info("%s: featurised %d image(s) in %.1f s (%.1f img/s)", stage, len(todo), elapsed,
-             len(todo) / max(elapsed, 1e-9))
-    return {"weights_sha256": runner.weights_sha256, "feature_shape": tuple(runner.feature_shape)}
+    log.info("%s: featurised %d image(s) in %.1f s (%.1f img/s)", stage, total, elapsed, total / max(elapsed, 1e-9))
+    return meta
 
 
-def _merge(out: Path, rows, feature_shape, dtype, attrs, bad, old_rows, parts) -> None:
+def _calibration_set(records, root: Path, f: FeaturesParams):
+    """The int8 backbone's calibration photos: train photos in sha256 order (the same photos give the
+    same set, on any machine)."""
+    return runtime.calibration_photos(f, [root / r.path for r in sorted(records, key=lambda r: r.sha256)
+                                          if r.split == "train"])
+
+
+def _merge(out: Path, rows, feature_shape, dtype, attrs, bad, sources: _Sources) -> None:
     """Write the new cache file from the old file and the parts, one chunk at a time."""
-    old = h5py.File(out, "r") if old_rows else None
-    old_index = {sha: i for i, sha in enumerate(sorted(old_rows))}  # the old file's rows are sorted by sha
-
-    def row_features(start, stop):
-        block = np.empty((stop - start, *feature_shape), dtype=dtype)
-        from_old = []
-        for i, (sha, *_rest) in enumerate(rows[start:stop]):
-            if sha in parts.rows:
-                block[i] = parts.row(sha)
-            else:
-                from_old.append((old_index[sha], i))
-        if from_old:
-            source, target = zip(*from_old)  # both increasing: rows and old file share sha order
-            block[list(target)] = old["features"][list(source)]
-        return block
-
     tmp = temp_path_for(out)
     try:
-        table.write_table(tmp, rows, row_features, feature_shape, dtype, attrs, bad)
-        if old is not None:
-            old.close()
+        table.write_table(tmp, rows, lambda start, stop, view="original": sources.get(
+            [r[0] for r in rows[start:stop]], dtype, view), feature_shape, dtype, attrs, bad)
+        sources.close()
         os.replace(tmp, out)
     except OSError as error:
         tmp.unlink(missing_ok=True)
-        raise CacheError(f"could not write {out} ({os_reason(error)}); is the disk full? The cache is as it was and the new "
-                         f"rows are kept in {out.with_suffix('.parts').name}: free some space and run again") from None
+        raise CacheError(f"could not write {out} ({os_reason(error)}); is the disk full? The cache is as it was and "
+                         f"the new rows are kept in {out.with_suffix('.parts').name}: free some space and run "
+                         "again") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        if old is not None and old.id.valid:
-            old.close()
 
 
 def _provenance(f: FeaturesParams, key: str, meta: dict, classes, stage: str) -> dict:
@@ -329,6 +445,8 @@ def _provenance(f: FeaturesParams, key: str, meta: dict, classes, stage: str) ->
         "preprocessing": spec.preprocessing,
         "dtype": f.dtype,
         "feature_shape": list(meta["feature_shape"]),
+        "views": list(f.views),
+        "precision": f.precision,
         "classes": list(classes),
         "library_versions": {name: _version(name) for name in ("tensorflow-cpu", "keras", "h5py", "numpy", "pillow",
                                                                "ai-edge-litert")},

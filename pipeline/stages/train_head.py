@@ -20,6 +20,7 @@ from pipeline.tf_import import keras as quiet_keras
 from pipeline.training import keras_fit
 from pipeline.training.classifiers import KerasClassifier, LogRegClassifier
 from pipeline.training.contract import FitJob, Rung
+from pipeline.store.table import CacheError
 from pipeline.training.inputs import CachedInputs
 
 # Bump when a head trained with the same params and features would come out different.
@@ -28,7 +29,11 @@ VERSION = 2
 
 def open_inputs(params: Params, base: Path) -> CachedInputs:
     path = features.cache_file(params, base)
-    return CachedInputs(path, missing=f"no cached features at {path}; run 'make features' first")
+    inputs = CachedInputs(path, missing=f"no cached features at {path}; run 'make features' first")
+    if inputs.views != params.features.views:
+        raise CacheError(f"{path.name} holds the views {list(inputs.views)}, features.views asks for "
+                         f"{list(params.features.views)}; run 'make features'")
+    return inputs
 
 
 def build_softmax(input_shape, n_classes: int, p):

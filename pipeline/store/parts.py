@@ -5,8 +5,7 @@ reads them, featurises only what is missing, and merges everything into the cach
 ``<cache>.parts/part-NNNNNN.h5``:
 
     /sha256      (n,)  ascii, 64 chars    the rows of this part
-    /features    (n, *feature_shape)      as the cache stores them
-    /<column>    (n, ...)                 any other per-row column (e.g. phash)
+    /features, /features_<view>           the views this part computed, (n, *feature_shape) each
     /bad_sha256, /bad_reason              images that could not be decoded
     attrs: key, weights_sha256, feature_shape
 
@@ -36,15 +35,21 @@ class Parts:
     """The part files of an unfinished run, kept open so that their rows are read only when merged."""
 
     files: list = field(default_factory=list)
-    rows: dict = field(default_factory=dict)  # sha256 -> (part number, row in that part)
+    rows: dict = field(default_factory=dict)  # (sha256, dataset) -> (part number, row in that part)
     bad: dict = field(default_factory=dict)  # sha256 -> reason
     columns: list = field(default_factory=list)  # per part: {name: h5py dataset}
     handles: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)  # weights_sha256 and feature_shape of the run that wrote them
 
     def row(self, sha256: str, column: str = "features"):
-        part, index = self.rows[sha256]
+        part, index = self.rows[(sha256, column)]
         return self.columns[part][column][index]
+
+    def has(self, sha256: str, column: str = "features") -> bool:
+        return (sha256, column) in self.rows
+
+    def shas(self, column: str = "features") -> set[str]:
+        return {sha for sha, name in self.rows if name == column}
 
     def close(self) -> None:
         for handle in self.handles:
@@ -73,7 +78,7 @@ def read(folder: Path, key: str) -> Parts:
                 raise ValueError(f"made with key {str(f.attrs['key'])[:12]}, not {key[:12]}")
             shas = f["sha256"].asstr()[...].tolist()
             columns = {name: f[name] for name in f if name not in ROW_DATASETS}
-            if any(len(column) != len(shas) for column in columns.values()) or "features" not in columns:
+            if any(len(column) != len(shas) for column in columns.values()) or not columns:
                 raise ValueError("its columns do not have one row per sha256")
             bad = dict(zip(f["bad_sha256"].asstr()[...].tolist(), f["bad_reason"].asstr()[...].tolist()))
             meta = {"weights_sha256": str(f.attrs["weights_sha256"]),
@@ -89,14 +94,15 @@ def read(folder: Path, key: str) -> Parts:
         parts.meta = meta
         parts.files.append(file)
         parts.columns.append(columns)
-        parts.rows.update({sha: (number, i) for i, sha in enumerate(shas)})
+        parts.rows.update({(sha, name): (number, i) for name in columns for i, sha in enumerate(shas)})
         parts.bad.update(bad)
     return parts
 
 
 def write(folder: Path, key: str, meta: dict, shas: list[str], columns: dict[str, list],
           bad: list[tuple[str, str]]) -> Path:
-    """Commit one part: ``columns`` maps a name to one value per row of ``shas`` (``features`` first)."""
+    """Commit one part: ``columns`` maps a dataset name (``features``, ``features_hflip``) to one value per
+    row of ``shas``."""
     folder.mkdir(parents=True, exist_ok=True)
     number = 1 + max((int(p.stem.split("-")[1]) for p in folder.glob("part-*.h5")), default=0)
     final = folder / f"part-{number:06d}.h5"
@@ -109,7 +115,7 @@ def write(folder: Path, key: str, meta: dict, shas: list[str], columns: dict[str
             f.create_dataset("sha256", data=np.array(shas, dtype="S64").reshape(len(shas)))
             for name, values in columns.items():
                 f.create_dataset(name, data=np.stack(values) if values else
-                                 np.zeros((0, *meta["feature_shape"]) if name == "features" else (0,), np.float32))
+                                 np.zeros((0, *meta["feature_shape"]), np.float32))
             f.create_dataset("bad_sha256", data=np.array([b[0] for b in bad], dtype="S64").reshape(len(bad)))
             f.create_dataset("bad_reason", data=np.array([b[1] for b in bad], dtype=object).reshape(len(bad)),
                              dtype=STRING)

@@ -31,6 +31,15 @@ STRING = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 1 << 20
 
 
+def view_dataset(view: str) -> str:
+    """Where a view's activations live: ``/features`` for the photo as it is, ``/features_<view>`` beside it."""
+    return "features" if view == "original" else f"features_{view}"
+
+
+def stored_views(attrs: dict) -> list[str]:
+    return list(attrs.get("views", ["original"]))
+
+
 class CacheError(RuntimeError):
     """A cache that is missing, damaged or not what it claims; the message says what to run."""
 
@@ -72,7 +81,8 @@ def open_checked(path: Path, key: str | None = None) -> h5py.File:
         if key is not None and f.attrs["key"] != key:
             raise CacheError(f"{path} was made with key {f.attrs['key'][:12]}, not {key[:12]}; "
                              "delete it and run 'make features'")
-        for name in ("features", "sha256", "path", "label", "split"):
+        views = json.loads(f.attrs["views"]) if "views" in f.attrs else ["original"]
+        for name in (*(view_dataset(v) for v in views), "sha256", "path", "label", "split"):
             if f[name].shape[0] != n:
                 raise CacheError(f"{path}: /{name} has {f[name].shape[0]} rows, attrs say {n}; "
                                  "delete it and run 'make features'")
@@ -86,10 +96,13 @@ def open_checked(path: Path, key: str | None = None) -> h5py.File:
 
 
 def read_table(path: Path, key: str | None = None) -> FeatureTable:
-    """All rows of a cache file, features as float32; a checksum failure is a CacheError."""
+    """All rows of a cache file, features as float32 (the mean of its views, as heads see them); a
+    checksum failure is a CacheError."""
     with open_checked(path, key) as f:
         try:
-            features = f["features"][...].astype(np.float32, copy=False)
+            views = json.loads(f.attrs["views"]) if "views" in f.attrs else ["original"]
+            features = np.mean([f[view_dataset(v)][...].astype(np.float32) for v in views], axis=0) \
+                if len(views) > 1 else f["features"][...].astype(np.float32, copy=False)
         except OSError as error:  # fletcher32 mismatch: edited or damaged on disk
             raise CacheError(f"{path}: features fail their checksum ({error}); "
                              "delete it and run 'make features'") from None
@@ -125,16 +138,19 @@ def read_index(path: Path, key: str | None = None):
 
 
 def verify_features(path: Path) -> None:
-    """Read every chunk of /features so that its fletcher32 checksum is checked; CacheError if one fails."""
+    """Read every chunk of every view's activations so that their fletcher32 checksums are checked;
+    CacheError if one fails."""
     with open_checked(path) as f:
-        data = f["features"]
-        step = data.chunks[0] if data.chunks else max(1, data.shape[0])
-        try:
-            for start in range(0, data.shape[0], step):
-                data[start:start + step]
-        except OSError as error:
-            raise CacheError(f"{path}: features fail their checksum ({error}); "
-                             "delete it and run 'make features'") from None
+        views = json.loads(f.attrs["views"]) if "views" in f.attrs else ["original"]
+        for view in views:
+            data = f[view_dataset(view)]
+            step = data.chunks[0] if data.chunks else max(1, data.shape[0])
+            try:
+                for start in range(0, data.shape[0], step):
+                    data[start:start + step]
+            except OSError as error:
+                raise CacheError(f"{path}: features fail their checksum ({error}); "
+                                 "delete it and run 'make features'") from None
 
 
 def read_attrs(path: Path, key: str | None = None) -> dict:
@@ -163,21 +179,25 @@ def write_table(path: Path, rows: list[tuple[str, str, str, str]], row_features,
     """Write a complete cache file at ``path`` (a temporary name; the caller moves it into place).
 
     ``rows``: (sha256, path, label, split), sorted by sha256. ``row_features(start, stop)`` returns
-    the (stop - start, *row_shape) features of those rows, so memory stays at one chunk.
+    the (stop - start, *row_shape) features of those rows, so memory stays at one chunk; with more
+    ``views`` than the original, ``row_features(start, stop, view)`` those of each view.
     ``columns``: other small per-row datasets ({name: array with one entry per row}).
     """
     n = len(rows)
     chunk = chunk_rows(row_shape, dtype)
     spatial = len(row_shape) > 1
+    views = list(attrs.get("views", ["original"]))
     with h5py.File(path, "w") as f:
-        data = f.create_dataset(
-            "features", shape=(n, *row_shape), dtype=dtype, chunks=(max(1, min(chunk, n)), *row_shape) if n else None,
-            fletcher32=bool(n), compression="gzip" if spatial and n else None, compression_opts=4 if spatial and n else None,
-            shuffle=spatial and bool(n),
-        )
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            data[start:stop] = row_features(start, stop)
+        for view in views:
+            data = f.create_dataset(
+                view_dataset(view), shape=(n, *row_shape), dtype=dtype,
+                chunks=(max(1, min(chunk, n)), *row_shape) if n else None, fletcher32=bool(n),
+                compression="gzip" if spatial and n else None, compression_opts=4 if spatial and n else None,
+                shuffle=spatial and bool(n),
+            )
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                data[start:stop] = row_features(start, stop) if view == "original" else row_features(start, stop, view)
         f.create_dataset("sha256", data=np.array([r[0] for r in rows], dtype="S64"))
         for i, name in enumerate(("path", "label", "split"), start=1):
             f.create_dataset(name, data=np.array([r[i] for r in rows], dtype=object), dtype=STRING)

@@ -88,7 +88,12 @@ class Rung:
 
     def key(self, params: Params, inputs) -> tuple[str, dict]:
         own = key_fields(getattr(params, self.section))
-        ingredients = {self.section: own, "inputs": {inputs.layer: inputs.identity}}
+        # the split settings are not in the key (the inputs' content hash covers the splits they make),
+        # but they are named when they are why a model is trained again
+        splits = {k: getattr(params.data, k) for k in ("train_fraction", "val_fraction", "test_fraction", "split_csv",
+                                                         "group_near_duplicates")}
+        ingredients = {self.section: own, "data": splits,
+                       "inputs": {inputs.layer: inputs.attrs["content_hash"], "views": list(inputs.views)}}
         return stage_key(self.section, self.version, own, {"inputs": inputs.identity}), ingredients
 
     def model_dir(self, params: Params, base: Path, key: str) -> Path:

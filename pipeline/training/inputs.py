@@ -35,14 +35,16 @@ class CachedInputs:
         self.classes = list(self.attrs["classes"])
         self.layer = str(self.attrs["layer"])
         self.shape = tuple(int(d) for d in self.attrs["feature_shape"])
-        self.identity = str(self.attrs["content_hash"])
-        self._reader: batches.FeatureReader | None = None
+        self.views = tuple(table.stored_views(self.attrs))  # a row is the mean of these views' activations
+        views = "" if self.views == ("original",) else ":" + "+".join(self.views)
+        self.identity = str(self.attrs["content_hash"]) + views
+        self._readers: list[batches.FeatureReader] = []
 
     @property
     def reader(self) -> batches.FeatureReader:
-        if self._reader is None:
-            self._reader = batches.FeatureReader(self.path)
-        return self._reader
+        if not self._readers:
+            self._readers = [batches.FeatureReader(self.path, table.view_dataset(v)) for v in self.views]
+        return self._readers[0]
 
     def rows(self, split: str) -> SplitRows:
         with h5py.File(self.path, "r") as f:
@@ -52,8 +54,11 @@ class CachedInputs:
         return batches.plan(rows.positions, batch_size, self.reader.chunk_rows, shuffle, seed)
 
     def read(self, positions: np.ndarray) -> np.ndarray:
-        """(B, *shape) float32."""
-        return self.reader.read(positions)
+        """(B, *shape) float32: the mean of the views."""
+        first = self.reader.read(positions)
+        if len(self._readers) == 1:
+            return first
+        return (first + sum(reader.read(positions) for reader in self._readers[1:])) / len(self._readers)
 
     def paths(self, positions: np.ndarray) -> list[str]:
         return _column(self.path, "path", positions)
@@ -67,9 +72,9 @@ class CachedInputs:
             return {sha: i for i, sha in enumerate(f["sha256"].asstr()[...].tolist())}
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        for reader in self._readers:
+            reader.close()
+        self._readers = []
 
 
 class ImageInputs(CachedInputs):
@@ -81,6 +86,8 @@ class ImageInputs(CachedInputs):
                  missing: str | None = None, workers: int = 2):
         super().__init__(path, missing)
         self.layer = self.layer_name
+        self.views = ("original",)
+        self.identity = str(self.attrs["content_hash"])
         self.shape = (input_size, input_size, 3)
         self.root = root
         self.input_size = input_size

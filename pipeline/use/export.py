@@ -43,14 +43,17 @@ class ExportResult:
     parity: dict  # format -> {"max_abs_diff" | "top1_agreement", "n_images"}
 
 
-def build_export_model(backbone, classifier_model, size: int, resize: str):
-    """uint8 (N, H, W, 3) -> probabilities (N, n_classes): resize, [the frozen backbone,] the classifier."""
+def build_export_model(backbone, classifier_model, size: int, resize: str, views=("original",)):
+    """uint8 (N, H, W, 3) -> probabilities (N, n_classes): resize, [the frozen backbone on each view,
+    averaged,] the classifier."""
     from pipeline.data.resize_layer import FitToSize, keras
 
     image = keras.Input((None, None, 3), dtype="uint8", name="image")
     x = FitToSize(size, resize, name="fit_to_size")(image)
     if backbone is not None:  # None: the classifier takes the resized image itself (fine-tuned network)
-        x = backbone.model(x, training=False)
+        activations = [backbone.model(x if view == "original" else keras.ops.flip(x, axis=2), training=False)
+                       for view in views]  # the views of runtime.VIEWS: original, hflip (mirrored left-right)
+        x = activations[0] if len(activations) == 1 else keras.layers.Average(name="views")(activations)
     probabilities = classifier_model(x, training=False)
     return keras.Model(image, probabilities, name="classifier")
 
@@ -72,7 +75,7 @@ def run(params: Params, base: str | Path = ".") -> ExportResult:
         if backbone.weights_sha256 != attrs["weights_sha256"]:
             raise ExportError(f"the backbone's weights differ from those of {inputs.path.name}; "
                               f"run 'make features' and 'make {rung.stage}' again")
-    model = build_export_model(backbone, trained.classifier.as_keras(inputs.shape), size, f.resize)
+    model = build_export_model(backbone, trained.classifier.as_keras(inputs.shape), size, f.resize, inputs.views)
 
     tolerance = params.export.tolerance
     if attrs["dtype"] == "float16":
@@ -181,12 +184,10 @@ class _Runners:
 
 
 def tflite_interpreter(path: Path):
-    """LiteRT's interpreter (ai-edge-litert), with TensorFlow's as a fallback."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # pragma: no cover - ai-edge-litert is a dependency
-        from tensorflow.lite import Interpreter
-    return Interpreter(model_path=str(path), num_threads=2)
+    """LiteRT's interpreter (ai-edge-litert)."""
+    from pipeline.backbones.litert import interpreter
+
+    return interpreter(path)
 
 
 def _tflite_runner(path: Path):

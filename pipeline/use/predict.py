@@ -75,11 +75,12 @@ def run(params: Params, base: str | Path, inputs, top_k: int | None = None) -> l
         if todo:
             runner = runner or _runner(trained, params, base)
             f = features_params_of(trained.inputs.attrs)
-            for i, (row, error) in zip(todo, runtime.featurise_files([files[i] for i in todo], runner, f)):
+            views = trained.inputs.views
+            for i, (row, error) in zip(todo, runtime.featurise_files([files[i] for i in todo], runner, f, views)):
                 if row is None:
                     predictions[i].error = error
                 else:
-                    rows[i] = row
+                    rows[i] = row.mean(axis=0)  # the mean of the views, as the classifier was trained
         if rows:
             order = sorted(rows)
             proba = trained.classifier.predict_proba(np.stack([rows[i] for i in order]).astype(np.float32))
@@ -131,7 +132,7 @@ def _logged(predictions: list[Prediction]) -> list[Prediction]:
 
 def features_params_of(attrs: dict) -> FeaturesParams:
     """The features settings a cache was made with, from its own attributes."""
-    return FeaturesParams(**attrs["params"])
+    return FeaturesParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in attrs["params"].items()})
 
 
 def format_predictions(predictions: list[Prediction], fmt: str) -> str:

@@ -17,8 +17,27 @@ import numpy as np
 
 from pipeline.fingerprint import atomic_write_text
 
-MAX_GALLERY = 60  # misclassified thumbnails on the page, worst first
+MAX_GALLERY = 60  # misclassified thumbnails on the page, worst first (all of them are in misclassified.csv)
 THUMBNAIL = 160  # pixels, longer side
+MATRIX_CLASSES = 20  # beyond this many classes, the confusion matrix plots show the most confused ones
+
+
+def confused_classes(matrix: np.ndarray, limit: int = MATRIX_CLASSES) -> list[int]:
+    """The classes to draw: all of them up to ``limit``, else the ``limit`` most involved in mistakes."""
+    if len(matrix) <= limit:
+        return list(range(len(matrix)))
+    off = matrix - np.diag(np.diag(matrix))
+    involvement = off.sum(axis=0) + off.sum(axis=1)
+    return sorted(np.argsort(-involvement, kind="stable")[:limit].tolist())
+
+
+def confused_pairs(matrix: np.ndarray, classes: list[str], limit: int = 15) -> list[dict]:
+    """The most frequent mistakes: (true, predicted, photos, share of the true class), most first."""
+    pairs = [(int(matrix[i, j]), i, j) for i in range(len(matrix)) for j in range(len(matrix))
+             if i != j and matrix[i, j] > 0]
+    pairs.sort(key=lambda q: (-q[0], q[1], q[2]))
+    return [{"true": classes[i], "predicted": classes[j], "photos": n,
+             "share": n / max(1, int(matrix[i].sum()))} for n, i, j in pairs[:limit]]
 
 
 def append_history(path: Path, summary: dict) -> tuple[dict | None, dict]:
@@ -90,13 +109,16 @@ def _figures(metrics: dict, head_history: dict, history: list[dict]) -> dict[str
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    classes = metrics["classes"]
-    matrix = np.array(metrics["confusion_matrix"], dtype=float)
+    full = np.array(metrics["confusion_matrix"], dtype=float)
+    shown = confused_classes(full)
+    classes = [metrics["classes"][i] for i in shown]
+    matrix = full[np.ix_(shown, shown)]
+    note = "" if len(shown) == len(full) else f", the {len(shown)} most confused of {len(full)} classes"
     plots = {}
     for name, values, fmt, title in [
-        ("confusion_matrix.png", matrix, "{:.0f}", "Confusion matrix (test images)"),
-        ("confusion_matrix_normalized.png", matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1), "{:.2f}",
-         "Confusion matrix, each true class sums to 1"),
+        ("confusion_matrix.png", matrix, "{:.0f}", f"Confusion matrix (test images{note})"),
+        ("confusion_matrix_normalized.png", matrix / np.maximum(full[shown].sum(axis=1, keepdims=True), 1), "{:.2f}",
+         f"Confusion matrix, each true class sums to 1{note}"),
     ]:
         size = 1.6 + 0.6 * len(classes)
         figure, axes = plt.subplots(figsize=(size + 1.2, size))
@@ -158,19 +180,74 @@ def _figures(metrics: dict, head_history: dict, history: list[dict]) -> dict[str
     return plots
 
 
-def _thumbnail(path: Path) -> str | None:
+def _thumbnail(path: Path, side: int = THUMBNAIL) -> str | None:
     from PIL import Image, ImageOps
+
+    from pipeline.data.decode import ImageError, check_header
 
     try:
         with Image.open(path) as image:
-            image.draft("RGB", (THUMBNAIL, THUMBNAIL))
+            check_header(image)
+            image.draft("RGB", (side, side))
             image = ImageOps.exif_transpose(image).convert("RGB")
-            image.thumbnail((THUMBNAIL, THUMBNAIL))
+            image.thumbnail((side, side))
             buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=85)
-    except (OSError, ValueError):
+            image.save(buffer, format="JPEG", quality=80)
+    except (OSError, ValueError, ImageError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure(uri: str | None, alt: str, caption: str) -> str:
+    e = html.escape
+    image = f"<img src='{uri}' alt='{e(alt)}'>" if uri else "<div class='missing'>image gone</div>"
+    return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
+
+
+def data_quality_section(reports: Path, data_root: Path, content_hash: str | None, thumbnails: int) -> str:
+    """The findings of 'make inspect', when they were made from the current feature cache."""
+    e = html.escape
+    try:
+        summary = json.loads((reports / "inspect.json").read_text())
+    except (OSError, ValueError):
+        return "<h2>Data quality</h2><p>Run <code>make inspect</code> for likely label errors, near-duplicates " \
+               "and outliers.</p>"
+    if content_hash is not None and summary.get("content_hash") != content_hash:
+        return "<h2>Data quality</h2><p>The findings of <code>make inspect</code> are from another version of the " \
+               "photos; run it again.</p>"
+
+    def read(name):
+        import csv
+
+        try:
+            with open(reports / name, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        except OSError:
+            return []
+
+    issues = read("label_issues.csv")[:thumbnails]
+    pairs = read("near_duplicates.csv")[:thumbnails]
+    outliers = read("outliers.csv")[:thumbnails]
+    side = 120
+    parts = [f"<h2>Data quality</h2><p data-quality='summary'>{summary['photos']:,} photos: "
+             f"<b>{summary['label_issues']}</b> likely label errors, <b>{summary['near_duplicate_pairs']}</b> "
+             f"near-duplicate pairs ({summary['leaking_pairs']} straddle splits), <b>{summary['outliers']}</b> "
+             "outliers (make inspect; the CSV files in reports/ list them all).</p>"]
+    parts.append("<h3>Likely label errors, most suspicious first</h3><div class='gallery'>" + "".join(
+        _figure(_thumbnail(data_root / q["path"], side), q["path"],
+                f"labelled <b>{e(q['given'])}</b>, looks like <b>{e(q['suggested'])}</b> ({float(q['score']):.2f})"
+                f"<br><span>{e(q['path'])}</span>") for q in issues) + "</div>")
+    parts.append("<h3>Near-duplicates, pairs that straddle splits first</h3><div class='gallery'>" + "".join(
+        "<div class='pair'>" + _figure(_thumbnail(data_root / q["path_a"], side), q["path_a"],
+                                       f"{e(q['split_a'])} / {e(q['label_a'])}<br><span>{e(q['path_a'])}</span>")
+        + _figure(_thumbnail(data_root / q["path_b"], side), q["path_b"],
+                  f"{e(q['split_b'])} / {e(q['label_b'])} ({float(q['similarity']):.3f})<br><span>{e(q['path_b'])}</span>")
+        + "</div>" for q in pairs) + "</div>")
+    parts.append("<h3>Outliers, least typical first</h3><div class='gallery'>" + "".join(
+        _figure(_thumbnail(data_root / q["path"], side), q["path"],
+                f"{e(q['label'])}, nearest other class {e(q['nearest_other_class'])}<br><span>{e(q['path'])}</span>")
+        for q in outliers) + "</div>")
+    return "".join(parts)
 
 
 def _data_uri(png: bytes) -> str:
@@ -178,24 +255,25 @@ def _data_uri(png: bytes) -> str:
 
 
 def write(reports: Path, data_root: Path, metrics: dict, misclassified: list[dict], head_history: dict,
-          history: list[dict], provenance: dict, counts: dict, skipped: list[dict]) -> Path:
+          history: list[dict], provenance: dict, counts: dict, skipped: list[dict], quality: str = "") -> Path:
     """Write the PNG plots and index.html into ``reports``; returns the page's path."""
     plots = _figures(metrics, head_history, history)
     for name, png in plots.items():
         (reports / name).write_bytes(png)
     e = html.escape
     classes = metrics["classes"]
+    worst_first = sorted(metrics["per_class"].items(), key=lambda item: (item[1]["f1"], item[0]))
     per_class = "".join(
         f"<tr><td>{e(c)}</td><td data-metric='precision.{e(c)}'>{m['precision']:.4f}</td>"
         f"<td data-metric='recall.{e(c)}'>{m['recall']:.4f}</td><td data-metric='f1.{e(c)}'>{m['f1']:.4f}</td>"
         f"<td data-metric='support.{e(c)}'>{m['support']}</td></tr>"
-        for c, m in metrics["per_class"].items())
-    gallery = []
-    for item in misclassified[:MAX_GALLERY]:
-        uri = _thumbnail(data_root / item["path"])
-        image = f"<img src='{uri}' alt='{e(item['path'])}'>" if uri else "<div class='missing'>image gone</div>"
-        gallery.append(f"<figure>{image}<figcaption><b>{e(item['true'])}</b> called <b>{e(item['predicted'])}"
-                       f"</b> ({item['p_predicted']:.2f})<br><span>{e(item['path'])}</span></figcaption></figure>")
+        for c, m in worst_first)
+    confusions = "".join(
+        f"<tr><td>{e(q['true'])}</td><td>{e(q['predicted'])}</td><td>{q['photos']}</td><td>{q['share']:.1%}</td></tr>"
+        for q in confused_pairs(np.array(metrics["confusion_matrix"]), classes))
+    gallery = [_figure(_thumbnail(data_root / item["path"]), item["path"],
+                       f"<b>{e(item['true'])}</b> called <b>{e(item['predicted'])}</b> ({item['p_predicted']:.2f})"
+                       f"<br><span>{e(item['path'])}</span>") for item in misclassified[:MAX_GALLERY]]
     more = len(misclassified) - MAX_GALLERY
     counts_rows = "".join(f"<tr><td>{e(c)}</td>" + "".join(f"<td>{n}</td>" for n in row.values()) +
                           f"<td>{sum(row.values())}</td></tr>" for c, row in counts.items())
@@ -217,6 +295,7 @@ td, th {{ border-bottom: 1px solid #eee; padding: .3rem .8rem; text-align: left;
 .plots img {{ max-width: 100%; margin: .5rem 1rem .5rem 0; }}
 .gallery {{ display: flex; flex-wrap: wrap; gap: .8rem; }}
 figure {{ margin: 0; width: 170px; font-size: .8rem; }} figure img {{ max-width: 160px; max-height: 160px; }}
+.pair {{ display: flex; gap: .3rem; border: 1px solid #eee; padding: .3rem; }}
 figcaption span {{ color: #888; word-break: break-all; }}
 pre {{ background: #f6f6f6; padding: .8rem; overflow-x: auto; }}
 </style></head>
@@ -230,14 +309,17 @@ pre {{ background: #f6f6f6; padding: .8rem; overflow-x: auto; }}
 <div class="card">test images<div class="v" data-metric="n_test">{metrics['n_test']}</div></div>
 <div class="card">classes<div class="v">{len(classes)}</div></div>
 </div>
-<h2>Per class</h2>
+<h2>Per class, worst first</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{per_class}</table>
+<h2>Most confused pairs</h2>
+{f'<table><tr><th>true</th><th>predicted as</th><th>test photos</th><th>share of the true class</th></tr>{confusions}</table>' if confusions else '<p>No mistakes.</p>'}
 <h2>Confusion matrix</h2>
 <div class="plots"><img src="{_data_uri(plots['confusion_matrix.png'])}" alt="confusion matrix">
 <img src="{_data_uri(plots['confusion_matrix_normalized.png'])}" alt="normalised confusion matrix"></div>
 <h2>Misclassified test photos ({len(misclassified)}), most confident mistakes first</h2>
 <div class="gallery">{''.join(gallery) or '<p>None: every test photo was classified correctly.</p>'}</div>
 {f'<p>{more} more in misclassified.csv</p>' if more > 0 else ''}
+{quality}
 <h2>Training</h2>
 <div class="plots"><img src="{_data_uri(plots['training_curves.png'])}" alt="training curves"></div>
 <h2>History</h2>
