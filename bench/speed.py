@@ -12,12 +12,13 @@ Methods, per image set, in alternating order, --repeats times, medians:
 - naive: ``keras.utils.image_dataset_from_directory`` + ``model.predict`` (bench/_naive.py);
 - pipeline (keras): ``python -m pipeline features --set features.runtime=keras``;
 - pipeline (litert): ``python -m pipeline features`` (the default);
+- pipeline (litert, int8): ``--set features.precision=int8``, the int8 backbone (calibrated once);
 - pipeline (litert, decode: draft): large JPEGs decoded at a reduced DCT scale (phone-sized set).
 Image sets: the 1,000 dogs-vs-cats JPEGs (~500 x 375); phone-sized: the first --phone-images
 upscaled to 4032 x 3024 with mild noise, JPEG quality 92 (bench/_photos.py).
 
 Also: the ceiling, the LiteRT backbone alone (random inputs made beforehand, 1 and 2 threads,
-batch 1 and 32) and the stage's in-stage rate as a share of it; an incremental run adding 10
+batch 1 and 32; float32 and int8) and the stage's in-stage rate as a share of the best of it; an incremental run adding 10
 photos to the cached 1,000; peak memory at 1,000 and 4,000 photos (3,000 flipped re-encodes).
 Results: Markdown on stdout and bench/results/speed.json.
 """
@@ -89,6 +90,9 @@ def warm_weights(work: Path) -> Path:
     (project / "params.yaml").write_text(json.dumps({"data": {"root": "photos"}}))
     run_measured(project, "features")
     run_measured(project, "features", "--set", "features.runtime=keras")
+    # the int8 backbone, calibrated on the first 200 train photos of the 1,000 (once, like a user's)
+    (project / "params.yaml").write_text(json.dumps({"data": {"root": str(SOURCE)}}))
+    run_measured(project, "features", "--set", "features.precision=int8")
     return project / "cache" / "weights"
 
 
@@ -148,15 +152,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         warm = warm_weights(work)
-        tflite = next(p for p in warm.glob("*-pooled-224.tflite"))
-        results["ceiling"] = ceiling(tflite)
+        results["ceiling"] = ceiling(next(p for p in warm.glob("*-pooled-224.tflite")))
+        results["ceiling_int8"] = ceiling(next(p for p in warm.glob("*-pooled-224-int8.tflite")))
         sets = {"ordinary JPEGs (~500x375), 1,000": (SOURCE, False),
                 f"phone-sized JPEGs (4032x3024, made here), {args.phone_images}":
                     (make_phone_images(args.phone_images), True)}
         for name, (root, phone) in sets.items():
             methods = {"naive": lambda r: measure_naive(r, warm_copy(work, warm)),
                        "pipeline (keras)": lambda r: measure_pipeline(r, work, warm, runtime="keras"),
-                       "pipeline (litert)": lambda r: measure_pipeline(r, work, warm)}
+                       "pipeline (litert)": lambda r: measure_pipeline(r, work, warm),
+                       "pipeline (litert, int8)": lambda r: measure_pipeline(r, work, warm, precision="int8")}
             if phone:
                 methods["pipeline (litert, decode: draft)"] = lambda r: measure_pipeline(r, work, warm, decode="draft")
             runs: dict = {how: [] for how in methods}
@@ -200,9 +205,9 @@ def main() -> None:
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "speed.json").write_text(json.dumps(results, indent=2))
 
-    best = max(results["ceiling"].values())
-    print("LiteRT backbone alone (EfficientNet-Lite0, 224 px, inputs made beforehand), images/s: " +
-          ", ".join(f"{k} {v:.0f}" for k, v in results["ceiling"].items()))
+    print("LiteRT backbone alone (EfficientNet-Lite0, 224 px, inputs made beforehand), images/s: float32 " +
+          ", ".join(f"{k} {v:.0f}" for k, v in results["ceiling"].items()) + "; int8 " +
+          ", ".join(f"{k} {v:.0f}" for k, v in results["ceiling_int8"].items()))
     print()
     print("| image set | method | images/s, whole process (median) | ratio to naive | in stage img/s "
           "| share of the ceiling | peak MB |")
@@ -210,6 +215,7 @@ def main() -> None:
     for name, summary in results["sets"].items():
         for how, s in summary.items():
             stage = s.get("in_stage_images_per_second")
+            best = max(results["ceiling_int8" if "int8" in how else "ceiling"].values())
             cells = (f"{stage:.1f} | {100 * stage / best:.0f}%" if stage else "- | -")
             print(f"| {name} | {how} | {s['images_per_second']:.1f} | {s['ratio_to_naive']:.2f}x | {cells} | "
                   f"{s['peak_mb_median']:.0f} |")

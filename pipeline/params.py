@@ -74,7 +74,9 @@ class FeaturesParams:
     # draft: decode large JPEGs at a reduced DCT scale, several times faster on phone photos, not the same pixels
     decode: Literal["full", "draft"] = "full"
     dtype: Literal["float32", "float16"] = "float32"  # storage dtype of the cached activations
-    runtime: Literal["keras", "litert"] = "litert"  # what runs the frozen backbone: LiteRT is ~2x faster, same features
+    # what runs the frozen backbone: LiteRT is ~2x faster on a CPU, same features within 1e-4; auto: Keras
+    # (TensorFlow, whole batches) where a GPU is visible, LiteRT elsewhere
+    runtime: Literal["keras", "litert", "auto"] = "litert"
     # int8: a full-integer LiteRT backbone calibrated on up to 200 train photos, checked against float before use
     precision: Literal["float32", "int8"] = "float32"
     # the views cached per photo; heads train on their mean, predict and export average the same views.
@@ -83,12 +85,20 @@ class FeaturesParams:
     batch_size: int = _meta(32, key=False, gt=0)
     workers: int = _meta(2, key=False, gt=0)  # image-decoding threads
     commit_every: int = _meta(256, key=False, gt=0)  # images per committed part: the most an interruption loses
+    # where the backbone runs: this process, or actors on a Ray cluster (the same cache either way)
+    engine: Literal["local", "ray"] = _meta("local", key=False)
+    ray_address: str | None = _meta(None, key=False)  # null: a local Ray for the run; auto; or host:port
+    ray_workers: int = _meta(0, key=False, ge=0)  # actors; 0: as many as the cluster's CPUs allow (2 each)
+    ray_gpus_per_worker: float = _meta(0.0, key=False, ge=0)  # GPUs each actor asks for (runtime auto uses them)
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.precision == "int8" and self.runtime != "litert":
             raise ValueError("precision: int8 runs on LiteRT; set features.runtime: litert")
+        if self.engine == "ray" and self.runtime == "keras":
+            raise ValueError("engine: ray runs LiteRT on CPU workers (auto: Keras on GPU workers); set runtime: "
+                             "litert or auto")
         if not self.views or self.views[0] != "original" or len(set(self.views)) != len(self.views):
             raise ValueError("views: a list that starts with original, each view once, e.g. [original, hflip]")
         if len(self.views) > 1 and self.layer != "pooled":

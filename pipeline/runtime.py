@@ -14,6 +14,7 @@ backbone, so memory holds a window of decoded photos whatever their number.
 from __future__ import annotations
 
 import collections
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -47,6 +48,19 @@ class ImageRunner:
         return images
 
 
+def gpu_visible() -> bool:
+    """A GPU this process may use, without importing TensorFlow: an NVIDIA driver, and devices not hidden."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return Path("/proc/driver/nvidia/gpus").is_dir() and visible not in ("", "-1")
+
+
+def resolve_runtime(f: FeaturesParams) -> str:
+    """``features.runtime``, with ``auto`` decided here: Keras where a GPU is visible, LiteRT elsewhere."""
+    if f.runtime != "auto":
+        return f.runtime
+    return "keras" if gpu_visible() else "litert"
+
+
 def input_size(f: FeaturesParams) -> int:
     return f.image_size or BACKBONES[f.backbone].input_size
 
@@ -65,7 +79,7 @@ def open_backbone(f: FeaturesParams, cache_dir: Path, layer: str | None = None, 
     layer = layer or f.layer
     if layer == IMAGE:
         return ImageRunner(input_size(f))
-    if f.runtime == "litert":
+    if resolve_runtime(f) == "litert":
         from pipeline.backbones import litert
 
         spec = BACKBONES[f.backbone]
@@ -101,7 +115,7 @@ def build_keras(f: FeaturesParams, cache_dir: Path, layer: str | None = None):
 
 def resizer(f: FeaturesParams, size: int):
     """(H, W, 3) uint8 -> (size, size, 3) float32 0..255, the way ``f.runtime`` does it."""
-    if f.runtime == "litert":
+    if resolve_runtime(f) == "litert":
         from pipeline.backbones.litert import keep_freed_memory
         from pipeline.data.resize import fit_to_size
 
@@ -112,8 +126,9 @@ def resizer(f: FeaturesParams, size: int):
     return single_image_resizer(size, f.resize)
 
 
-def decode_file(path: Path, draft: int, resize):
-    """(the backbone's input (S, S, 3) float32, None) or (None, the reason it cannot be used)."""
+def decode_file(path, draft: int, resize):
+    """(the backbone's input (S, S, 3) float32, None) or (None, the reason it cannot be used).
+    ``path``: a file, or a file object holding its bytes."""
     try:
         return resize(decode_rgb(path, draft)), None
     except ImageError as error:

@@ -16,7 +16,7 @@ _NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operat
           "This TensorFlow binary is optimized", "To enable the following instructions",
           "cuda_", "Unable to register cu", "computation placer already registered", "Assets written to",
           "Created TensorFlow Lite XNNPACK delegate", "fully_quantize:", "Estimated count of arithmetic ops",
-          "WARNING: All log messages before absl")
+          "WARNING: All log messages before absl", "has constructor arguments in the object store")
 
 
 @contextlib.contextmanager

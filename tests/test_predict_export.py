@@ -128,11 +128,13 @@ def large_jpeg_project(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("model, decode", [("logreg", "full"), ("softmax", "full"), ("logreg", "draft")])
-def test_an_app_decoding_whole_photos_gets_the_pipelines_answers(large_jpeg_project, model, decode):
+@pytest.mark.parametrize("model, decode, views", [("logreg", "full", ["original"]), ("softmax", "full", ["original"]),
+                                                  ("logreg", "draft", ["original"]),
+                                                  ("logreg", "full", ["original", "hflip"])])
+def test_an_app_decoding_whole_photos_gets_the_pipelines_answers(large_jpeg_project, model, decode, views):
     project = large_jpeg_project
     params = make_params(project, train_head={"model": model, "epochs": 20, "learning_rate": 0.05},
-                         export={"quantize": "int8"}, features={"decode": decode})
+                         export={"quantize": "int8"}, features={"decode": decode, "views": views})
     features.run(params, project)
     train_head.run(params, project)
     result = export.run(params, project)

@@ -7,6 +7,8 @@ palette, alpha, CMYK, 16-bit) to 8-bit RGB. Large JPEGs are decoded at a reduced
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -68,6 +70,7 @@ def check_header(image: Image.Image) -> None:
 
 def decode_rgb(path, draft_size: int = 0) -> np.ndarray:
     """(H, W, 3) uint8 RGB, upright, the whole photo; resizing to the input size is ``FitToSize``.
+    ``path``: a file, or its bytes in a file object (a Ray worker's case): the same reasons either way.
     With ``draft_size``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
     sides at least that many pixels: several times faster on 12 MP photos, but not the pixels an
     app that decodes the whole photo gets (README: the figures). Raises ImageError with the reason."""
@@ -85,4 +88,10 @@ def decode_rgb(path, draft_size: int = 0) -> np.ndarray:
     except PermissionError:
         raise ImageError("permission denied") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise ImageError(f"cannot decode: {error}") from None
+        raise ImageError(f"cannot decode: {_without_name(str(error), path)}") from None
+
+
+def _without_name(message: str, path) -> str:
+    """Pillow names the file in some messages: the reason alone reads the same for a path and for bytes."""
+    message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", message)
+    return message.replace(f"'{path}'", "the file").replace(str(path), "the file")

@@ -129,6 +129,10 @@ def run_top(params: Params, base: str | Path = ".") -> FeaturesResult:
 
 
 def _run(params: Params, base: Path, f: FeaturesParams, folder: str, stage: str, ingredients: dict):
+    if f.engine == "ray":  # before anything is written: an unreachable cluster is an error with no trace
+        from pipeline import ray_engine
+
+        ray_engine.connect(f)
     data = scan_mod.scan(params.data, base, index_path=file_index_path(params, base))
     key = cache_key(f)
     out = cache_file(params, base, f, folder)
@@ -379,10 +383,10 @@ def _featurise(jobs, params: Params, base: Path, f: FeaturesParams, root: Path, 
     ``commit_every`` photos."""
     from tqdm import tqdm
 
-    runner = runtime.open_backbone(f, base / params.paths.cache_dir, calibration=_calibration_set(
-        [r for records, _ in jobs for r in records], root, f))
+    everything = [r for records, _ in jobs for r in records]
+    runner = runtime.open_backbone(f, base / params.paths.cache_dir, calibration=_calibration_set(everything, root, f))
     meta = {"weights_sha256": runner.weights_sha256, "feature_shape": tuple(runner.feature_shape)}
-    total = sum(len(records) for records, _ in jobs)
+    total = len(everything)
     progress = tqdm(total=total, unit="img", desc=stage, mininterval=1.0, disable=None)
     started = time.perf_counter()
     try:
@@ -390,8 +394,7 @@ def _featurise(jobs, params: Params, base: Path, f: FeaturesParams, root: Path, 
             if not records:
                 continue
             writer = _PartWriter(parts_dir, key, meta, f.commit_every, np.dtype(f.dtype), views)
-            results = runtime.featurise_files([root / r.path for r in records], runner, f, views)
-            for record, (rows, error) in zip(records, results):
+            for record, rows, error in _engine_rows(records, views, runner, f, root, base / params.paths.cache_dir):
                 writer.add(record.sha256, rows, error)
                 progress.update(1)
             writer.commit()
@@ -400,6 +403,27 @@ def _featurise(jobs, params: Params, base: Path, f: FeaturesParams, root: Path, 
     elapsed = time.perf_counter() - started
     log.info("%s: featurised %d image(s) in %.1f s (%.1f img/s)", stage, total, elapsed, total / max(elapsed, 1e-9))
     return meta
+
+
+def _engine_rows(records, views, runner, f: FeaturesParams, root: Path, cache_dir: Path):
+    """``(record, (len(views), *shape) or None, error)`` for every record: here (``runtime``), or on a
+    Ray cluster (``ray_engine``: the same model file, checked here first), in any order."""
+    if f.engine != "ray":
+        results = runtime.featurise_files([root / r.path for r in records], runner, f, views)
+        for record, (rows, error) in zip(records, results):
+            yield record, rows, error
+        return
+    from pipeline import ray_engine
+
+    if getattr(runner, "keras", None) is not None:  # not checked yet: check on these photos before shipping it
+        sample = [image for image, _ in (runtime.decode_file(root / r.path, runtime.draft_size(f),
+                                                              runtime.resizer(f, runner.input_size))
+                                         for r in records[:8]) if image is not None]
+        if sample:
+            runner.predict(np.stack(sample))
+    weights = next(iter(sorted((cache_dir / "weights").glob(f"{f.backbone}-*.weights.h5"))), None) \
+        if f.ray_gpus_per_worker else None
+    yield from ray_engine.featurise(records, root, f, views, runner.path, weights)
 
 
 def _calibration_set(records, root: Path, f: FeaturesParams):
