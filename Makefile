@@ -27,6 +27,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
+setup-ray: setup ## add the pinned Ray extra to .venv (features.engine: ray)
+	$(VENV)/bin/pip install --quiet -r requirements-ray.lock
+	$(VENV)/bin/pip check
+
 demo: setup ## build the demo dataset (data/demo) and run features, train-head and evaluate on it
 	$(RUN) demo-data --out data/demo
 	$(RUN) all $(ARGS)

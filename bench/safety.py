@@ -35,7 +35,6 @@ sys.path.insert(0, str(ROOT))
 DATASET = ROOT.parent / "shared" / "datasets" / "dogs_vs_cats_1k"
 
 import h5py  # noqa: E402
-import numpy as np  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.stages import features  # noqa: E402
@@ -90,12 +89,13 @@ def _in_memory_parts(patches: Patches) -> None:
         store["rows"].update(dict(zip(shas, columns["features"])))
         store["bad"].update(dict(bad))
 
+    class MemoryParts(parts_mod.Parts):
+        def row(self, sha256, column="features"):
+            return store["rows"][sha256]
+
     def read(folder, key):
-        parts = parts_mod.Parts(meta=store["meta"], bad=dict(store["bad"]))
-        if store["rows"]:
-            shas = list(store["rows"])
-            parts.columns = [{"features": np.stack([store["rows"][s] for s in shas])}]
-            parts.rows = {s: (0, i) for i, s in enumerate(shas)}
+        parts = MemoryParts(meta=store["meta"], bad=dict(store["bad"]))
+        parts.rows = {(sha, "features"): (0, i) for i, sha in enumerate(store["rows"])}
         return parts
 
     patches.set(parts_mod, "write", write)

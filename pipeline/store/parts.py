@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,18 +33,33 @@ ROW_DATASETS = ("sha256", "bad_sha256", "bad_reason")  # not per-row columns of 
 
 @dataclass
 class Parts:
-    """The part files of an unfinished run, kept open so that their rows are read only when merged."""
+    """The part files of an unfinished run. Their index (which sha256 is where) is read at once; their
+    activations only when merged, a whole part at a time, with the last few parts read kept in memory
+    (``CACHE_BYTES``): memory and open files stay bounded however many parts there are."""
 
     files: list = field(default_factory=list)
     rows: dict = field(default_factory=dict)  # (sha256, dataset) -> (part number, row in that part)
     bad: dict = field(default_factory=dict)  # sha256 -> reason
-    columns: list = field(default_factory=list)  # per part: {name: h5py dataset}
-    handles: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)  # weights_sha256 and feature_shape of the run that wrote them
+    _loaded: OrderedDict = field(default_factory=OrderedDict)  # (part, dataset) -> array, least recent first
+
+    CACHE_BYTES = 256 << 20
 
     def row(self, sha256: str, column: str = "features"):
         part, index = self.rows[(sha256, column)]
-        return self.columns[part][column][index]
+        return self._array(part, column)[index]
+
+    def _array(self, part: int, column: str) -> np.ndarray:
+        key = (part, column)
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+        with h5py.File(self.files[part], "r") as f:
+            array = f[column][...]
+        self._loaded[key] = array
+        while len(self._loaded) > 1 and sum(a.nbytes for a in self._loaded.values()) > self.CACHE_BYTES:
+            self._loaded.popitem(last=False)
+        return array
 
     def has(self, sha256: str, column: str = "features") -> bool:
         return (sha256, column) in self.rows
@@ -52,9 +68,7 @@ class Parts:
         return {sha for sha, name in self.rows if name == column}
 
     def close(self) -> None:
-        for handle in self.handles:
-            handle.close()
-        self.handles.clear()
+        self._loaded.clear()
 
     def remove(self) -> None:
         self.close()
@@ -71,29 +85,24 @@ def read(folder: Path, key: str) -> Parts:
     if not folder.is_dir():
         return parts
     for file in sorted(folder.glob("part-*.h5")):
-        f = None
         try:
-            f = h5py.File(file, "r")
-            if f.attrs["key"] != key:
-                raise ValueError(f"made with key {str(f.attrs['key'])[:12]}, not {key[:12]}")
-            shas = f["sha256"].asstr()[...].tolist()
-            columns = {name: f[name] for name in f if name not in ROW_DATASETS}
-            if any(len(column) != len(shas) for column in columns.values()) or not columns:
-                raise ValueError("its columns do not have one row per sha256")
-            bad = dict(zip(f["bad_sha256"].asstr()[...].tolist(), f["bad_reason"].asstr()[...].tolist()))
-            meta = {"weights_sha256": str(f.attrs["weights_sha256"]),
-                    "feature_shape": tuple(int(d) for d in f.attrs["feature_shape"])}
+            with h5py.File(file, "r") as f:
+                if f.attrs["key"] != key:
+                    raise ValueError(f"made with key {str(f.attrs['key'])[:12]}, not {key[:12]}")
+                shas = f["sha256"].asstr()[...].tolist()
+                columns = [name for name in f if name not in ROW_DATASETS]
+                if not columns or any(len(f[name]) != len(shas) for name in columns):
+                    raise ValueError("its columns do not have one row per sha256")
+                bad = dict(zip(f["bad_sha256"].asstr()[...].tolist(), f["bad_reason"].asstr()[...].tolist()))
+                meta = {"weights_sha256": str(f.attrs["weights_sha256"]),
+                        "feature_shape": tuple(int(d) for d in f.attrs["feature_shape"])}
         except (OSError, KeyError, ValueError) as error:
-            if f is not None:
-                f.close()
             log.warning("features: ignoring part %s (%s); its images are featurised again", file.name, error)
             file.unlink(missing_ok=True)
             continue
-        number = len(parts.columns)
-        parts.handles.append(f)
+        number = len(parts.files)
         parts.meta = meta
         parts.files.append(file)
-        parts.columns.append(columns)
         parts.rows.update({(sha, name): (number, i) for name in columns for i, sha in enumerate(shas)})
         parts.bad.update(bad)
     return parts
