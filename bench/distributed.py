@@ -13,6 +13,9 @@
    process of its own: seconds, peak memory, file size.
 3. Scanning: ``data.scan`` of 10k files (the shared photos, copied with other trailing bytes), first
    with every file read and hashed, then again with the stat index (unchanged files are not read).
+4. CPU-seconds per photo on one core: decoding and resizing (the dogs-vs-cats JPEGs, ~500 x 375,
+   and phone-sized 4032 x 3024 ones, whole and draft), and the LiteRT backbone alone with one
+   thread (float32 and int8), medians; the inputs of docs/scale.md's plan.
 Results: Markdown on stdout and bench/results/distributed.json.
 """
 from __future__ import annotations
@@ -100,6 +103,48 @@ def scan_cost(work: Path, n: int = 10_000) -> dict:
             "mb_per_second": size / 1e6 / hashed}
 
 
+def cpu_seconds(work: Path) -> dict:
+    """Seconds of one core per photo: decode + resize, and the backbone alone."""
+    from _photos import SOURCE, make_phone_images
+
+    from pipeline import params as params_mod, runtime
+    from pipeline.backbones.litert import LiteRTBackbone
+    from pipeline.data.decode import decode_rgb
+    from pipeline.data.resize import fit_to_size
+
+    out = {}
+    ordinary = sorted(SOURCE.rglob("*.jpg"))[:200]
+    phone = sorted(make_phone_images(200).rglob("*.jpg"))[:20]
+    for label, files, draft in (("decode+resize, ~500x375 JPEG", ordinary, 0),
+                                ("decode+resize, 4032x3024 JPEG, whole", phone, 0),
+                                ("decode+resize, 4032x3024 JPEG, draft", phone, 224)):
+        times = []
+        for file in files:
+            started = time.perf_counter()
+            fit_to_size(decode_rgb(file, draft), 224)
+            times.append(time.perf_counter() - started)
+        out[label] = statistics.median(times)
+    project = work / "cpu"
+    project.mkdir()
+    (project / "params.yaml").write_text(json.dumps({"data": {"root": str(SOURCE)}}))
+    run_measured(project, "features", "--set", "features.precision=int8")
+    run_measured(project, "features")
+    import numpy as np
+
+    x = np.random.default_rng(0).uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
+    for label, pattern in (("backbone, float32, 1 thread", "*-pooled-224.tflite"),
+                           ("backbone, int8, 1 thread", "*-pooled-224-int8.tflite")):
+        backbone = LiteRTBackbone(next((project / "cache" / "weights").glob(pattern)), threads=1)
+        backbone.predict(x)
+        times = []
+        for _ in range(200):
+            started = time.perf_counter()
+            backbone.predict(x)
+            times.append(time.perf_counter() - started)
+        out[label] = statistics.median(times)
+    return out
+
+
 def engines(work: Path, repeats: int) -> dict:
     warm = work / "warm"
     warm.mkdir()
@@ -131,7 +176,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results = {"engines": engines(work, args.repeats), "merge": [merge_at(n, work) for n in args.rows],
-                   "scan": scan_cost(work)}
+                   "scan": scan_cost(work), "cpu_seconds_per_photo": cpu_seconds(work)}
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "distributed.json").write_text(json.dumps(results, indent=2))
     e = results["engines"]
@@ -146,6 +191,9 @@ def main() -> None:
     s = results["scan"]
     print(f"\nscan of {s['files']:,} files ({s['mb']:.0f} MB): {s['hash_seconds']:.1f} s read and hashed "
           f"({s['mb_per_second']:.0f} MB/s), {s['indexed_seconds']:.2f} s again with the stat index")
+    print("\n| one core, per photo | milliseconds (median) |\n|---|---|")
+    for label, seconds in results["cpu_seconds_per_photo"].items():
+        print(f"| {label} | {1000 * seconds:.1f} |")
 
 
 if __name__ == "__main__":

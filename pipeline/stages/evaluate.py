@@ -90,7 +90,7 @@ def run(params: Params, base: str | Path = ".") -> EvaluateResult:
     previous = _read_json(reports / "run.json")
     changes = describe_changes(previous.get("inputs") if previous else None, json.loads(canonical_json(ingredients)))
     log.info("evaluate: recomputing (%s)", ", ".join(changes) if changes else
-             ("nothing changed" if previous else "first evaluation"))
+             ("the same model and settings as the last evaluation" if previous else "first evaluation"))
 
     result = evaluate_model(trained)
     classes, metrics, inputs = trained.classes, result["metrics"], trained.inputs

@@ -37,13 +37,6 @@ def open_inputs(params: Params, base: Path) -> ImageInputs:
                                "photos it lists)")
 
 
-def _set_trainable(network, trainable: bool) -> None:
-    network.trainable = trainable
-    for layer in network.layers:
-        if type(layer).__name__ == "BatchNormalization":
-            layer.trainable = False  # inference mode, statistics kept, in both phases
-
-
 def fit(inputs: ImageInputs, job: FitJob):
     from pipeline.backbones import keras_models
 
@@ -69,8 +62,8 @@ def fit(inputs: ImageInputs, job: FitJob):
     x = layers.Dropout(p.dropout, name="dropout")(x)
     model = keras.Model(x_in, layers.Dense(len(inputs.classes), activation="softmax", name="softmax")(x),
                         name="finetuned")
-    phases = [keras_fit.Phase("head", p.epochs_head, p.learning_rate_head, lambda m: _set_trainable(network, False)),
-              keras_fit.Phase("all", p.epochs_all, p.learning_rate_all, lambda m: _set_trainable(network, True))]
+    phases = keras_fit.pretrained_phases(network, p.epochs_head, p.learning_rate_head, p.epochs_all,
+                                         p.learning_rate_all)
     history = keras_fit.fit(model, inputs, job.train, job.val, phases, batch_size=p.batch_size, patience=p.patience,
                             class_weight=p.class_weight, seed=p.seed, backup=job.backup, log=job.log)
     return KerasClassifier(model, inputs.classes, history)

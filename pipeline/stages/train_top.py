@@ -43,13 +43,6 @@ def build_top(backbone_model, cut_point: str):
                        name="top")
 
 
-def _set_trainable(top, trainable: bool) -> None:
-    top.trainable = trainable
-    for layer in top.layers:
-        if type(layer).__name__ == "BatchNormalization":
-            layer.trainable = False  # inference mode: the statistics never move
-
-
 def fit(inputs: CachedInputs, job: FitJob):
     from pipeline.backbones import keras_models
 
@@ -72,8 +65,7 @@ def fit(inputs: CachedInputs, job: FitJob):
     x = layers.Dropout(p.dropout, name="dropout")(x)
     model = keras.Model(x_in, layers.Dense(len(inputs.classes), activation="softmax", name="softmax")(x),
                         name="top_and_head")
-    phases = [keras_fit.Phase("head", p.epochs_head, p.learning_rate_head, lambda m: _set_trainable(top, False)),
-              keras_fit.Phase("all", p.epochs, p.learning_rate, lambda m: _set_trainable(top, True))]
+    phases = keras_fit.pretrained_phases(top, p.epochs_head, p.learning_rate_head, p.epochs, p.learning_rate)
     history = keras_fit.fit(model, inputs, job.train, job.val, phases, batch_size=p.batch_size, patience=p.patience,
                             class_weight=p.class_weight, seed=p.seed, backup=job.backup, log=job.log)
     return KerasClassifier(model, inputs.classes, history)

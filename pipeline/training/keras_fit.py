@@ -31,6 +31,23 @@ class Phase:
     trainable: Callable  # (model) -> None: sets which layers learn in this phase
 
 
+def set_trainable(network, trainable: bool) -> None:
+    """``network`` learns or not; its BatchNormalization layers never do: trainable=False keeps them
+    in inference mode, so their statistics do not move (a few hundred photos would wreck them)."""
+    network.trainable = trainable
+    for layer in network.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            layer.trainable = False
+
+
+def pretrained_phases(network, epochs_head: int, learning_rate_head: float, epochs_all: int,
+                      learning_rate_all: float) -> list[Phase]:
+    """The Keras transfer-learning guide's two phases: the new layers alone on the frozen pretrained
+    ``network`` (so that large random gradients never reach it), then ``network`` as well, at a low rate."""
+    return [Phase("head", epochs_head, learning_rate_head, lambda model: set_trainable(network, False)),
+            Phase("all", epochs_all, learning_rate_all, lambda model: set_trainable(network, True))]
+
+
 def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
     """Per class: ``n / (n_classes * count)`` for ``balanced`` (scikit-learn's formula), else ones."""
     if mode != "balanced":
