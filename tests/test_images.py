@@ -199,3 +199,20 @@ def test_sniff():
     assert sniff(b"BM" + b"\0" * 30) == "BMP"
     assert sniff(b"hello world") is None
     assert sniff(b"") is None
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_decodes_as_pillow_shows_it(orientation):
+    """Colour JPEGs are decoded by OpenCV (faster on 12 MP photos): pixel for pixel what Pillow's
+    exif_transpose gives, for each of the 8 EXIF orientations."""
+    import io
+
+    from PIL import ImageOps
+
+    base = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    base.save(buffer, "JPEG", exif=exif, quality=95)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))).convert("RGB"))
+    np.testing.assert_array_equal(decode_rgb(io.BytesIO(buffer.getvalue())), expected)

@@ -21,9 +21,11 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 SAMPLE = 32  # photos copied for the calibration
+WORKING_SIDE = 1024  # copies are made from the photo shrunk to at most this many pixels a side: cheap for
+                     # 12 MP photos, and still 4x the input size, so the copy is what the backbone would see
 DISTINCT = 256  # photos whose pairwise similarities stand for distinct photos
 BLOCK = 2048  # rows per block of the all-pairs search
-VERSION = 1  # bump when the copies or the rule change, so calibrations are redone
+VERSION = 2  # bump when the copies or the rule change, so calibrations are redone
 
 
 def unit_vectors(features: np.ndarray) -> np.ndarray:
@@ -37,7 +39,9 @@ def unit_vectors(features: np.ndarray) -> np.ndarray:
 
 def copies(image: Image.Image) -> dict[str, Image.Image]:
     """The four near-copies of one photo that the calibration featurises (saved as JPEG by the caller)."""
+    image.draft("RGB", (WORKING_SIDE, WORKING_SIDE))
     image = ImageOps.exif_transpose(image).convert("RGB")
+    image.thumbnail((WORKING_SIDE, WORKING_SIDE))
     width, height = image.size
     cut = (round(width * 0.08), round(height * 0.08))
     return {
