@@ -65,23 +65,30 @@ class FitToSize(keras.layers.Layer):
 
 def _taps(n, size: int):
     """``data.resize.taps`` in TensorFlow ops: per output pixel, 3 indices into the box-filtered axis
-    and their weights, (size, 3) int32 and float32, for an axis of ``n`` source pixels."""
+    and their weights, (size, 3) int32 and float32, for an axis of ``n`` source pixels.
+
+    Positions are integers (in units of 1/size of a source pixel, 1/(2 size) for bilinear): only the
+    weights, all in [0, 1], are floats. A full-integer (int8) export quantises float tensors; a
+    position quantised to 8 bits would pick the wrong pixels, a weight loses less than 1/255."""
     f = tf.maximum(1, n // size)
     blocks = n // f
-    r = tf.cast(n, tf.float32) / tf.cast(f * size, tf.float32)
-    i = tf.range(size, dtype=tf.float32)[:, None]
-    k = tf.range(3, dtype=tf.float32)[None, :]
-    start = i * r
-    area_index = tf.floor(start) + k
-    area_weights = tf.maximum(0.0, tf.minimum(start + r, area_index + 1.0) - tf.maximum(start, area_index)) / r
-    source = (i + 0.5) * r - 0.5
-    first = tf.floor(source)
-    fraction = source - first
+    i = tf.range(size)[:, None]
+    k = tf.range(3)[None, :]
+    # shrinking: output i spans [i n, (i + 1) n), box j spans [j f size, (j + 1) f size)
+    box = f * size
+    start, end = i * n, (i + 1) * n
+    area_index = start // box + k
+    overlap = tf.maximum(0, tf.minimum(end, (area_index + 1) * box) - tf.maximum(start, area_index * box))
+    area_weights = tf.cast(overlap, tf.float32) / tf.cast(n, tf.float32)
+    # growing (f = 1): source position ((2 i + 1) n - size) / (2 size), bilinear between its neighbours
+    twice = (2 * i + 1) * n - size
+    first = twice // (2 * size)
+    fraction = tf.cast(twice - first * 2 * size, tf.float32) / float(2 * size)
     linear_weights = tf.concat([1.0 - fraction, fraction, tf.zeros_like(fraction)], axis=1)
-    shrink = r >= 1.0
+    shrink = n >= size
     index = tf.where(shrink, area_index, first + k)
     weights = tf.where(shrink, area_weights, linear_weights)
-    return tf.clip_by_value(tf.cast(index, tf.int32), 0, blocks - 1), weights
+    return tf.clip_by_value(index, 0, blocks - 1), weights
 
 
 def _resample(x, axis: int, n, size: int):
