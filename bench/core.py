@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from _run import run_measured  # noqa: E402  (peak memory of the command alone)
 DATASETS = ROOT.parent / "shared" / "datasets"
 PY = sys.executable
 
@@ -36,22 +38,6 @@ def run_stage(project: Path, *args: str) -> dict:
     if process.returncode:
         raise SystemExit(f"{' '.join(args)} failed:\n{stderr}")
     return {"seconds": wall, "stdout": stdout, "stderr": stderr}
-
-
-def run_measured(project: Path, *args: str) -> dict:
-    """Like run_stage, with the child's peak RSS from wait4."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen([PY, "-m", "pipeline", *args, "--params", str(project / "params.yaml")],
-                                   cwd=project, env=env, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(process.pid, 0)  # the child's own peak RSS
-        wall = time.perf_counter() - started
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{' '.join(args)} failed:\n{stderr}")
-    return {"seconds": wall, "peak_mb": usage.ru_maxrss / 1024, "stdout": stdout, "stderr": stderr}
 
 
 def bench_dataset(name: str, repeats: int) -> dict:

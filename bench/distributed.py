@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 DATASETS = ROOT.parent / "shared" / "datasets"
 
-from _run import run_measured  # noqa: E402
+from _run import measured, run_measured  # noqa: E402
 
 MERGE = r"""
 import json, sys, time, hashlib, os
@@ -72,14 +71,9 @@ print(json.dumps({"rows": n, "commit_seconds": committed, "merge_seconds": merge
 def merge_at(n: int, work: Path) -> dict:
     folder = work / f"merge-{n}"
     folder.mkdir()
-    with tempfile.TemporaryFile("w+") as out:
-        process = subprocess.Popen([sys.executable, "-c", MERGE, str(n), str(folder)], stdout=out,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
-        out.seek(0)
-        result = json.loads(out.read().strip().splitlines()[-1])
+    run = measured([sys.executable, "-c", MERGE, str(n), str(folder)], env={**os.environ, "PYTHONPATH": str(ROOT)})
     shutil.rmtree(folder)
-    return {**result, "peak_mb": usage.ru_maxrss / 1024}
+    return {**json.loads(run["stdout"].strip().splitlines()[-1]), "peak_mb": run["peak_mb"]}
 
 
 def scan_cost(work: Path, n: int = 10_000) -> dict:

@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,23 +41,16 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from _photos import SOURCE, make_phone_images  # noqa: E402
-from _run import run_measured  # noqa: E402
+from _run import measured, run_measured  # noqa: E402
 
 
 def measure_naive(root: Path, cache: Path) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_naive.py"), str(root), str(cache)],
-                                   stdout=out, stderr=err, env=env, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - started
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"naive failed:\n{stderr[-3000:]}")
-    return {"seconds": seconds, "peak_mb": usage.ru_maxrss / 1024,
-            "images": json.loads(stdout.strip().splitlines()[-1])["images"]}
+    result = measured([sys.executable, str(ROOT / "bench" / "_naive.py"), str(root), str(cache)], env=env)
+    if result["returncode"]:
+        raise SystemExit(f"naive failed:\n{result['stderr'][-3000:]}")
+    return {"seconds": result["seconds"], "peak_mb": result["peak_mb"],
+            "images": json.loads(result["stdout"].strip().splitlines()[-1])["images"]}
 
 
 def project_for(root: Path, work: Path, warm: Path, **features) -> Path:
