@@ -83,7 +83,7 @@ def run(params: Params, base: str | Path = ".") -> ExportResult:
         log.info("export: float16 feature cache; parity tolerance widened to %g", tolerance)
     target = base / params.export.dir
     with replaced_folder(target) as tmp:  # moved into place only after parity held
-        files = _write_formats(model, tmp, params, base, trained, runtime.draft_size(f))
+        files = _write_formats(model, tmp, params, base, trained, runtime.draft_size(f), size)
         parity = _check_parity(tmp, model, _test_samples(params, base, trained, runtime.draft_size(f)), tolerance,
                                params.export.min_top1_agreement)
         _write_metadata(tmp, params, base, trained, size, f, parity)
@@ -127,7 +127,7 @@ def _test_samples(params: Params, base: Path, trained, draft: int):
         log.warning("export: %d test image(s) changed or missing since 'make features'; checked the others", changed)
 
 
-def _write_formats(model, folder: Path, params: Params, base: Path, trained, draft: int) -> list[str]:
+def _write_formats(model, folder: Path, params: Params, base: Path, trained, draft: int, size: int) -> list[str]:
     files = ["model.keras", "saved_model", "model.tflite"]
     model.save(folder / "model.keras")
     model.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
@@ -135,13 +135,13 @@ def _write_formats(model, folder: Path, params: Params, base: Path, trained, dra
     quantize = params.export.quantize
     if quantize != "none":
         name = f"model_{quantize}.tflite"
-        (folder / name).write_bytes(_quantized(folder / "saved_model", quantize, params, base, trained, draft))
+        (folder / name).write_bytes(_quantized(folder / "saved_model", quantize, params, base, trained, draft, size))
         files.append(name)
     (folder / "labels.txt").write_text("\n".join(trained.classes) + "\n")
     return files + ["labels.txt", "model.json"]
 
 
-def _quantized(saved_model: Path, mode: str, params: Params, base: Path, trained, draft: int) -> bytes:
+def _quantized(saved_model: Path, mode: str, params: Params, base: Path, trained, draft: int, size: int) -> bytes:
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
@@ -155,14 +155,37 @@ def _quantized(saved_model: Path, mode: str, params: Params, base: Path, trained
         root = base / params.data.root
 
         def representative():
+            first = True
             for path in paths:
                 try:
-                    yield [decode_rgb(root / path, draft)[None]]
+                    pixels = decode_rgb(root / path, draft)
                 except ImageError:
                     continue
+                yield [pixels[None]]
+                if first:
+                    first = False
+                    for extreme in range_samples(pixels, size):
+                        yield [extreme[None]]
 
         converter.representative_dataset = representative
     return converter.convert()
+
+
+def range_samples(pixels: np.ndarray, size: int) -> list[np.ndarray]:
+    """Calibration samples that make every tensor of the model's resize reach its full range.
+
+    A full-integer model keeps each tensor's range from calibration. The resize's weights reach 1
+    only at some photo sizes (a side that is a multiple of the input size): calibrated on photos of
+    other sizes, a weight of 1 would be clipped (a photo made darker). So the calibration also sees
+    one photo at twice the input size, contrast-stretched to 0..255, and at half the input size
+    (the growing path)."""
+    from PIL import Image
+
+    low, high = pixels.min(), pixels.max()
+    stretched = ((pixels.astype(np.float32) - low) * (255.0 / max(1, high - low))).round().astype(np.uint8)
+    image = Image.fromarray(stretched)
+    return [np.asarray(image.resize((2 * size, 2 * size), Image.BOX)),
+            np.asarray(image.resize((max(1, size // 2),) * 2, Image.BOX))]
 
 
 class _Runners:
