@@ -68,6 +68,7 @@ def strangers() -> list[Image.Image]:
         if array.ndim == 2:
             array = np.stack([array] * 3, axis=-1)
         if array.dtype != np.uint8:
+            array = array.astype(np.float64)
             array = (255 * (array - array.min()) / max(1e-9, float(array.max() - array.min()))).astype(np.uint8)
         found.append(Image.fromarray(array[..., :3]))
         if len(found) == 12:

@@ -69,14 +69,15 @@ def connect(f: FeaturesParams) -> None:
         runtime_env = {"py_modules": [str(Path(__file__).resolve().parent)],
                        "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}}
     try:
-        ray.init(address=address, include_dashboard=False if address is None else None, logging_level="ERROR",
-                 log_to_driver=True, runtime_env=runtime_env, namespace="pipeline")
+        context = ray.init(address=address, logging_level="ERROR", log_to_driver=True, runtime_env=runtime_env,
+                           namespace="pipeline")
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise RuntimeError(f"features.ray_address {address}: cannot join a Ray cluster ({' '.join(str(error).split())[:160]}); "
                            "set features.ray_address: null to start one here") from None
     resources = ray.cluster_resources()
-    log.info("features: Ray cluster with %g CPU(s), %g GPU(s) (%s)", resources.get("CPU", 0), resources.get("GPU", 0),
-             "started here" if address is None else address)
+    log.info("features: Ray cluster with %g CPU(s), %g GPU(s) (%s)%s", resources.get("CPU", 0), resources.get("GPU", 0),
+             "started here" if address is None else address,
+             f"; dashboard at http://{context.dashboard_url}" if context.dashboard_url else "")
 
 
 class FeatureWorker:
@@ -103,6 +104,9 @@ class FeatureWorker:
             self.runner = LiteRTBackbone(path)
         self.resize = runtime.resizer(self.f, self.size)
         self.draft = runtime.draft_size(self.f)
+        # in the actor's log (the dashboard's Logs tab, and the driver's console with a worker prefix)
+        print(f"FeatureWorker: {self.f.backbone} {layer} on {'TensorFlow' if gpu else 'LiteRT'}, "
+              f"input {self.size} px, ready", flush=True)
 
     def featurise(self, shard: list[tuple[str, bytes]], views: tuple[str, ...]) -> list:
         """``[(sha256, (len(views), *shape) float32 or None, error or None)]`` for ``[(sha256, bytes)]``."""

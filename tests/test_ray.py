@@ -21,8 +21,10 @@ ray = pytest.importorskip("ray", reason="the Ray extra is not installed ('make s
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray of 2 CPUs for this module; drivers in other processes join it by its address."""
-    context = ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", namespace="pipeline")
+    """A local Ray of 2 CPUs for this module, with its dashboard; drivers in other processes join it by
+    its address."""
+    context = ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR", namespace="pipeline")
+    assert context.dashboard_url, "the Ray dashboard did not start (its dependencies come with 'make setup-ray')"
     yield context.address_info["gcs_address"]
     ray.shutdown()
 
@@ -48,6 +50,22 @@ def test_the_ray_cache_equals_the_local_cache(tmp_path, cluster):
     assert "misty/broken.jpg,cannot decode: " in skipped_local
     with __import__("h5py").File(result.path) as f:
         assert f["bad_sha256"].shape == (1,)
+
+
+def test_the_dashboard_shows_the_feature_workers_and_their_logs(tmp_path, cluster):
+    import urllib.request
+
+    from ray.util.state import get_log, list_actors
+
+    make_dataset(tmp_path / "photos", per_class=8, classes=("misty", "tigger"))
+    features.run(make_params(tmp_path, features={"engine": "ray"}), tmp_path)
+    url = "http://" + ray.get_runtime_context().worker.node.address_info["webui_url"]
+    with urllib.request.urlopen(url, timeout=30) as page:  # the web UI itself
+        assert page.status == 200 and b"<html" in page.read(2000).lower()
+    actors = list_actors(filters=[("class_name", "=", "FeatureWorker")], detail=True)
+    assert actors, "no FeatureWorker actor in the dashboard's state API"
+    log_text = "".join(get_log(actor_id=actors[-1].actor_id, tail=200, suffix="out"))
+    assert "FeatureWorker: tiny pooled on LiteRT, input 32 px, ready" in log_text, log_text[-500:]
 
 
 KILL_PARAMS = {
