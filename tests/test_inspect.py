@@ -13,7 +13,7 @@ from pipeline.store import table as feature_store
 from pipeline.store.table import CacheError
 from pipeline.use import inspect, report
 
-from conftest import CLASS_COLOURS, cli, make_dataset, make_image, make_params, shared_dataset
+from conftest import CLASS_COLOURS, CountingBackbone, cli, make_dataset, make_image, make_params, shared_dataset
 
 
 def read_csv(path):
@@ -26,7 +26,7 @@ def test_without_a_cache_it_says_what_to_run(project):
         inspect.run(make_params(project), project)
 
 
-def test_photos_in_the_wrong_folder_are_the_likely_label_errors(tmp_path):
+def test_photos_in_the_wrong_folder_are_the_likely_label_errors(tmp_path, monkeypatch):
     make_dataset(tmp_path / "photos", per_class=20, classes=("misty", "tigger"))
     wrong = []
     for i in range(3):  # tigger-coloured photos filed under misty
@@ -34,7 +34,9 @@ def test_photos_in_the_wrong_folder_are_the_likely_label_errors(tmp_path):
                                 80_000 + i))
     params = make_params(tmp_path)
     features.run(params, tmp_path)
+    counting = CountingBackbone(monkeypatch)
     result = inspect.run(params, tmp_path)
+    assert counting.builds == 0 and counting.images == 0  # the cache alone: no backbone
     rows = read_csv(tmp_path / "reports" / "label_issues.csv")
     assert list(rows[0]) == ["path", "given", "suggested", "score"]
     flagged = {r["path"]: r for r in rows}

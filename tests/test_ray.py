@@ -161,3 +161,18 @@ def test_without_ray_installed_it_says_to_run_setup_ray(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == ("error: features.engine: ray needs Ray, which is not installed; "
                                   "run 'make setup-ray'")
+
+
+def test_the_cluster_recipe_in_docs_passes_rays_own_validation():
+    """docs/scale.md's `ray up` file, checked by the code `ray up` runs before launching anything."""
+    import re
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    text = (ROOT / "docs" / "scale.md").read_text()
+    config = yaml.safe_load(re.search(r"```yaml\n(# cluster.yaml.*?)```", text, re.S).group(1))
+    validate_config(prepare_config(config))
+    broken = {**config, "head_node_type": "no_such_type"}
+    with pytest.raises(ValueError):
+        validate_config(prepare_config(broken))
