@@ -181,3 +181,17 @@ def test_the_report_stays_readable_and_small_at_100_classes(tmp_path):
     assert "Most confused pairs" in text
     with Image.open(reports / "confusion_matrix.png") as image:
         assert image.width < 2000  # 20 classes drawn, not 100
+
+
+def test_the_blocked_pair_search_equals_every_pair_compared(monkeypatch):
+    """Blocks of 4 rows over 11 vectors (the last block short): the pairs found are exactly those a
+    full similarity matrix gives, the pairs in the last rows included."""
+    monkeypatch.setattr(near_duplicates, "BLOCK", 4)
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(6, 16))
+    raw = np.concatenate([base, base[[0, 2, 4]] + 0.05 * rng.normal(size=(3, 16)), base[[5]], base[[5]] * 2])
+    vectors = near_duplicates.unit_vectors(raw)
+    similarity = vectors @ vectors.T
+    expected = {(i, j) for i in range(len(raw)) for j in range(i + 1, len(raw)) if similarity[i, j] >= 0.95}
+    assert (9, 10) in expected and len(expected) >= 5  # the planted copies, one pair inside the last block
+    assert {(min(i, j), max(i, j)) for i, j, _ in near_duplicates.pairs(vectors, 0.95)} == expected

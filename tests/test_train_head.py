@@ -206,3 +206,22 @@ def test_empty_test_split_is_an_error(project):
     train_head.run(params, project)
     with pytest.raises(evaluate.EvaluationError, match="test split is empty"):
         evaluate.run(params, project)
+
+
+def test_keras_probabilities_are_computed_in_calls_bounded_by_bytes(monkeypatch):
+    """A spatial input (a cut-point cache) is never handed to the model whole: each call is sized so
+    its activations stay near CALL_BYTES, and the slices come back in order."""
+    from pipeline.training import classifiers
+
+    monkeypatch.setattr(classifiers, "CALL_BYTES", 4 * 7 * 7 * 8 * 16 * 10)  # room for 10 rows of (7, 7, 8)
+    calls = []
+
+    def model(x, training=False):
+        calls.append(len(x))
+        mean = np.asarray(x).reshape(len(x), -1).mean(axis=1, keepdims=True)
+        return np.concatenate([mean, 1 - mean], axis=1)
+
+    x = np.random.default_rng(0).random((95, 7, 7, 8), dtype=np.float32)
+    probabilities = classifiers.KerasClassifier(model, ["a", "b"], {}).predict_proba(x)
+    assert calls == [10] * 9 + [5]
+    np.testing.assert_allclose(probabilities[:, 0], x.reshape(95, -1).mean(axis=1), rtol=1e-6)

@@ -138,7 +138,7 @@ def run(params: Params, base: str | Path = ".") -> InspectResult:
                if p.near_duplicate_threshold is not None else "calibration", "calibration": calibration,
                "outliers": len(outliers), "seconds": time.perf_counter() - started}
     atomic_write_text(reports / "inspect.json", json.dumps(summary, indent=2) + "\n")
-    text = _summary_text(summary, label_issues, pairs, outliers, reports)
+    text = _summary_text(summary, label_issues, pairs, outliers, Path(params.paths.reports_dir))
     log.info("inspect: %d photos in %.1f s", len(y), summary["seconds"])
     return InspectResult(summary, label_issues, pairs, outliers, text)
 
@@ -171,7 +171,7 @@ def _summary_text(summary: dict, issues, pairs, outliers, reports: Path) -> str:
     lines += [f"  {q['path']}: {q['given']} -> {q['suggested']} (score {q['score']:.3f})" for q in issues[:5]]
     lines.append(f"near-duplicate pairs: {summary['near_duplicate_pairs']} (similarity >= "
                  f"{summary['near_duplicate_threshold']:.3f}, {summary['threshold_from']}); "
-                 f"{summary['leaking_pairs']} straddle splits, {summary['pairs_with_different_labels']} have "
+                 f"{summary['leaking_pairs']} straddle splits, {summary['pairs_with_different_labels']} with "
                  "different labels")
     lines += [f"  {q['path_a']} ~ {q['path_b']} ({q['similarity']:.3f}, {q['split_a']}/{q['split_b']})"
               for q in pairs[:5]]
