@@ -12,6 +12,12 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 SOURCE = DATASETS / "dogs_vs_cats_1k"
 
 
+def require(folder: Path) -> None:
+    """Stop with one line where the shared photo datasets are absent."""
+    if not folder.is_dir():
+        raise SystemExit(f"no {folder}; this benchmark needs the shared photo datasets")
+
+
 def make_phone_images(count: int) -> Path:
     """The first ``count`` dogs-vs-cats photos upscaled to 4032 x 3024 with mild noise (sigma 3, so they
     compress and decode like real photos rather than smooth upscales), JPEG quality 92."""

@@ -54,6 +54,7 @@ for start in range(0, n, 256):
     parts_mod.write(parts_dir, "k", meta, chunk, {"features": list(rng.standard_normal((len(chunk), 1280), np.float32))}, [])
 committed = time.perf_counter() - started
 import resource
+from _photos import require  # noqa: E402
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 started = time.perf_counter()
 parts = parts_mod.read(parts_dir, "k")
@@ -165,8 +166,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     args = parser.parse_args()
-    if not DATASETS.is_dir():
-        raise SystemExit(f"no {DATASETS}; this benchmark needs the shared photo datasets")
+    require(DATASETS)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results = {"engines": engines(work, args.repeats), "merge": [merge_at(n, work) for n in args.rows],

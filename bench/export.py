@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _photos import require  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -46,8 +47,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     args = parser.parse_args()
     root = DATASETS / args.dataset
-    if not root.is_dir():
-        raise SystemExit(f"no {root}; this benchmark needs the shared photo datasets")
+    require(root)
     from PIL import Image
 
     from _photos import make_phone_images

@@ -32,6 +32,7 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.stages import evaluate, features, finetune, train_head, train_top  # noqa: E402
 from pipeline.store import table as feature_store  # noqa: E402
+from _photos import require  # noqa: E402
 
 
 def epoch_seconds(model, x, y, epochs=3) -> float:
@@ -57,8 +58,7 @@ def main() -> None:
     parser.add_argument("--cut-points", nargs="+", default=["block15", "block14", "block10"])
     args = parser.parse_args()
     root = DATASETS / args.dataset
-    if not root.is_dir():
-        raise SystemExit(f"no {root}; this benchmark needs the shared photo datasets")
+    require(root)
     out: dict = {"dataset": args.dataset, "cache": {}, "speed": {}, "rungs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 DATASETS = ROOT.parent / "shared" / "datasets"
 
-from _photos import make_phone_images  # noqa: E402
+from _photos import make_phone_images, require  # noqa: E402
 
 from pipeline import params as params_mod, runtime  # noqa: E402
 from pipeline.data.decode import decode_rgb  # noqa: E402
@@ -87,8 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phone-images", type=int, default=200)
     args = parser.parse_args()
-    if not DATASETS.is_dir():
-        raise SystemExit(f"no {DATASETS}; this benchmark needs the shared photo datasets")
+    require(DATASETS)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -29,6 +29,7 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.stages import features  # noqa: E402
+from _photos import require  # noqa: E402
 
 
 def logreg():
@@ -83,8 +84,7 @@ def hard_split_csv(root: Path, target: Path, per_class: int = 20) -> Path:
 
 
 def main() -> None:
-    if not DATASETS.is_dir():
-        raise SystemExit(f"no {DATASETS}; this benchmark needs the shared photo datasets")
+    require(DATASETS)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)

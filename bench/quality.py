@@ -12,8 +12,9 @@
    Precision and recall of each finder against what was planted (label issues: the moved photos;
    pairs: original-copy pairs; outliers: the 12 strangers among the photos inspect lists).
 2. cat_breeds_web5 as it is: counts, and the first findings.
-3. Seconds of ``python -m pipeline inspect`` at 10k photos (bench/scale.py's copies of the 2,000
-   shared photos: every photo has 4 byte-different copies, so the pair search has work to do).
+3. Seconds and peak memory of ``python -m pipeline inspect`` at 2.5k and 10k photos (bench/scale.py's
+   copies of the 2,000 shared photos: at 10k every photo has 4 byte-different copies, so the pair
+   search has work to do).
 Results: Markdown on stdout and bench/results/inspect.json.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 
 from _run import run_measured  # noqa: E402
 from scale import make_photos  # noqa: E402
+from _photos import require  # noqa: E402
 
 STRANGERS = ["rocket", "coffee", "astronaut", "camera", "chelsea_never", "coins", "moon", "page", "text", "horse",
              "immunohistochemistry", "hubble_deep_field", "clock", "motorcycle_left", "brick", "grass", "gravel",
@@ -157,14 +159,13 @@ def at_scale(work: Path, n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale", type=int, default=10_000)
+    parser.add_argument("--scale", type=int, nargs="+", default=[2_500, 10_000])
     args = parser.parse_args()
-    if not DATASETS.is_dir():
-        raise SystemExit(f"no {DATASETS}; this benchmark needs the shared photo datasets")
+    require(DATASETS)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results = {"planted": planted_run(work, args.seed), "cat_breeds_web5": as_is(work),
-                   "scale": at_scale(work, args.scale)}
+                   "scale": [at_scale(work, n) for n in args.scale]}
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "inspect.json").write_text(json.dumps(results, indent=2))
     planted = results["planted"]
@@ -181,9 +182,10 @@ def main() -> None:
     print(f"\ncat_breeds_web5 as it is: {breeds['photos']} photos, {breeds['label_issues']} likely label errors, "
           f"{breeds['near_duplicate_pairs']} near-duplicate pairs ({breeds['leaking_pairs']} straddle splits, "
           f"{breeds['pairs_with_different_labels']} with different labels), {breeds['outliers']} outliers listed")
-    scale = results["scale"]
-    print(f"\ninspect at {scale['photos']:,} photos: {scale['seconds']:.1f} s as a process "
-          f"({scale['seconds_inside']:.1f} s inside), peak {scale['peak_mb']:.0f} MB")
+    print()
+    for scale in results["scale"]:
+        print(f"inspect at {scale['photos']:,} photos: {scale['seconds']:.1f} s as a process "
+              f"({scale['seconds_inside']:.1f} s inside), peak {scale['peak_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

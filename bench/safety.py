@@ -40,6 +40,7 @@ from pipeline import params as params_mod  # noqa: E402
 from pipeline.stages import features  # noqa: E402
 from pipeline.store import parts as parts_mod  # noqa: E402
 from pipeline.store import table  # noqa: E402
+from _photos import require  # noqa: E402
 
 
 class Patches:
@@ -123,24 +124,10 @@ def one_run(safe: bool, weights: Path) -> tuple[float, float]:
             patches.timed(parts_mod, "read", inside)
             patches.timed(parts_mod.Parts, "row", inside)
             patches.timed(table, "verify_features", inside)
-            lock_class = features.FileLock
-
-            class TimedLock(lock_class):
-                def acquire(self, *args, **kwargs):
-                    started = time.perf_counter()
-                    try:
-                        return super().acquire(*args, **kwargs)
-                    finally:
-                        inside[0] += time.perf_counter() - started
-
-                def release(self, *args, **kwargs):
-                    started = time.perf_counter()
-                    try:
-                        return super().release(*args, **kwargs)
-                    finally:
-                        inside[0] += time.perf_counter() - started
-
-            patches.set(features, "FileLock", TimedLock)
+            timed_lock = type("TimedLock", (features.FileLock,), {})
+            patches.timed(timed_lock, "acquire", inside)
+            patches.timed(timed_lock, "release", inside)
+            patches.set(features, "FileLock", timed_lock)
         else:
             _in_memory_parts(patches)
         try:
@@ -218,8 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=6)
     args = parser.parse_args()
-    if not DATASET.is_dir():
-        raise SystemExit(f"no {DATASET}; this benchmark needs the shared photo datasets")
+    require(DATASET)
     with tempfile.TemporaryDirectory() as tmp:
         warm = Path(tmp)
         features.run(params_mod.build({"data": {"root": str(DATASET)}}, "bench"), warm)  # converts once

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 DATASETS = ROOT.parent / "shared" / "datasets"
 
 from _run import run_measured  # noqa: E402
+from _photos import require  # noqa: E402
 
 STAGES = [  # (label, command, extra --set)
     ("features", ["features"], []),
@@ -67,8 +68,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--dataset", help="one shared dataset as it is, instead of the made sets of --sizes")
     args = parser.parse_args()
-    if not DATASETS.is_dir():
-        raise SystemExit(f"no {DATASETS}; this benchmark needs the shared photo datasets")
+    require(DATASETS)
     results: dict = {"backbone": args.backbone, "dataset": args.dataset, "sizes": {}}
     sizes = [sum(1 for p in (DATASETS / args.dataset).rglob("*") if p.is_file())] if args.dataset else args.sizes
     with tempfile.TemporaryDirectory() as tmp:

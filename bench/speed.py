@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _photos import SOURCE, make_phone_images  # noqa: E402
+from _photos import SOURCE, make_phone_images, require  # noqa: E402
 from _run import measured, run_measured  # noqa: E402
 
 
@@ -138,8 +138,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--phone-images", type=int, default=200)
     args = parser.parse_args()
-    if not SOURCE.is_dir():
-        raise SystemExit(f"no {SOURCE}; this benchmark needs the shared photo datasets")
+    require(SOURCE)
     results: dict = {"sets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -13,6 +13,7 @@ and moved into place only after the parity check on the test split passed.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -117,10 +118,11 @@ def _test_samples(params: Params, base: Path, trained, draft: int):
         for path, sha, probabilities in zip(inputs.paths(positions), inputs.sha256(positions), reference):
             file = root / path
             try:
-                if hashlib.sha256(file.read_bytes()).hexdigest() != sha:
+                data = file.read_bytes()
+                if hashlib.sha256(data).hexdigest() != sha:
                     changed += 1
                     continue
-                yield _Sample(path, decode_rgb(file, draft), probabilities)
+                yield _Sample(path, decode_rgb(io.BytesIO(data), draft), probabilities)
             except (OSError, ImageError):
                 changed += 1
     if changed:
