@@ -34,6 +34,7 @@ from pipeline.stages import features
 from pipeline.store import table
 from pipeline.store.table import CacheError
 
+NEIGHBOUR_CHUNK_MB = 64
 log = logging.getLogger("pipeline.inspect")
 
 
@@ -110,8 +111,14 @@ def run(params: Params, base: str | Path = ".") -> InspectResult:
     pairs.sort(key=lambda q: (not q["leak"], not q["labels_differ"], -q["similarity"]))
 
     k = min(10, len(vectors) - 1)
-    typicality = OutOfDistribution(params={"k": k}).fit_score(features=vectors, verbose=False) if k >= 1 \
-        else np.ones(len(vectors))
+    typicality = np.ones(len(vectors))
+    if k >= 1:
+        import sklearn
+
+        # the neighbour search goes through scikit-learn's chunked distances: its default 1 GB of
+        # working memory per chunk was most of the peak at 10k photos
+        with sklearn.config_context(working_memory=NEIGHBOUR_CHUNK_MB):
+            typicality = OutOfDistribution(params={"k": k}).fit_score(features=vectors, verbose=False)
     centroids = near_duplicates.unit_vectors(np.stack([vectors[y == c].mean(axis=0) if np.any(y == c)
                                                        else np.zeros(vectors.shape[1]) for c in range(len(classes))]))
     to_centroids = vectors @ centroids.T  # (N, K)
