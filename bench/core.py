@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from _run import run_measured  # noqa: E402  (peak memory of the command alone)
+
 DATASETS = ROOT.parent / "shared" / "datasets"
 PY = sys.executable
 

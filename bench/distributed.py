@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from _photos import require  # noqa: E402
 DATASETS = ROOT.parent / "shared" / "datasets"
 
 from _run import measured, run_measured  # noqa: E402
@@ -54,7 +55,6 @@ for start in range(0, n, 256):
     parts_mod.write(parts_dir, "k", meta, chunk, {"features": list(rng.standard_normal((len(chunk), 1280), np.float32))}, [])
 committed = time.perf_counter() - started
 import resource
-from _photos import require  # noqa: E402
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 started = time.perf_counter()
 parts = parts_mod.read(parts_dir, "k")
@@ -102,7 +102,6 @@ def cpu_seconds(work: Path) -> dict:
     """Seconds of one core per photo: decode + resize, and the backbone alone."""
     from _photos import SOURCE, make_phone_images
 
-    from pipeline import params as params_mod, runtime
     from pipeline.backbones.litert import LiteRTBackbone
     from pipeline.data.decode import decode_rgb
     from pipeline.data.resize import fit_to_size

@@ -48,9 +48,9 @@ def main() -> None:
     args = parser.parse_args()
     root = DATASETS / args.dataset
     require(root)
+    from _photos import make_phone_images
     from PIL import Image
 
-    from _photos import make_phone_images
     from pipeline.data.decode import decode_rgb
     from pipeline.use.export import _tflite_runner
 

@@ -29,10 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATASETS = ROOT.parent / "shared" / "datasets"
 
+from _photos import require  # noqa: E402
+
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.stages import evaluate, features, finetune, train_head, train_top  # noqa: E402
+from pipeline.store import layout
 from pipeline.store import table as feature_store  # noqa: E402
-from _photos import require  # noqa: E402
 
 
 def epoch_seconds(model, x, y, epochs=3) -> float:
@@ -81,8 +83,9 @@ def main() -> None:
         out["speed"] = []
         for cut in args.cut_points:
             p = params_mod.build({"data": {"root": str(root)}, "train_top": {"cut_point": cut}}, "bench")
-            table = feature_store.read_table(features.top_cache_file(p, base))
-            x_cut, labels, paths = table.select("train")
+            table = feature_store.read_table(layout.top_cache_file(p, base))
+            train = table.splits == "train"
+            x_cut, labels, paths = table.features[train], table.labels[train], table.paths[train]
             classes = sorted(set(labels))
             y = np.array([classes.index(c) for c in labels])
             full = backbones.build("efficientnet_lite0", layer="pooled", cache_dir=base / "cache")

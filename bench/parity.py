@@ -35,7 +35,8 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 
 from _photos import make_phone_images, require  # noqa: E402
 
-from pipeline import params as params_mod, runtime  # noqa: E402
+from pipeline import params as params_mod  # noqa: E402
+from pipeline import runtime
 from pipeline.data.decode import decode_rgb  # noqa: E402
 from pipeline.data.resize import fit_to_size  # noqa: E402
 from pipeline.stages import features  # noqa: E402

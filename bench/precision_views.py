@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATASETS = ROOT.parent / "shared" / "datasets"
 
+from _photos import require  # noqa: E402
+
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.stages import features  # noqa: E402
-from _photos import require  # noqa: E402
 
 
 def logreg():

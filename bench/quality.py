@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 DATASETS = ROOT.parent / "shared" / "datasets"
 
+from _photos import require  # noqa: E402
 from _run import run_measured  # noqa: E402
 from scale import make_photos  # noqa: E402
-from _photos import require  # noqa: E402
 
 STRANGERS = ["rocket", "coffee", "astronaut", "camera", "chelsea_never", "coins", "moon", "page", "text", "horse",
              "immunohistochemistry", "hubble_deep_field", "clock", "motorcycle_left", "brick", "grass", "gravel",

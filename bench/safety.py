@@ -35,12 +35,15 @@ sys.path.insert(0, str(ROOT))
 DATASET = ROOT.parent / "shared" / "datasets" / "dogs_vs_cats_1k"
 
 import h5py  # noqa: E402
+from _photos import require  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.stages import features  # noqa: E402
+from pipeline.store import (
+    layout,
+    table,  # noqa: E402
+)
 from pipeline.store import parts as parts_mod  # noqa: E402
-from pipeline.store import table  # noqa: E402
-from _photos import require  # noqa: E402
 
 
 class Patches:
@@ -134,12 +137,12 @@ def one_run(safe: bool, weights: Path) -> tuple[float, float]:
             started = time.perf_counter()
             features.run(params, project)
             if safe:  # the checksum pass the next run makes over this cache
-                table.verify_features(features.cache_file(params, project))
+                table.verify_features(layout.cache_file(params, project))
             elapsed = time.perf_counter() - started
         finally:
             patches.restore()
         if safe:
-            inside[0] += fletcher32_cost(features.cache_file(params, project))
+            inside[0] += fletcher32_cost(layout.cache_file(params, project))
         return elapsed, inside[0]
 
 

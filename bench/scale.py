@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 DATASETS = ROOT.parent / "shared" / "datasets"
 
-from _run import run_measured  # noqa: E402
 from _photos import require  # noqa: E402
+from _run import run_measured  # noqa: E402
 
 STAGES = [  # (label, command, extra --set)
     ("features", ["features"], []),

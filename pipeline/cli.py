@@ -11,7 +11,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from pipeline import graph, params as params_mod
+from pipeline import graph
+from pipeline import params as params_mod
+from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 
@@ -58,18 +60,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _expected_errors() -> tuple[type, ...]:
-    from pipeline.data.scan import DatasetError
-    from pipeline.stages.evaluate import EvaluationError
-    from pipeline.stages.features import BadDataError
-    from pipeline.store.table import CacheError
-    from pipeline.training.contract import TrainingError
-    from pipeline.use.inspect import InspectError
-
-    return (params_mod.ParamsError, DatasetError, CacheError, BadDataError, TrainingError, EvaluationError, InspectError,
-            FileNotFoundError, RuntimeError, ValueError)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -78,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; every finished part is kept and the next run continues from it", file=sys.stderr)
         return 130
-    except _expected_errors() as error:
+    except PipelineError as error:  # the project's own: bad input, a missing upstream result, a refused check
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # disk full, permissions, ...: the file and the reason, without a traceback
@@ -151,7 +141,7 @@ def _run_stages(args, params, base: Path) -> int:
     if getattr(args, "if_chosen", False) and not stage.chosen(params, base):
         for folder in stage.cache_folders:  # DVC expects the declared output to exist
             (base / params.paths.cache_dir / folder).mkdir(parents=True, exist_ok=True)
-        from pipeline import ladder
+        from pipeline.stages import ladder
 
         log.info("%s: not chosen, nothing to do (%s)", stage.name,
                  ladder.describe_choice(params, ladder.chosen(params, base)[0]))

@@ -22,9 +22,9 @@ from typing import Callable
 
 import yaml
 
-from pipeline import ladder
 from pipeline.params import SECTIONS, FeaturesParams, Params, key_field_names
-from pipeline.stages import evaluate, features
+from pipeline.stages import evaluate, features, ladder
+from pipeline.store import layout
 from pipeline.training.contract import Rung
 
 CACHE, REPORTS, ROOT = "${paths.cache_dir}", "${paths.reports_dir}", "${data.root}"
@@ -60,21 +60,23 @@ def _top_features_needed(params: Params, base: Path) -> bool:
     return ladder.chosen(params, base)[0].input_stage == "top-features"
 
 
-RUNG_READS = {"head": ("train_head",), "top": ("train_top", "features"), "finetune": ("finetune", "features")}
+# every rung fits its guard (calibration, rejection) for the reject params
+RUNG_READS = {"head": ("train_head", "reject"), "top": ("train_top", "features", "reject"),
+              "finetune": ("finetune", "features", "reject")}
 
 STAGES: tuple[Stage, ...] = (
     Stage("features", features.run, "cache the frozen backbone's activations of every photo (incremental)",
-          ("data", "features"), (), (f"{CACHE}/{features.FOLDER}", f"{REPORTS}/skipped.csv"), (ROOT,),
-          cache_folders=(features.FOLDER,)),
+          ("data", "features"), (), (f"{CACHE}/{layout.FOLDER}", f"{REPORTS}/skipped.csv"), (ROOT,),
+          cache_folders=(layout.FOLDER,)),
     Stage("top-features", features.run_top,
           "cache the activations at train_top.cut_point, train-top's input (incremental)",
           ("data", *(f"features.{k}" for k in key_field_names(FeaturesParams) if k not in ("layer", "dtype")),
-           "train_top.cut_point", "train.strategy"), (), (f"{CACHE}/{features.TOP_FOLDER}",),
-          (ROOT,), gate=_top_features_needed, cache_folders=(features.TOP_FOLDER,)),
+           "train_top.cut_point", "train.strategy"), (), (f"{CACHE}/{layout.TOP_FOLDER}",),
+          (ROOT,), gate=_top_features_needed, cache_folders=(layout.TOP_FOLDER,)),
     *(_rung_stage(rung, RUNG_READS[name], (ROOT,) if name == "finetune" else ())  # finetune reads the photos
       for name, rung in ladder.RUNGS.items()),
     Stage("evaluate", evaluate.run, "metrics of the model train.strategy chooses, on the test split",
-          ("train.strategy", "evaluate"), tuple(r.stage for r in ladder.RUNGS.values()),
+          ("train.strategy", "reject", "evaluate"), tuple(r.stage for r in ladder.RUNGS.values()),
           tuple(f"{REPORTS}/{name}" for name in ("index.html", "run.json", "misclassified.csv", "history.jsonl")),
           metrics=(f"{REPORTS}/metrics.json",),
           plots=({f"{REPORTS}/predictions.csv": {"template": "confusion", "x": "actual", "y": "predicted"}},),

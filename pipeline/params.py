@@ -15,11 +15,12 @@ from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 from pipeline.backbones.registry import BACKBONES
+from pipeline.errors import PipelineError
 
 _CONFIG = ConfigDict(extra="forbid", strict=True)
 
 
-class ParamsError(ValueError):
+class ParamsError(PipelineError, ValueError):
     """A params file or override that cannot be used; the message names the key and the file, on one
     line: characters that would break it (newlines, line separators, ...) are shown escaped."""
 
@@ -108,7 +109,8 @@ class FeaturesParams:
 
 @dataclass(frozen=True, config=_CONFIG)
 class TrainHeadParams:
-    model: Literal["logreg", "softmax"] = "logreg"
+    # logreg (scikit-learn), softmax (Keras), ncm (nearest class mean, no training), knn (k nearest photos vote)
+    model: Literal["logreg", "softmax", "ncm", "knn"] = "logreg"
     class_weight: Literal["balanced", "none"] = "balanced"
     seed: int = 0
     # logreg: scikit-learn LogisticRegression on standardised features
@@ -125,6 +127,8 @@ class TrainHeadParams:
     dropout: float = _meta(0.2, model="softmax", ge=0, lt=1)
     patience: int = _meta(10, model="softmax", ge=0)  # early stopping on val loss; 0 disables
     hidden_units: tuple[int, ...] = _meta((), model="softmax")  # new hidden layers before the softmax, e.g. [256]
+    # knn: the k nearest train photos (cosine similarity of centred features) vote
+    k: int = _meta(10, model="knn", gt=0)
 
     def __post_init__(self):
         if any(c <= 0 for c in self.C_grid):
@@ -167,6 +171,21 @@ class FinetuneParams:
 
 
 @dataclass(frozen=True, config=_CONFIG)
+class RejectParams:
+    """How every rung's model says "none of these" (``training.guard``); set from training photos only."""
+
+    score: Literal["knn", "mahalanobis", "energy", "msp"] = "knn"  # knn: distance to the k-th nearest train photo
+    k: int = Field(10, gt=0)  # the neighbour the knn score measures
+    keep: float = Field(0.95, gt=0, le=1)  # share of known photos (val, else out-of-fold) the threshold accepts
+    label: str = Field("unknown", min_length=1)  # the answer for a rejected photo; no class may be named so
+    bank_size: int = Field(2048, gt=0)  # train embeddings kept for the knn score (beyond: that many k-means centres)
+
+    def __post_init__(self):
+        if self.label != self.label.strip() or "/" in self.label:
+            raise ValueError(f"label {self.label!r}: a plain name, no slashes or surrounding spaces")
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class EvaluateParams:
     top_k: int = Field(3, gt=0)  # probabilities listed per misclassified image
 
@@ -202,6 +221,7 @@ class Params:
     features: FeaturesParams = FeaturesParams()
     train: TrainParams = TrainParams()
     train_head: TrainHeadParams = TrainHeadParams()
+    reject: RejectParams = RejectParams()
     train_top: TrainTopParams = TrainTopParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()

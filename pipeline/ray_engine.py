@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.backbones.registry import BackboneError
 from pipeline.params import FeaturesParams, as_dict
 
 log = logging.getLogger("pipeline.features")
@@ -47,7 +48,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise RuntimeError("features.engine: ray needs Ray, which is not installed; run 'make setup-ray'") from None
+        raise BackboneError("features.engine: ray needs Ray, which is not installed; run 'make setup-ray'") from None
     return ray
 
 
@@ -62,7 +63,7 @@ def connect(f: FeaturesParams) -> None:
         try:
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
         except (OSError, ValueError) as error:
-            raise RuntimeError(f"features.ray_address {address}: no Ray cluster answers there ({error}); start one "
+            raise BackboneError(f"features.ray_address {address}: no Ray cluster answers there ({error}); start one "
                                "with 'ray start --head' or set features.ray_address: null") from None
     runtime_env = None
     if address:  # joining a cluster: its nodes get this package's code, not a shared filesystem
@@ -72,7 +73,7 @@ def connect(f: FeaturesParams) -> None:
         context = ray.init(address=address, logging_level="ERROR", log_to_driver=True, runtime_env=runtime_env,
                            namespace="pipeline")
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise RuntimeError(f"features.ray_address {address}: cannot join a Ray cluster ({' '.join(str(error).split())[:160]}); "
+        raise BackboneError(f"features.ray_address {address}: cannot join a Ray cluster ({' '.join(str(error).split())[:160]}); "
                            "set features.ray_address: null to start one here") from None
     resources = ray.cluster_resources()
     log.info("features: Ray cluster with %g CPU(s), %g GPU(s) (%s)%s", resources.get("CPU", 0), resources.get("GPU", 0),

@@ -42,6 +42,6 @@ def keras():
     if "keras" in sys.modules and "tensorflow" in sys.modules:
         return sys.modules["keras"]
     with quiet():
-        import tensorflow  # noqa: F401
         import keras as keras_module
+        import tensorflow  # noqa: F401
     return keras_module

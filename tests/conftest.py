@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from hypothesis import settings
+from PIL import Image
 
 from pipeline import params as params_mod
 

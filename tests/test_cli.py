@@ -3,7 +3,6 @@ import json
 
 from conftest import cli, make_dataset
 
-
 PARAMS = """
 data: {root: photos, train_fraction: 0.6, val_fraction: 0.2, test_fraction: 0.2}
 features: {backbone: tiny}

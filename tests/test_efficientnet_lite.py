@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.backbones import efficientnet_lite, keras_models as backbones
+from pipeline.backbones import efficientnet_lite
+from pipeline.backbones import keras_models as backbones
 from pipeline.backbones.torch_pickle import load_legacy_state_dict
 
 DOMESTIC_CATS = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat

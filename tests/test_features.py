@@ -1,5 +1,4 @@
 import csv
-import dataclasses
 
 import h5py
 import numpy as np
@@ -7,10 +6,12 @@ import pytest
 
 from pipeline.stages import features
 from pipeline.stages.features import BadDataError
+from pipeline.store import layout
 from pipeline.store import parts as parts_mod
 from pipeline.store import table as feature_store
 
-from conftest import CLASS_COLOURS, CountingBackbone as CountingBuild, make_image, make_params
+from conftest import CLASS_COLOURS, make_image, make_params
+from conftest import CountingBackbone as CountingBuild
 
 
 def run(project, **sections):
@@ -90,7 +91,7 @@ def test_own_param_is_a_new_cache(project, monkeypatch):
 
 def test_version_bump_is_a_new_cache(project, monkeypatch):
     first = run(project)
-    monkeypatch.setattr(features, "VERSION", features.VERSION + 1)
+    monkeypatch.setattr(features, "VERSION", layout.VERSION + 1)
     assert run(project).path != first.path
 
 
@@ -126,7 +127,7 @@ def test_too_many_bad_images_fail_after_keeping_the_good_ones(project):
         (project / "photos" / "tigger" / f"broken_{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 50)
     with pytest.raises(BadDataError, match=r"10 of 46 images .* are unusable .*max_bad_fraction"):
         run(project)
-    assert feature_store.read_table(features.cache_file(make_params(project), project)).features.shape[0] == 36
+    assert feature_store.read_table(layout.cache_file(make_params(project), project)).features.shape[0] == 36
 
 
 def test_interrupted_run_keeps_committed_parts(project, monkeypatch):
@@ -171,7 +172,7 @@ def test_rows_edited_by_hand_are_detected(project):
 def test_a_second_writer_is_refused(project):
     from filelock import FileLock
 
-    path = features.cache_file(make_params(project), project)
+    path = layout.cache_file(make_params(project), project)
     path.parent.mkdir(parents=True)
     with FileLock(str(path) + ".lock"):
         with pytest.raises(RuntimeError, match="another 'features' run"):

@@ -6,8 +6,9 @@ import re
 import pytest
 import yaml
 
-from pipeline import cli as cli_mod, graph, ladder
-from pipeline.stages import features, train_head
+from pipeline import cli as cli_mod
+from pipeline import graph
+from pipeline.stages import features, ladder, train_head
 
 from conftest import ROOT, cli, make_dataset, make_params
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from pipeline.quality import near_duplicates
 from pipeline.stages import features
+from pipeline.store import layout
 from pipeline.store import table as feature_store
 from pipeline.store.table import CacheError
 from pipeline.use import inspect, report
@@ -70,7 +71,7 @@ def test_one_class_only_is_a_clear_error(tmp_path):
     feature_store.write_table(path, rows, lambda a, b: np.ones((b - a, 4), np.float32), (4,), "float32",
                               {"key": "k", "classes": ["misty"]})
     params = make_params(tmp_path)
-    target = features.cache_file(params, tmp_path)
+    target = layout.cache_file(params, tmp_path)
     target.parent.mkdir(parents=True)
     shutil.copy(path, target)
     with pytest.raises(inspect.InspectError, match="one class only .*needs at least 2"):
@@ -82,7 +83,7 @@ def test_near_duplicate_pairs_with_a_set_threshold_and_leaks_first(tmp_path):
     params = make_params(tmp_path, inspect={"near_duplicate_threshold": 0.9999})
     features.run(params, tmp_path)
     result = inspect.run(params, tmp_path)
-    table = feature_store.read_table(features.cache_file(params, tmp_path))
+    table = feature_store.read_table(layout.cache_file(params, tmp_path))
     vectors = near_duplicates.unit_vectors(table.features)
     expected = {(min(a, b), max(a, b)) for a in range(len(vectors)) for b in range(len(vectors))
                 if a != b and vectors[a] @ vectors[b] >= 0.9999}  # the brute-force answer
@@ -127,7 +128,7 @@ def test_calibrated_threshold_finds_copies_and_grouping_closes_the_leak(tmp_path
             copy.convert("RGB").save(path.with_name(f"copy_{path.stem}.jpg"), quality=80)
     params = make_params(tmp_path, features={"backbone": "efficientnet_lite0", "batch_size": 16})
     features.run(params, tmp_path)
-    calibration = json.loads(features.calibration_file(features.cache_file(params, tmp_path)).read_text())
+    calibration = json.loads(layout.calibration_file(layout.cache_file(params, tmp_path)).read_text())
     assert calibration["recall_on_copies"] >= 0.9 and calibration["distinct_pairs_above"] <= 0.01
     result = inspect.run(params, tmp_path)
     pairs = {frozenset((q["path_a"], q["path_b"])) for q in result.near_duplicates}
@@ -138,7 +139,7 @@ def test_calibrated_threshold_finds_copies_and_grouping_closes_the_leak(tmp_path
     grouped = make_params(tmp_path, features={"backbone": "efficientnet_lite0", "batch_size": 16},
                           data={"group_near_duplicates": True})
     features.run(grouped, tmp_path)
-    split = dict(zip(*[getattr(feature_store.read_table(features.cache_file(grouped, tmp_path)), name)
+    split = dict(zip(*[getattr(feature_store.read_table(layout.cache_file(grouped, tmp_path)), name)
                        for name in ("paths", "splits")]))
     for pair in planted & pairs:
         a, b = sorted(pair)

@@ -7,12 +7,13 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import ladder, params as params_mod, runtime
+from pipeline import ladder, runtime
+from pipeline import params as params_mod
 from pipeline.backbones import keras_models
+from pipeline.params import ParamsError
 from pipeline.stages import evaluate, features, finetune, train_head, train_top
 from pipeline.store import table as feature_store
 from pipeline.training import advise, keras_fit
-from pipeline.params import ParamsError
 from pipeline.use import compare, export, predict
 
 from conftest import CountingBackbone, cli, make_dataset, make_params, shared_dataset
@@ -208,9 +209,9 @@ def test_advice_notes_small_images():
 
 
 def test_advice_from_a_scanned_dataset(project):
-    from pipeline.data import scan
-
     import hashlib
+
+    from pipeline.data import scan
 
     params = make_params(project)
     summary = advise.summarise(scan.scan(params.data, project))

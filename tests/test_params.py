@@ -2,12 +2,14 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from pipeline import params as params_mod
 from pipeline.fingerprint import stage_key
 from pipeline.params import ParamsError
-from pipeline.stages import features, train_head
+from pipeline.stages import train_head
+from pipeline.store import layout
 
 from conftest import ROOT
 
@@ -85,16 +87,16 @@ def test_speed_only_params_stay_out_of_the_features_key():
     faster = params_mod.load(None, ["features.backbone=tiny", "features.batch_size=7", "features.workers=1",
                                     "features.commit_every=3"]).features
     resized = params_mod.load(None, ["features.backbone=tiny", "features.resize=crop"]).features
-    assert features.cache_key(base) == features.cache_key(faster)
-    assert features.cache_key(base) != features.cache_key(resized)
+    assert layout.cache_key(base) == layout.cache_key(faster)
+    assert layout.cache_key(base) != layout.cache_key(resized)
 
 
 def test_key_is_the_same_in_another_process_and_directory(tmp_path):
     code = ("from pipeline import params; from pipeline.stages import features; "
-            "print(features.cache_key(params.load(None, ['features.backbone=tiny']).features))")
+            "print(layout.cache_key(params.load(None, ['features.backbone=tiny']).features))")
     other = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    here = features.cache_key(params_mod.load(None, ["features.backbone=tiny"]).features)
+    here = layout.cache_key(params_mod.load(None, ["features.backbone=tiny"]).features)
     assert other.stdout.strip() == here
 
 

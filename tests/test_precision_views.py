@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.backbones import litert
 from pipeline.stages import features, train_head
+from pipeline.store import layout
 from pipeline.store import table as feature_store
 from pipeline.use import export, predict
 
@@ -97,7 +98,7 @@ def test_heads_predict_and_export_use_the_mean_of_the_views(project):
     assert trained.meta["inputs"]["identity"].endswith(":original+hflip")
     import h5py
 
-    with h5py.File(features.cache_file(params, project)) as f:
+    with h5py.File(layout.cache_file(params, project)) as f:
         paths = f["path"].asstr()[...]
         mean = (f["features"][...] + f["features_hflip"][...]) / 2
     expected = trained.classifier.predict_proba(mean)

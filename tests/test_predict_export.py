@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.stages import features, train_head
+from pipeline.store import layout
 from pipeline.store import table as feature_store
 from pipeline.use import export, predict
 
@@ -28,9 +29,16 @@ def trained_project(project):
 
 def pipeline_probabilities(project, params, classifier=None):
     """{path: probabilities} of every cached photo, from the cache and the head (default: the trained one)."""
-    table = feature_store.read_table(features.cache_file(params, project))
+    table = feature_store.read_table(layout.cache_file(params, project))
     classifier = classifier or train_head.RUNG.load(params, project).classifier
     return dict(zip(table.paths, classifier.predict_proba(table.features))), classifier.classes
+
+
+def pipeline_scores(project, params) -> tuple[dict, float]:
+    """({path: rejection score} of every cached photo, the threshold), from the cache and the trained model."""
+    table = feature_store.read_table(layout.cache_file(params, project))
+    model = train_head.RUNG.load(params, project).classifier
+    return dict(zip(table.paths, model.answer(table.features)[1])), model.guard.threshold
 
 
 def test_predict_reuses_cached_features_and_featurises_new_photos(trained_project):
@@ -85,12 +93,22 @@ from PIL import Image, ImageOps
 folder, paths = sys.argv[1], sys.argv[2:]
 images = [np.asarray(ImageOps.exif_transpose(Image.open(p)).convert("RGB"))[None] for p in paths]
 out = {}
+meta = json.load(open(folder + "/model.json"))
+labels = open(folder + "/labels.txt").read().split()
+
+def answer(outputs):  # probabilities are the 2-D output, the score the 1-D one (model.json "outputs")
+    arrays = [np.asarray(o) for o in outputs]
+    p = next(a for a in arrays if a.ndim == 2)[0]
+    s = float(next(a for a in arrays if a.ndim == 1)[0])
+    said = labels[int(p.argmax())] if s <= meta["rejection"]["threshold"] else meta["rejection"]["label"]
+    return {"p": p.tolist(), "s": s, "answer": said}
+
 import keras, tensorflow as tf
-import pipeline.data.resize_layer  # registers the resize layer used inside model.keras
+import pipeline.training.layers  # registers the layers inside model.keras (the resize, the guard's score)
 model = keras.saving.load_model(folder + "/model.keras")
-out["model.keras"] = [np.asarray(model(x))[0].tolist() for x in images]
+out["model.keras"] = [answer(model(x)) for x in images]
 serve = tf.saved_model.load(folder + "/saved_model").signatures["serve"]
-out["saved_model"] = [next(iter(serve(tf.constant(x)).values())).numpy()[0].tolist() for x in images]
+out["saved_model"] = [answer([v.numpy() for v in serve(tf.constant(x)).values()]) for x in images]
 from ai_edge_litert.interpreter import Interpreter
 import glob, os
 for path in sorted(glob.glob(folder + "/*.tflite")):
@@ -100,7 +118,7 @@ for path in sorted(glob.glob(folder + "/*.tflite")):
     for x in images:
         it.resize_tensor_input(index, x.shape); it.allocate_tensors()
         it.set_tensor(index, x); it.invoke()
-        answers.append(it.get_tensor(it.get_output_details()[0]["index"])[0].tolist())
+        answers.append(answer([it.get_tensor(d["index"]) for d in it.get_output_details()]))
     out[os.path.basename(path)] = answers
 print(json.dumps(out))
 """
@@ -111,7 +129,9 @@ def app_answers(folder, paths) -> dict:
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"},
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    return {name: np.array(values) for name, values in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    parsed = json.loads(out.stdout.strip().splitlines()[-1])
+    return {name: {"p": np.array([a["p"] for a in values]), "s": np.array([a["s"] for a in values]),
+                   "answer": [a["answer"] for a in values]} for name, values in parsed.items()}
 
 
 @pytest.fixture
@@ -147,16 +167,24 @@ def test_an_app_decoding_whole_photos_gets_the_pipelines_answers(large_jpeg_proj
     assert meta["classes"] == ["misty", "neither", "tigger"] and meta["provenance"]["rung"] == "head"
 
     expected, classes = pipeline_probabilities(project, params)
+    scores, threshold = pipeline_scores(project, params)
     test_paths = sorted(p for p in expected)[:12]
     answers = app_answers(folder, [project / "photos" / p for p in test_paths])
     reference = np.stack([expected[p] for p in test_paths])
+    reference_scores = np.array([scores[p] for p in test_paths])
+    assert meta["rejection"]["threshold"] == pytest.approx(threshold)
     for name in ("model.keras", "saved_model", "model.tflite"):
-        assert (answers[name].argmax(axis=1) == reference.argmax(axis=1)).all(), name
+        assert (answers[name]["p"].argmax(axis=1) == reference.argmax(axis=1)).all(), name
         if decode == "full":  # the pipeline decoded what the app decodes: the same numbers
-            np.testing.assert_allclose(answers[name], reference, atol=1e-4, err_msg=name)
-        else:  # decoded at 1/8 (80 x 60) by the pipeline, whole by the app: close, not equal
-            assert 1e-4 < np.abs(answers[name] - reference).max() < 0.05, name
-    agreement = (answers["model_int8.tflite"].argmax(axis=1) == reference.argmax(axis=1)).mean()
+            np.testing.assert_allclose(answers[name]["p"], reference, atol=1e-4, err_msg=name)
+            np.testing.assert_allclose(answers[name]["s"], reference_scores, atol=1e-4, err_msg=name)
+            said = [classes[int(np.argmax(r))] if s <= threshold else "unknown"
+                    for r, s in zip(reference, reference_scores)]
+            assert answers[name]["answer"] == said, name
+        else:  # decoded at 1/8 (80 x 60) by the pipeline, whole by the app: close, not equal (the score shows
+            # it: calibrated probabilities of this easy set are all but 0 or 1)
+            assert 1e-4 < np.abs(answers[name]["s"] - reference_scores).max() < 0.05, name
+    agreement = (answers["model_int8.tflite"]["p"].argmax(axis=1) == reference.argmax(axis=1)).mean()
     assert agreement >= 0.9
 
 
@@ -167,9 +195,11 @@ def test_binary_logreg_is_folded_exactly(tmp_path):
     params = make_params(tmp_path)
     features.run(params, tmp_path)
     head = train_head.run(params, tmp_path).classifier
-    table = feature_store.read_table(features.cache_file(params, tmp_path))
-    dense = head.as_keras(table.features.shape[1:])
-    np.testing.assert_allclose(np.asarray(dense(table.features)), head.predict_proba(table.features), atol=1e-5)
+    table = feature_store.read_table(layout.cache_file(params, tmp_path))
+    probabilities, scores = head.as_keras(table.features.shape[1:])(table.features)
+    expected_probabilities, expected_scores = head.answer(table.features)
+    np.testing.assert_allclose(np.asarray(probabilities), expected_probabilities, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(scores), expected_scores, atol=1e-5)
 
 
 def folder_digest(folder):
@@ -225,8 +255,8 @@ def test_phone_sized_photos_through_the_exported_model_agree_with_the_pipeline(t
     paths = sorted(expected)
     answers = app_answers(folder, [tmp_path / "photos" / p for p in paths])
     reference = np.stack([expected[p] for p in paths])
-    assert (answers["model.tflite"].argmax(axis=1) == reference.argmax(axis=1)).all()
-    np.testing.assert_allclose(answers["model.tflite"], reference, atol=1e-3)
+    assert (answers["model.tflite"]["p"].argmax(axis=1) == reference.argmax(axis=1)).all()
+    np.testing.assert_allclose(answers["model.tflite"]["p"], reference, atol=1e-3)
     # the full-integer model, resize included: the same labels on these photos (a resize whose pixel
     # positions were quantised to 8 bits once gave 67% here)
-    assert (answers["model_int8.tflite"].argmax(axis=1) == reference.argmax(axis=1)).mean() >= 0.9
+    assert (answers["model_int8.tflite"]["p"].argmax(axis=1) == reference.argmax(axis=1)).mean() >= 0.9

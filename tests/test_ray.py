@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.stages import features
+from pipeline.store import layout
 from pipeline.store import table as feature_store
 
 from conftest import ROOT, cli, make_dataset, make_params
@@ -41,7 +42,7 @@ def test_the_ray_cache_equals_the_local_cache(tmp_path, cluster):
     skipped_local = (tmp_path / "reports" / "skipped.csv").read_text()
     distributed = make_params(tmp_path, features={"engine": "ray"}, paths={"cache_dir": "cache_ray"})
     result = features.run(distributed, tmp_path)
-    assert features.cache_key(distributed.features) == local.key  # the engine is not part of the key
+    assert layout.cache_key(distributed.features) == local.key  # the engine is not part of the key
     a, b = feature_store.read_table(local.path), feature_store.read_table(result.path)
     for column in ("sha256", "paths", "labels", "splits"):
         assert list(getattr(a, column)) == list(getattr(b, column)), column

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.stages import evaluate, features, train_head
-from pipeline.use import report
+from pipeline.stages import evaluate, features, report, train_head
 
-from conftest import CLASS_COLOURS, ROOT, make_dataset, make_image, make_params
+from conftest import CLASS_COLOURS, make_dataset, make_image, make_params
 
 
 @pytest.fixture

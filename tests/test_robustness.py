@@ -11,18 +11,20 @@ import time
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline import params as params_mod
 from pipeline.data import scan
 from pipeline.data.decode import ImageError, decode_rgb
 from pipeline.stages import features
+from pipeline.store import layout
 from pipeline.store import parts as parts_mod
 from pipeline.store import table as feature_store
 from pipeline.store.table import CacheError
 
-from conftest import CLASS_COLOURS, ROOT, CountingBackbone, cli, make_dataset, make_image, make_params
+from conftest import CLASS_COLOURS, ROOT, CountingBackbone, cli, make_image, make_params
 
 ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
 # Spatial activations (24 x 24 x 16 a photo) and photos that take a few milliseconds to decode: a run
@@ -163,7 +165,7 @@ def test_features_edited_on_disk_fail_their_checksum_and_are_rebuilt(project, ca
 
 def test_a_complete_part_from_another_configuration_is_never_mixed_in(project, caplog):
     params = make_params(project)
-    path = features.cache_file(params, project)
+    path = layout.cache_file(params, project)
     shas = [r.sha256 for r in scan.scan(params.data, project).records]
     # a part that is whole and readable, for these very photos, but made with another key
     parts_mod.write(path.with_suffix(".parts"), "0" * 64, {"weights_sha256": "w", "feature_shape": (16,)}, shas,

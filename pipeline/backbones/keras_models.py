@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.backbones import efficientnet_lite
-from pipeline.backbones.registry import BACKBONES, BackboneSpec
+from pipeline.backbones.registry import BACKBONES, BackboneError, BackboneSpec
 from pipeline.fingerprint import file_sha256
 
 log = logging.getLogger("pipeline.backbones")
@@ -90,7 +90,7 @@ def build(backbone: str, weights: str = "default", layer: str = "pooled", size: 
         full = _build_tiny(size, weights)
     full.trainable = False
     if layer not in [l.name for l in full.layers]:
-        raise ValueError(f"features.layer: {backbone} has no layer {layer!r}; valid: {', '.join(cut_points(full))}")
+        raise BackboneError(f"features.layer: {backbone} has no layer {layer!r}; valid: {', '.join(cut_points(full))}")
     model = keras.Model(full.input, full.get_layer(layer).output, name=f"{backbone}_to_{layer}")
     model.trainable = False
     import tensorflow as tf
@@ -160,28 +160,40 @@ def _build_keras_application(spec: BackboneSpec, weights: str, size: int):
         base = constructor(include_top=False, weights=keras_weights, input_shape=(size, size, 3))
     except Exception as error:
         if weights != "imagenet":
-            raise ValueError(f"features.weights: {weights} does not fit {spec.name} ({error})") from None
-        raise RuntimeError(
+            raise BackboneError(f"features.weights: {weights} does not fit {spec.name} ({error})") from None
+        raise BackboneError(
             f"could not get ImageNet weights for {spec.name} ({type(error).__name__}: {str(error)[:120]}); "
             f"where a network exists, Keras downloads them to ~/.keras/models; copy that file here and "
             f"set features.weights: /path/to/it.h5"
         ) from None
     inputs = keras.Input((size, size, 3), name="image")
-    if spec.name == "mobilenet_v2":
-        x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(inputs)
-    elif spec.name == "resnet50":
-        # RGB -> BGR and mean subtraction as one fixed 1x1 convolution.
-        permute = np.zeros((1, 1, 3, 3), np.float32)
-        permute[0, 0, [0, 1, 2], [2, 1, 0]] = 1.0
-        normalize = layers.Conv2D(3, 1, name="normalize", trainable=False)
-        x = normalize(inputs)
-        normalize.set_weights([permute, -np.array(_CAFFE_MEAN_BGR, np.float32)])
-    else:
-        x = inputs  # MobileNetV3 and EfficientNetB0 normalise inside
+    x = NORMALIZERS[spec.normalizer](inputs)
     x = base(x, training=False)
     x = layers.Identity(name="top_activation")(x)
     x = layers.GlobalAveragePooling2D(name="pooled")(x)
     return keras.Model(inputs, x, name=spec.name)
+
+
+def _symmetric(inputs):
+    from keras import layers
+
+    return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(inputs)
+
+
+def _caffe(inputs):
+    """RGB -> BGR and mean subtraction as one fixed 1x1 convolution."""
+    from keras import layers
+
+    permute = np.zeros((1, 1, 3, 3), np.float32)
+    permute[0, 0, [0, 1, 2], [2, 1, 0]] = 1.0
+    normalize = layers.Conv2D(3, 1, name="normalize", trainable=False)
+    x = normalize(inputs)
+    normalize.set_weights([permute, -np.array(_CAFFE_MEAN_BGR, np.float32)])
+    return x
+
+
+# BackboneSpec.normalizer -> the layers put before a keras.applications network
+NORMALIZERS = {"symmetric": _symmetric, "caffe": _caffe, "none": lambda inputs: inputs}
 
 
 def _build_tiny(size: int, weights: str):

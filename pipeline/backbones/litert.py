@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.backbones.registry import BackboneError
 from pipeline.fingerprint import atomic_write_text, file_sha256
 
 log = logging.getLogger("pipeline.litert")
@@ -90,7 +91,7 @@ class LiteRTEngine:
         info = self._verified()
         if info is None:
             if precision == "int8" and calibration is None:
-                raise RuntimeError(f"the int8 backbone {self.path.name} is calibrated on your train photos by the "
+                raise BackboneError(f"the int8 backbone {self.path.name} is calibrated on your train photos by the "
                                    "features stage; run 'make features' first")
             self.keras = build_keras()  # a Backbone
             self._convert()
@@ -160,7 +161,7 @@ class LiteRTEngine:
             worst = float(cosine.min())
             if not worst >= INT8_MIN_COSINE:
                 self.path.unlink(missing_ok=True)
-                raise RuntimeError(f"the int8 backbone's features differ from the float ones (cosine similarity "
+                raise BackboneError(f"the int8 backbone's features differ from the float ones (cosine similarity "
                                    f"{worst:.3f} < {INT8_MIN_COSINE} on a check photo); set features.precision: "
                                    "float32")
             log.info("features: int8 backbone checked against float on %d photos: cosine similarity min %.4f, "
@@ -171,7 +172,7 @@ class LiteRTEngine:
             difference = float(np.abs(expected - got).max())
             limit = TOLERANCE * max(1.0, float(np.abs(expected).max()))
             if not difference <= limit:
-                raise RuntimeError(f"the LiteRT backbone differs from Keras by {difference:.2g} (> {limit:.2g}) on "
+                raise BackboneError(f"the LiteRT backbone differs from Keras by {difference:.2g} (> {limit:.2g}) on "
                                    "sample images; set features.runtime: keras")
             log.info("features: LiteRT backbone matches Keras within %.1e on %d images", difference, len(samples))
             record.update({"max_abs_difference": difference, "tolerance": TOLERANCE})

@@ -12,6 +12,8 @@ import re
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.errors import PipelineError
+
 # Images over this many pixels are refused from their header, before any pixel is decoded
 # (decompression bombs). Pillow's own check is switched off so that this one, with its message,
 # is the one that acts: Pillow's would fire first, at twice its limit, with another message.
@@ -24,7 +26,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".d
 DECODE_METHODS = {"full": "pillow-full+fit-to-size-box-area-v2", "draft": "pillow-draft+fit-to-size-box-area-v2"}
 
 
-class ImageError(ValueError):
+class ImageError(PipelineError, ValueError):
     """An image that cannot be used; the message is the reason, for the log and skipped.csv."""
 
 

@@ -16,8 +16,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.fingerprint import atomic_write_text
 from pipeline.data.decode import IMAGE_SUFFIXES, sniff
+from pipeline.errors import PipelineError
+from pipeline.fingerprint import atomic_write_text
 from pipeline.params import DataParams
 
 SPLITS = ("train", "val", "test")
@@ -26,7 +27,7 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": 
 _IGNORED_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}
 
 
-class DatasetError(ValueError):
+class DatasetError(PipelineError, ValueError):
     """A data root that cannot be used; the message names the folder."""
 
 
@@ -54,13 +55,6 @@ class Dataset:
     skipped: list[Skipped] = field(default_factory=list)
     split_mode: str = "hash"
     files_read: int = 0  # files read and hashed by this scan (the rest came from the stat index)
-
-    def counts(self) -> dict[str, dict[str, int]]:
-        """{class: {split: images}}."""
-        table = {label: dict.fromkeys(SPLITS, 0) for label in self.classes}
-        for record in self.records:
-            table[record.label][record.split] += 1
-        return table
 
 
 def hash_split(sha256: str, params: DataParams) -> str:

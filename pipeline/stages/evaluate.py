@@ -23,18 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import ladder
+from pipeline.errors import PipelineError
 from pipeline.fingerprint import atomic_write_text, canonical_json, describe_changes
 from pipeline.params import SECTIONS, Params, as_dict
-from pipeline.stages import features
-from pipeline.training.contract import Trained, predict_split
-from pipeline.use import report
+from pipeline.stages import ladder, report
+from pipeline.store import layout
+from pipeline.training import guard as guard_mod
+from pipeline.training.contract import Trained, answer_split
 
 STAGE = "evaluate"
 log = logging.getLogger("pipeline.evaluate")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(PipelineError, ValueError):
     """Nothing to evaluate on (an empty test split, ...)."""
 
 
@@ -48,8 +49,12 @@ class EvaluateResult:
 
 def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> tuple[dict, list]:
     """(metrics: numbers only, confusion matrix: rows true, columns predicted). ``y_true``: class numbers."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, \
-        precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
 
     labels = list(range(len(classes)))
     y_pred = np.argmax(proba, axis=1)
@@ -65,28 +70,59 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -
     return metrics, confusion_matrix(y_true, y_pred, labels=labels).tolist()
 
 
+def rejection_metrics(labels: np.ndarray, proba: np.ndarray, scores: np.ndarray, guard) -> dict:
+    """What the rejection does to the test photos, all of them of known classes: the share rejected, the
+    accuracy on those accepted, and the AUROC of the score for telling the photos the model gets wrong
+    from those it gets right (unknown photos are measured by bench/open_set.py)."""
+    accepted = guard.accepted(scores)
+    correct = np.argmax(proba, axis=1) == labels
+    both = 0 < correct.sum() < len(correct)
+    out = {"threshold": guard.threshold, "keep": guard.keep, "rejected_share": float(1 - accepted.mean()),
+           "accuracy_accepted": float(correct[accepted].mean()) if accepted.any() else 0.0}
+    if both:  # numbers only (dvc metrics): left out when every test photo is right, or every one wrong
+        out["auroc_wrong_vs_right"] = guard_mod.auroc(scores[correct], scores[~correct])
+    return out
+
+
+def calibration_metrics(labels: np.ndarray, proba: np.ndarray, uncalibrated: np.ndarray, guard) -> tuple[dict, dict]:
+    """(numbers: ECE (15 bins) and Brier score before and after temperature scaling; the bins, for the report)."""
+    before = guard_mod.expected_calibration_error(uncalibrated, labels)
+    after = guard_mod.expected_calibration_error(proba, labels)
+    numbers = {"temperature": guard.temperature, "ece_before": before["ece"], "ece_after": after["ece"],
+               "brier_before": guard_mod.brier_score(uncalibrated, labels),
+               "brier_after": guard_mod.brier_score(proba, labels)}
+    return numbers, {"before": before, "after": after}
+
+
 def evaluate_model(trained: Trained) -> dict:
     """Everything about ``trained`` on the test split: metrics, confusion, and per-photo answers."""
-    inputs = trained.inputs
-    positions, labels, proba = predict_split(trained.classifier, inputs, "test")
+    answers = answer_split(trained.classifier, trained.inputs, "test")
+    labels, proba = answers["labels"], answers["probabilities"]
     if not len(labels):
         raise EvaluationError("the test split is empty; set data.test_fraction > 0 or add a test/ folder")
     metrics, confusion = compute_metrics(labels, proba, trained.classes)
-    return {"metrics": metrics, "confusion": confusion, "positions": positions, "labels": labels, "proba": proba}
+    metrics["rejection"] = rejection_metrics(labels, proba, answers["scores"], trained.guard)
+    metrics["calibration"], bins = calibration_metrics(labels, proba, answers["uncalibrated"], trained.guard)
+    return {"metrics": metrics, "confusion": confusion, "positions": answers["positions"], "labels": labels,
+            "proba": proba, "scores": answers["scores"], "reliability": bins}
 
 
 def run(params: Params, base: str | Path = ".") -> EvaluateResult:
     base = Path(base)
     rung, advice = ladder.chosen(params, base)
     log.info("evaluate: %s", ladder.describe_choice(params, rung))
-    trained = rung.load(params, base)
+    with rung.load(params, base) as trained:
+        return _evaluate(params, base, rung, advice, trained)
+
+
+def _evaluate(params: Params, base: Path, rung, advice, trained: Trained) -> EvaluateResult:
     for other in ladder.RUNGS.values():
         if other is not rung and other.find(params, base) is not None:
             log.info("evaluate: a %s model is trained for these params too; evaluate it with train.strategy: %s",
                      other.stage, other.name)
     reports = base / params.paths.reports_dir
     ingredients = {"train.strategy": params.train.strategy, "rung": rung.name, "model": trained.key,
-                   "evaluate": as_dict(params.evaluate)}
+                   "reject": as_dict(params.reject), "evaluate": as_dict(params.evaluate)}
     previous = _read_json(reports / "run.json")
     changes = describe_changes(previous.get("inputs") if previous else None, json.loads(canonical_json(ingredients)))
     log.info("evaluate: recomputing (%s)", ", ".join(changes) if changes else
@@ -111,6 +147,9 @@ def run(params: Params, base: str | Path = ".") -> EvaluateResult:
         "data": {"root": params.data.root, "splits": as_dict(params.data)},
         "classes": classes,
         "confusion_matrix": result["confusion"],
+        "rejection": {"score": trained.guard.score, "rule": trained.guard.rule, "label": trained.guard.label,
+                      "threshold_from": trained.guard.threshold_from, "calibrated_on": trained.guard.calibrated_on},
+        "reliability": result["reliability"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     metrics_path = atomic_write_text(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -118,19 +157,24 @@ def run(params: Params, base: str | Path = ".") -> EvaluateResult:
     wrong = misclassified(paths, y_true, proba, classes)
     atomic_write_text(reports / "misclassified.csv", _misclassified_csv(wrong, proba, classes, params.evaluate.top_k))
     predicted = np.array(classes)[np.argmax(proba, axis=1)]
-    atomic_write_text(reports / "predictions.csv", _csv(["path", "actual", "predicted"],
-                                                        zip(paths, y_true, predicted)))
+    accepted = trained.guard.accepted(result["scores"])
+    answered = np.where(accepted, predicted, trained.guard.label)
+    atomic_write_text(reports / "predictions.csv", _csv(
+        ["path", "actual", "predicted", "probability", "score", "answer"],
+        zip(paths, y_true, predicted, (f"{p:.6f}" for p in proba.max(axis=1)), (f"{s:.6f}" for s in result["scores"]),
+            answered)))
     summary = {**metrics, "classes": classes, "confusion_matrix": result["confusion"], "rung": rung.name,
                "model": rung.stage, "model_key": trained.key, "model_params": model_meta["params"],
                "backbone": inputs.attrs["backbone"], "layer": inputs.attrs["layer"],
-               "features_key": inputs.attrs["key"]}
+               "features_key": inputs.attrs["key"], "reliability": result["reliability"],
+               "rejection_rule": trained.guard.rule}
     previous_entry, entry = report.append_history(reports / "history.jsonl", summary)
     page = report.write(
         reports, base / params.data.root, summary, wrong, trained.classifier.history,
         report.read_history(reports / "history.jsonl"),
         provenance={**run_info["features"], "model": run_info["model"], "data_root": params.data.root,
                     "params": {name: as_dict(getattr(params, name)) for name in SECTIONS}},
-        counts=_counts(trained), skipped=_read_skipped(features.skipped_csv(params, base)),
+        counts=_counts(trained), skipped=_read_skipped(layout.skipped_csv(params, base)),
         quality=report.data_quality_section(reports, base / params.data.root, _content_hash(params, base),
                                             params.inspect.thumbnails))
     text = format_table(metrics, classes, result["confusion"]) + "\n\n" + report.diff(previous_entry, entry)
@@ -144,7 +188,7 @@ def _content_hash(params: Params, base: Path) -> str | None:
     from pipeline.store import table
 
     try:
-        return table.read_attrs(features.cache_file(params, base))["content_hash"]
+        return table.read_attrs(layout.cache_file(params, base))["content_hash"]
     except (table.CacheError, KeyError):
         return None
 
@@ -212,6 +256,14 @@ def format_table(metrics: dict, classes: list[str], confusion: list) -> str:
     lines.append("")
     lines.append(f"accuracy {metrics['accuracy']:.4f}   balanced accuracy {metrics['balanced_accuracy']:.4f}   "
                  f"test images {metrics['n_test']}")
+    if "rejection" in metrics:
+        r, c = metrics["rejection"], metrics["calibration"]
+        auroc = f"{r['auroc_wrong_vs_right']:.3f}" if "auroc_wrong_vs_right" in r else "-"
+        lines.append(f"rejected as unlike the training photos {100 * r['rejected_share']:.1f}% (threshold keeps "
+                     f"{100 * r['keep']:g}% of known photos)   accuracy on the accepted {r['accuracy_accepted']:.4f}   "
+                     f"score AUROC wrong vs right {auroc}")
+        lines.append(f"calibration: temperature {c['temperature']:.3g}   ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
+                     f"   Brier {c['brier_before']:.4f} -> {c['brier_after']:.4f}")
     if len(classes) <= 20:
         lines.append("confusion matrix (rows: true, columns: predicted)")
         lines.append(" " * width + "  " + " ".join(f"{c[:8]:>8}" for c in classes))

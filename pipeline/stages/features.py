@@ -14,8 +14,6 @@ one part; the next run merges the parts into the cache file and finishes.
 from __future__ import annotations
 
 import csv
-import dataclasses
-import hashlib
 import importlib.metadata
 import io
 import logging
@@ -30,23 +28,20 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from pipeline import runtime
-from pipeline.backbones.keras_models import weights_fingerprint
 from pipeline.backbones.registry import BACKBONES
 from pipeline.data import scan as scan_mod
 from pipeline.data.decode import DECODE_METHODS
-from pipeline.fingerprint import RunRecord, atomic_write_text, os_reason, stage_key, temp_path_for
-from pipeline.params import FeaturesParams, Params, as_dict, key_fields
+from pipeline.errors import PipelineError
+from pipeline.fingerprint import RunRecord, atomic_write_text, os_reason, temp_path_for
+from pipeline.params import FeaturesParams, Params, ParamsError, as_dict
 from pipeline.quality import near_duplicates
+from pipeline.store import layout, table
 from pipeline.store import parts as parts_mod
-from pipeline.store import table
 from pipeline.store.table import CacheError
+from pipeline.training.contract import check_class_names
 
-STAGE = "features"
+STAGE = layout.STAGE
 TOP_STAGE = "top-features"
-FOLDER = "features"  # cache/features/: the cache at features.layer
-TOP_FOLDER = "top_features"  # cache/top_features/: caches at train_top.cut_point
-# Bump when the meaning of stored features changes (decoding, layout), so old caches are not reused.
-VERSION = 1
 
 log = logging.getLogger("pipeline.features")
 
@@ -54,7 +49,7 @@ log = logging.getLogger("pipeline.features")
 _NOT_BAD = ("label conflict", "split conflict", "not listed")
 
 
-class BadDataError(RuntimeError):
+class BadDataError(PipelineError, RuntimeError):
     """Too many photos could not be used (data.max_bad_fraction)."""
 
 
@@ -68,63 +63,21 @@ class FeaturesResult:
     skipped: list  # list[scan.Skipped]
 
 
-def key_params(f: FeaturesParams) -> dict:
-    """Everything that changes the stored activations, and nothing else."""
-    spec = BACKBONES[f.backbone]
-    values = key_fields(f)
-    values["weights"] = weights_fingerprint(spec, f.weights)
-    values["image_size"] = runtime.input_size(f)
-    values["preprocessing"] = spec.preprocessing
-    values["decode"] = DECODE_METHODS[f.decode]
-    return values
-
-
-def top_settings(params: Params) -> FeaturesParams:
-    """The features settings of train-top's input: activations at the cut point, stored as float16, of
-    the photo as it is (a mirrored view's spatial map is not the same map mirrored)."""
-    return dataclasses.replace(params.features, layer=params.train_top.cut_point, dtype="float16",
-                               views=("original",))
-
-
-def cache_key(f: FeaturesParams) -> str:
-    return stage_key(STAGE, VERSION, key_params(f))
-
-
-def cache_file(params: Params, base: Path, f: FeaturesParams | None = None, folder: str = FOLDER) -> Path:
-    """The cache file of features settings ``f`` (default: ``params.features``)."""
-    f = f or params.features
-    return base / params.paths.cache_dir / folder / f"{f.backbone}-{cache_key(f)[:16]}.h5"
-
-
-def top_cache_file(params: Params, base: Path) -> Path:
-    return cache_file(params, base, top_settings(params), TOP_FOLDER)
-
-
-def skipped_csv(params: Params, base: Path) -> Path:
-    return base / params.paths.reports_dir / "skipped.csv"
-
-
-def file_index_path(params: Params, base: Path) -> Path:
-    """Where the stat index of one data root lives (one per root: roots can be switched freely)."""
-    root = str((base / params.data.root).resolve())
-    return base / params.paths.cache_dir / "file_index" / f"{hashlib.sha256(root.encode()).hexdigest()[:16]}.json"
-
-
 def run(params: Params, base: str | Path = ".") -> FeaturesResult:
     """Stage ``features``: bring the cache at ``features.layer`` up to date with ``data.root``."""
-    return _run(params, Path(base), params.features, FOLDER, STAGE, {"features": key_params(params.features)})
+    return _run(params, Path(base), params.features, layout.FOLDER, STAGE, {"features": layout.key_params(params.features)})
 
 
 def run_top(params: Params, base: str | Path = ".") -> FeaturesResult:
     """Stage ``top-features``: bring the cache at ``train_top.cut_point`` up to date with ``data.root``."""
-    f = top_settings(params)
+    f = layout.top_settings(params)
     ingredients = {"train_top": {"cut_point": params.train_top.cut_point},
-                   "features": {k: v for k, v in key_params(f).items() if k not in ("layer", "dtype")}}
+                   "features": {k: v for k, v in layout.key_params(f).items() if k not in ("layer", "dtype")}}
     try:
-        return _run(params, Path(base), f, TOP_FOLDER, TOP_STAGE, ingredients)
+        return _run(params, Path(base), f, layout.TOP_FOLDER, TOP_STAGE, ingredients)
     except ValueError as error:  # the cut point is this stage's setting: name it so
         if str(error).startswith("features.layer:"):
-            raise ValueError(str(error).replace("features.layer:", "train_top.cut_point:", 1)) from None
+            raise ParamsError(str(error).replace("features.layer:", "train_top.cut_point:", 1)) from None
         raise
 
 
@@ -133,9 +86,10 @@ def _run(params: Params, base: Path, f: FeaturesParams, folder: str, stage: str,
         from pipeline import ray_engine
 
         ray_engine.connect(f)
-    data = scan_mod.scan(params.data, base, index_path=file_index_path(params, base))
-    key = cache_key(f)
-    out = cache_file(params, base, f, folder)
+    data = scan_mod.scan(params.data, base, index_path=layout.file_index_path(params, base))
+    check_class_names(list(data.classes), params.reject.label)
+    key = layout.cache_key(f)
+    out = layout.cache_file(params, base, f, folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = RunRecord(out.parent / "last.json")
     if not out.exists():
@@ -144,14 +98,14 @@ def _run(params: Params, base: Path, f: FeaturesParams, folder: str, stage: str,
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise RuntimeError(f"another '{stage}' run is writing {out}; wait for it to finish") from None
+        raise CacheError(f"another '{stage}' run is writing {out}; wait for it to finish") from None
     try:
         result = _update(params, base, f, data, key, out, stage)
     finally:
         lock.release()
     record.save(ingredients)
     if stage == STAGE:  # one writer of reports/skipped.csv: top-features skips the same files
-        _write_skipped(skipped_csv(params, base), result.skipped)
+        _write_skipped(layout.skipped_csv(params, base), result.skipped)
     n_seen = sum(1 + len(r.duplicates) for r in data.records) + len(data.skipped)
     n_bad = sum(1 for s in result.skipped if not s.reason.startswith(_NOT_BAD))
     if n_seen and n_bad / n_seen > params.data.max_bad_fraction:
@@ -265,17 +219,13 @@ class _Sources:
             self.old.close()
 
 
-def calibration_file(out: Path) -> Path:
-    return out.with_name(out.stem + ".near_duplicates.json")
-
-
 def _calibrated(params, base: Path, f, root: Path, out: Path, key: str, rows, sources) -> dict:
     """The near-duplicate threshold of these photos (``quality.near_duplicates.calibrate``), kept beside
     the cache; made again only when a photo of its sample is gone (adding photos keeps it)."""
     import json
 
     by_sha = sorted(rows)
-    path = calibration_file(out)
+    path = layout.calibration_file(out)
     try:
         stored = json.loads(path.read_text())
         present = {r[0] for r in rows}
@@ -324,7 +274,7 @@ def _grouped(rows, sources, calibration: dict, stage: str):
 
 def _splits_of_features_stage(params, base: Path, rows, stage: str):
     """top-features takes its splits from the features stage's cache, where near-duplicates were grouped."""
-    pooled = cache_file(params, base)
+    pooled = layout.cache_file(params, base)
     if not pooled.is_file():
         raise CacheError(f"{stage} with data.group_near_duplicates takes its splits from {pooled}; "
                          "run 'make features' first")
@@ -456,9 +406,9 @@ def _provenance(f: FeaturesParams, key: str, meta: dict, classes, stage: str) ->
     return {
         "key": key,
         "stage": stage,
-        "stage_version": VERSION,
+        "stage_version": layout.VERSION,
         "params": as_dict(f),
-        "key_params": key_params(f),
+        "key_params": layout.key_params(f),
         "backbone": f.backbone,
         "weights": f.weights,
         "weights_sha256": meta["weights_sha256"],

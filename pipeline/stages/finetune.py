@@ -16,11 +16,11 @@ from pathlib import Path
 
 from pipeline import runtime
 from pipeline.params import Params
-from pipeline.stages import features
+from pipeline.store import layout
 from pipeline.tf_import import keras as quiet_keras
 from pipeline.training import keras_fit
 from pipeline.training.classifiers import KerasClassifier
-from pipeline.training.contract import FitJob, Rung
+from pipeline.training.contract import FitJob, Rung, TrainingError
 from pipeline.training.inputs import ImageInputs
 
 # Bump when a model trained with the same params and photos would come out different.
@@ -28,7 +28,7 @@ VERSION = 2
 
 
 def open_inputs(params: Params, base: Path) -> ImageInputs:
-    path = features.cache_file(params, base)
+    path = layout.cache_file(params, base)
     f = params.features
     size = runtime.input_size(f)
     return ImageInputs(path, base / params.data.root, size, runtime.resizer(f, size), runtime.draft_size(f),
@@ -47,7 +47,7 @@ def fit(inputs: ImageInputs, job: FitJob):
     keras.utils.set_random_seed(p.seed)
     backbone = keras_models.build(f.backbone, f.weights, "pooled", f.image_size, job.cache_dir)
     if inputs.attrs["weights_sha256"] != backbone.weights_sha256 and inputs.attrs["layer"] == "pooled":
-        raise ValueError(f"the backbone's weights differ from those of {inputs.path.name}; run 'make features' again")
+        raise TrainingError(f"the backbone's weights differ from those of {inputs.path.name}; run 'make features' again")
     network = backbone.model
     x_in = keras.Input(inputs.shape, name="image")
     x = x_in

@@ -1,12 +1,11 @@
-"""Stage `train-head`: the first rung. A shallow classifier on the cached features, never on the photos.
+"""Stage `train-head`: the first rung. A shallow head on the cached features, never on the photos.
 
-Reads only the features stage's cache (the backbone is never built). Two models:
-- ``logreg``: scikit-learn StandardScaler + LogisticRegression (optionally C by CV on train).
-  It holds the train split's features in memory: (N, D) float32, 5 KB a photo for Lite0's 1280;
-- ``softmax``: a Keras Dense softmax layer (dropout, L2, Adam, early stopping on val), optionally
-  after new hidden layers, streamed from the cache a batch at a time (memory flat in N).
-The test split feeds no choice. Everything else (key, reuse, class check, saving) is the rung
-contract's (``training.contract``).
+Reads only the features stage's cache (the backbone is never built). The head is the one
+``train_head.model`` names in ``training.heads.HEADS`` (logreg, softmax, ncm, knn). Heads that fit
+in memory read the train split's features at once ((N, D) float32, 5 KB a photo for Lite0's 1280);
+the softmax head streams them from the cache a batch at a time (memory flat in N). The test split
+feeds no choice. Everything else (key, reuse, class check, guard, saving) is the rung contract's
+(``training.contract``).
 """
 from __future__ import annotations
 
@@ -15,20 +14,20 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.params import Params
-from pipeline.stages import features
-from pipeline.tf_import import keras as quiet_keras
-from pipeline.training import keras_fit
-from pipeline.training.classifiers import KerasClassifier, LogRegClassifier
-from pipeline.training.contract import FitJob, Rung
+from pipeline.store import layout
 from pipeline.store.table import CacheError
+from pipeline.training.classifiers import HeadClassifier
+from pipeline.training.contract import FitJob, Rung
+from pipeline.training.heads import Head, HeadError
 from pipeline.training.inputs import CachedInputs
 
 # Bump when a head trained with the same params and features would come out different.
-VERSION = 2
+VERSION = 3
+OUT_OF_FOLD = 5  # folds for out-of-fold logits when the val split is too small to calibrate on
 
 
 def open_inputs(params: Params, base: Path) -> CachedInputs:
-    path = features.cache_file(params, base)
+    path = layout.cache_file(params, base)
     inputs = CachedInputs(path, missing=f"no cached features at {path}; run 'make features' first")
     if inputs.views != params.features.views:
         raise CacheError(f"{path.name} holds the views {list(inputs.views)}, features.views asks for "
@@ -36,42 +35,47 @@ def open_inputs(params: Params, base: Path) -> CachedInputs:
     return inputs
 
 
-def build_softmax(input_shape, n_classes: int, p):
-    """[GlobalAveragePooling2D for spatial inputs] -> [Dropout -> Dense(relu)] per hidden layer ->
-    Dropout -> Dense(softmax), L2 on every kernel."""
-    keras = quiet_keras()
-    from keras import layers
-
-    inputs = keras.Input(tuple(input_shape), name="features")
-    x = layers.GlobalAveragePooling2D(name="pool")(inputs) if len(input_shape) == 3 else inputs
-    regularizer = keras.regularizers.L2(p.l2) if p.l2 else None
-    for i, units in enumerate(p.hidden_units):  # new hidden layers, trained from scratch
-        x = layers.Dropout(p.dropout, name=f"dropout_{i}")(x)
-        x = layers.Dense(units, activation="relu", kernel_regularizer=regularizer, name=f"hidden_{i}")(x)
-    x = layers.Dropout(p.dropout, name="dropout")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="softmax", kernel_regularizer=regularizer)(x)
-    return keras.Model(inputs, outputs, name="head")
+def face(head: Head, classes: list[str], history: dict):
+    """The classifier face of a fitted head (a Keras head has its own)."""
+    return head.face(classes, history) if hasattr(head, "face") else HeadClassifier(head, classes, history)
 
 
 def fit(inputs: CachedInputs, job: FitJob):
     p, train = job.params.train_head, job.train
-    if p.model == "logreg":
-        x = inputs.read(train.positions)  # (N, D): scikit-learn's lbfgs wants the whole train split
-        search = {"C_grid": p.C_grid, "cv_folds": p.cv_folds} if p.search_C else None
-        head = LogRegClassifier.fit(x, train.labels, inputs.classes, p.C, p.class_weight, p.max_iter, search, p.seed,
-                                    job.log)
-        head.history["train_accuracy"] = float(np.mean(np.argmax(head.predict_proba(x), axis=1) == train.labels))
-        return head
-    keras = quiet_keras()
-    keras.utils.set_random_seed(p.seed)
-    model = build_softmax(inputs.shape, len(inputs.classes), p)
-    phases = [keras_fit.Phase("head", p.epochs, p.learning_rate, lambda model: None)]
-    history = keras_fit.fit(model, inputs, train, job.val, phases, batch_size=p.batch_size, patience=p.patience,
-                            class_weight=p.class_weight, seed=p.seed, backup=job.backup, log=job.log)
-    return KerasClassifier(model, inputs.classes, history)
+    head = Head.from_params(p)
+    if hasattr(head, "fit_inputs"):  # streams from the cache
+        head.fit_inputs(inputs, train, job.val, job.backup, job.log)
+        return face(head, inputs.classes, head.history_)
+    x = inputs.read(train.positions)  # (N, D): the whole train split, as scikit-learn wants it
+    head.fit(x, train.labels, log=job.log)
+    history = dict(head.history_)
+    history["train_accuracy"] = float(np.mean(head.predict(x) == train.labels))
+    return face(head, inputs.classes, history)
+
+
+def out_of_fold(inputs: CachedInputs, job: FitJob) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) logits of each train photo from the same head fitted on the other folds, and the labels."""
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold
+
+    train = job.train
+    x, y = inputs.read(train.positions), train.labels
+    folds = min(OUT_OF_FOLD, int(np.min(np.bincount(y))))
+    if folds < 2:
+        raise HeadError("calibration needs at least 2 train photos per class when the val split has fewer than 20; "
+                        "add photos or raise data.val_fraction")
+    head = Head.from_params(job.params.train_head)
+    logits = np.zeros((len(y), len(inputs.classes)))
+    for fit_rows, held_rows in StratifiedKFold(folds, shuffle=True, random_state=job.params.train_head.seed).split(x, y):
+        fold_head = clone(head).fit(x[fit_rows], y[fit_rows])
+        if fold_head.n_classes_ < len(inputs.classes):
+            raise HeadError("a fold lost a class; add photos or raise data.val_fraction")
+        logits[held_rows] = fold_head.decision_function(x[held_rows])
+    job.log(f"out-of-fold logits from {folds} folds of the train split")
+    return logits, y
 
 
 RUNG = Rung(name="head", stage="train-head", section="train_head", version=VERSION,
             summary="train the head on the cached features (never runs the backbone)",
-            input_stage="features", open_inputs=open_inputs, fit=fit)
+            input_stage="features", open_inputs=open_inputs, fit=fit, out_of_fold=out_of_fold)
 run = RUNG.train

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.params import Params
-from pipeline.stages import features
+from pipeline.store import layout
 from pipeline.tf_import import keras as quiet_keras
 from pipeline.training import keras_fit
 from pipeline.training.classifiers import KerasClassifier
@@ -26,7 +26,7 @@ VERSION = 2
 
 
 def open_inputs(params: Params, base: Path) -> CachedInputs:
-    path = features.top_cache_file(params, base)
+    path = layout.top_cache_file(params, base)
     inputs = CachedInputs(path, missing=f"no cached activations at train_top.cut_point "
                                         f"{params.train_top.cut_point!r} ({path}); run 'make top-features' first")
     if len(inputs.shape) != 3:

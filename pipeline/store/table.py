@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.fingerprint import canonical_json
 
 STRING = h5py.string_dtype("utf-8")
@@ -40,7 +41,7 @@ def stored_views(attrs: dict) -> list[str]:
     return list(attrs.get("views", ["original"]))
 
 
-class CacheError(RuntimeError):
+class CacheError(PipelineError, RuntimeError):
     """A cache that is missing, damaged or not what it claims; the message says what to run."""
 
 
@@ -56,11 +57,6 @@ class FeatureTable:
     splits: np.ndarray  # (N,) str
     features: np.ndarray  # (N, ...) float32
     attrs: dict
-
-    def select(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(features, labels, paths) of one split."""
-        mask = self.splits == split
-        return self.features[mask], self.labels[mask], self.paths[mask]
 
 
 def content_hash(key: str, rows) -> str:

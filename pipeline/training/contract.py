@@ -11,9 +11,14 @@ done here, the same way for each:
    weights, early stopping, a backup per epoch for the Keras rungs), the accuracies;
 4. the model saved whole (a temporary folder moved into place) with its provenance in ``model.json``.
 
-A trained model (``Trained``) has one face, whatever the rung: its inputs and a classifier with
-``predict_proba`` on them and ``as_keras`` (``training.classifiers``). Evaluate, predict, export
-and compare use only that face.
+5. its guard (``training.guard``: temperature, rejection score and threshold), fitted on the train
+   and val photos for the ``reject`` params and kept beside the model under a key of its own, so
+   that changing ``reject.keep`` refits the guard in seconds and never retrains the rung.
+
+A trained model (``Trained``) has one face, whatever the rung: its inputs and a guarded classifier
+with ``answer`` (calibrated probabilities and rejection scores), ``predict_proba`` and ``as_keras``
+(``training.classifiers``, ``training.guard``). Evaluate, predict, export and compare use only
+that face.
 """
 from __future__ import annotations
 
@@ -26,17 +31,20 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.fingerprint import RunRecord, replaced_folder, stage_key
 from pipeline.params import Params, as_dict, key_fields
 from pipeline.store.table import CacheError
 from pipeline.training import classifiers
+from pipeline.training.classifiers import softmax
+from pipeline.training.guard import RESERVED, Guard, Guarded, fit_guard
 from pipeline.training.inputs import iterate
 from pipeline.training.keras_fit import remove_backup
 
 log = logging.getLogger("pipeline.training")
 
 
-class TrainingError(ValueError):
+class TrainingError(PipelineError, ValueError):
     """Data that cannot train this rung (a class missing from the train split, ...)."""
 
 
@@ -48,8 +56,18 @@ class Trained:
     folder: Path
     key: str
     inputs: object  # training.inputs.CachedInputs or ImageInputs
-    classifier: object  # training.classifiers.LogRegClassifier or KerasClassifier
+    classifier: Guarded  # a training.classifiers face with its guard
     trained_now: bool = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.inputs.close()
+
+    @property
+    def guard(self) -> Guard:
+        return self.classifier.guard
 
     @property
     def classes(self) -> list[str]:
@@ -82,6 +100,9 @@ class Rung:
     input_stage: str  # the stage whose output it reads
     open_inputs: Callable  # (params, base) -> inputs
     fit: Callable  # (inputs, FitJob) -> classifier
+    # (inputs, FitJob) -> (logits of the train photos from models that did not see them, their labels): to
+    # calibrate when the val split is too small; None: no temperature then
+    out_of_fold: Callable | None = None
 
     def folder(self, params: Params, base: Path) -> Path:
         return Path(base) / params.paths.cache_dir / self.section
@@ -110,7 +131,9 @@ class Rung:
         folder = self.model_dir(params, base, key)
         if not (folder / "model.json").is_file():
             return None
-        return Trained(self, folder, key, inputs, classifiers.load(folder))
+        classifier = classifiers.load(folder)
+        return Trained(self, folder, key, inputs, Guarded(classifier, self.guard(params, base, inputs, classifier,
+                                                                                  folder)))
 
     def load(self, params: Params, base: str | Path) -> Trained:
         """The model these params choose; an error naming what to run when it is not trained."""
@@ -128,10 +151,12 @@ class Rung:
         key, ingredients = self.key(params, inputs)
         out = self.model_dir(params, base, key)
         record = RunRecord(self.folder(params, base) / "last.json")
+        check_class_names(inputs.classes, params.reject.label)
         if (out / "model.json").is_file():
             log.info("%s: cache hit (%s)", self.section, out.name)
             record.save(ingredients)
-            return Trained(self, out, key, inputs, classifiers.load(out))
+            classifier = classifiers.load(out)
+            return Trained(self, out, key, inputs, Guarded(classifier, self.guard(params, base, inputs, classifier, out)))
         log.info("%s: recomputing (%s)", self.section, record.reason(ingredients, "no model for these params yet"))
         train, val = inputs.rows("train"), inputs.rows("val")
         missing = [c for i, c in enumerate(inputs.classes) if not np.any(train.labels == i)]
@@ -162,7 +187,62 @@ class Rung:
         epochs = f"{history['epochs_run']} epochs, " if history.get("epochs_run") else ""
         log.info("%s: trained on %d images (%s%.1f s)%s", self.section, len(train), epochs, history["fit_seconds"],
                  val_text)
-        return Trained(self, out, key, inputs, classifier, trained_now=True)
+        guarded = Guarded(classifier, self.guard(params, base, inputs, classifier, out, job))
+        return Trained(self, out, key, inputs, guarded, trained_now=True)
+
+    def guard(self, params: Params, base: Path, inputs, classifier, folder: Path, job: FitJob | None = None) -> Guard:
+        """The guard of the model in ``folder`` for ``params.reject``: kept beside it under its own key,
+        fitted (from the train and val photos only) when missing."""
+        key = stage_key("guard", GUARD_VERSION, as_dict(params.reject))
+        where = folder / f"guard-{key[:12]}"
+        if (where / "guard.json").is_file():
+            return Guard.load(where)
+        say = lambda message: log.info("%s: %s", self.section, message)  # noqa: E731
+        train_embedding, train_labels = embeddings(classifier, inputs, "train")
+        val_embedding, val_labels = embeddings(classifier, inputs, "val")
+        oof = None
+        if self.out_of_fold is not None:
+            job = job or FitJob(params, base / params.paths.cache_dir, inputs.rows("train"), inputs.rows("val"),
+                                folder.with_name(folder.name + ".backup"), say)
+            oof = lambda: self.out_of_fold(inputs, job)  # noqa: E731
+        guard = fit_guard(classifier, train_embedding, train_labels, val_embedding, val_labels, params.reject, oof, say)
+        with replaced_folder(where) as tmp:
+            guard.save(tmp)
+        return guard
+
+
+GUARD_VERSION = 1  # bump when a guard fitted from the same model and params would come out different
+
+
+def check_class_names(classes: list[str], label: str) -> None:
+    """No class may be named like the answer for "none of these" (``reject.label``, or the reserved ``unknown``)."""
+    for name in {label, RESERVED}:
+        if name in classes:
+            raise TrainingError(f"a class folder is named {name!r}, the answer for photos like none of the classes "
+                                f"({'reject.label' if name == label else 'reserved'}); rename the folder"
+                                + ("" if name == RESERVED else " or set reject.label to another name"))
+
+
+def embeddings(classifier, inputs, split: str, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """((N, E) float32 embeddings, (N,) class numbers) of every row of ``split``, read a batch at a time."""
+    rows = inputs.rows(split)
+    blocks = [classifier.embed(x) for _, x in iterate(inputs, split, batch_size)]
+    return (np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)), rows.labels
+
+
+def answer_split(model: Guarded, inputs, split: str, batch_size: int = 64) -> dict:
+    """Every row of ``split`` in file order, a batch at a time: ``positions``, ``labels`` (N,), calibrated
+    ``probabilities`` and ``uncalibrated`` ones (N, K), rejection ``scores`` (N,)."""
+    rows = inputs.rows(split)
+    k = len(inputs.classes)
+    parts: dict = {"probabilities": [np.zeros((0, k))], "uncalibrated": [np.zeros((0, k))], "scores": [np.zeros(0)]}
+    for _, x in iterate(inputs, split, batch_size):
+        embedding = model.classifier.embed(x)
+        logits = model.classifier.logits_of_embedding(embedding)
+        parts["probabilities"].append(softmax(logits / model.guard.temperature))
+        parts["uncalibrated"].append(softmax(logits))
+        parts["scores"].append(model.guard.scores(embedding, logits))
+    return {"positions": rows.positions, "labels": rows.labels, **{k: np.concatenate(v) for k, v in parts.items()}}
 
 
 def predict_split(classifier, inputs, split: str, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

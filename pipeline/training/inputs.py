@@ -72,9 +72,16 @@ class CachedInputs:
             return {sha: i for i, sha in enumerate(f["sha256"].asstr()[...].tolist())}
 
     def close(self) -> None:
+        """Close the HDF5 files opened for reading rows (they reopen when read again)."""
         for reader in self._readers:
             reader.close()
         self._readers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class ImageInputs(CachedInputs):
@@ -94,7 +101,6 @@ class ImageInputs(CachedInputs):
         self.draft_size = draft_size
         self.resize = resize  # (H, W, 3) uint8 -> (S, S, 3) float32
         self.workers = workers
-        self.chunk_rows = 1
 
     def plan(self, rows: SplitRows, batch_size: int, shuffle: bool = False, seed: int = 0) -> list[np.ndarray]:
         return batches.plan(rows.positions, batch_size, 1, shuffle, seed, window=len(rows) or 1)
@@ -111,6 +117,33 @@ class ImageInputs(CachedInputs):
             return self.resize(decode_rgb(file, self.draft_size))
         except ImageError as error:
             raise table.CacheError(f"{file} changed since 'make features' ({error}); run it again") from None
+
+
+class ArrayInputs:
+    """Rows held in memory with the face training needs (``classes``, ``shape``, ``plan``, ``read``): for
+    fitting a head on arrays (out-of-fold logits, benchmarks). The first ``n_train`` rows train."""
+
+    layer = "array"
+    views = ("original",)
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray, classes: list[str]):
+        self.x = np.asarray(x, np.float32)
+        self.labels = np.asarray(labels, np.int32)
+        self.classes = list(classes)
+        self.shape = tuple(self.x.shape[1:])
+
+    def split_rows(self, n_train: int) -> tuple[SplitRows, SplitRows]:
+        every = np.arange(len(self.x), dtype=np.int64)
+        return (SplitRows(every[:n_train], self.labels[:n_train]), SplitRows(every[n_train:], self.labels[n_train:]))
+
+    def plan(self, rows: SplitRows, batch_size: int, shuffle: bool = False, seed: int = 0) -> list[np.ndarray]:
+        return batches.plan(rows.positions, batch_size, 1, shuffle, seed, window=len(rows) or 1)
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        return self.x[np.asarray(positions, np.int64)]
+
+    def close(self) -> None:
+        pass
 
 
 def _column(path: Path, name: str, positions: np.ndarray) -> list[str]:

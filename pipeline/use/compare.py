@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import ladder
 from pipeline.params import Params
+from pipeline.stages import ladder
 from pipeline.stages.evaluate import evaluate_model
 
 
@@ -21,7 +21,8 @@ def run(params: Params, base: str | Path = ".") -> str:
         if trained is None:
             lines.append(f"{rung.name + mark:<9}not trained for these params ('make {rung.stage}')")
             continue
-        metrics = evaluate_model(trained)["metrics"]
+        with trained:
+            metrics = evaluate_model(trained)["metrics"]
         seconds = trained.classifier.history.get("fit_seconds")
         lines.append(f"{rung.name + mark:<9}{trained.inputs.layer:<16}{metrics['accuracy']:9.4f} "
                      f"{metrics['balanced_accuracy']:9.4f} {metrics['n_test']:5d} "

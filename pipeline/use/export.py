@@ -1,10 +1,12 @@
 """Command `export`: one self-contained model, in every format, proven to answer like the pipeline.
 
 The exported Keras model takes one RGB image of any size, ``(1, H, W, 3)`` uint8 (or a batch of
-same-sized images), and returns class probabilities ``(N, n_classes)``. Inside: ``FitToSize``
-(the features stage's own resize), the frozen part of the backbone with its normalisation, and
-the classifier of the rung params choose (a logistic-regression head is folded into one Dense
-softmax layer; the fine-tuned network is the whole model).
+same-sized images), and returns two outputs: calibrated class probabilities ``(N, n_classes)``
+and the rejection score ``(N,)`` (answer ``reject.label`` when it is above ``model.json``'s
+threshold). Inside: ``FitToSize`` (the features stage's own resize), the frozen part of the
+backbone with its normalisation, the classifier of the rung params choose (a logistic-regression
+head is folded into one Dense layer; the fine-tuned network is the whole model) and its guard
+(temperature, score: ``training.guard``).
 
 Files in ``export.dir`` (default ``models/``): ``model.keras``, ``saved_model/`` (signature
 ``serve``), ``model.tflite`` (float32), optionally ``model_dynamic.tflite`` or
@@ -22,18 +24,22 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import ladder, runtime
+from pipeline import runtime
 from pipeline.data.decode import ImageError, decode_rgb
+from pipeline.errors import PipelineError
 from pipeline.fingerprint import replaced_folder
 from pipeline.params import Params, as_dict
+from pipeline.stages import ladder
 from pipeline.training.inputs import iterate
 from pipeline.use.predict import features_params_of
 
 log = logging.getLogger("pipeline.export")
-FORMAT_VERSION = 1
+# Quantised formats: scores within this share of the threshold are borderline (either answer is fair)
+DECISION_BAND = 0.05
+FORMAT_VERSION = 2  # 2: two outputs (probabilities, score), rejection and calibration in model.json
 
 
-class ExportError(RuntimeError):
+class ExportError(PipelineError, RuntimeError):
     """An export that does not answer like the pipeline; nothing was written."""
 
 
@@ -45,9 +51,9 @@ class ExportResult:
 
 
 def build_export_model(backbone, classifier_model, size: int, resize: str, views=("original",)):
-    """uint8 (N, H, W, 3) -> probabilities (N, n_classes): resize, [the frozen backbone on each view,
-    averaged,] the classifier."""
-    from pipeline.data.resize_layer import FitToSize, keras
+    """uint8 (N, H, W, 3) -> [probabilities (N, n_classes), score (N,)]: resize, [the frozen backbone on
+    each view, averaged,] the guarded classifier."""
+    from pipeline.training.layers import FitToSize, keras
 
     image = keras.Input((None, None, 3), dtype="uint8", name="image")
     x = FitToSize(size, resize, name="fit_to_size")(image)
@@ -55,17 +61,21 @@ def build_export_model(backbone, classifier_model, size: int, resize: str, views
         activations = [backbone.model(x if view == "original" else keras.ops.flip(x, axis=2), training=False)
                        for view in views]  # the views of runtime.VIEWS: original, hflip (mirrored left-right)
         x = activations[0] if len(activations) == 1 else keras.layers.Average(name="views")(activations)
-    probabilities = classifier_model(x, training=False)
-    return keras.Model(image, probabilities, name="classifier")
+    probabilities, score = classifier_model(x, training=False)
+    return keras.Model(image, [probabilities, score], name="classifier")
 
 
 def run(params: Params, base: str | Path = ".") -> ExportResult:
-    from pipeline.backbones import keras_models
-
     base = Path(base)
     rung, _ = ladder.chosen(params, base)
-    trained = rung.load(params, base)
-    log.info("export: %s", ladder.describe_choice(params, rung))
+    with rung.load(params, base) as trained:
+        log.info("export: %s", ladder.describe_choice(params, rung))
+        return _export(params, base, rung, trained)
+
+
+def _export(params: Params, base: Path, rung, trained) -> ExportResult:
+    from pipeline.backbones import keras_models
+
     inputs = trained.inputs
     attrs = inputs.attrs
     f = features_params_of(attrs)
@@ -86,7 +96,7 @@ def run(params: Params, base: str | Path = ".") -> ExportResult:
     with replaced_folder(target) as tmp:  # moved into place only after parity held
         files = _write_formats(model, tmp, params, base, trained, runtime.draft_size(f), size)
         parity = _check_parity(tmp, model, _test_samples(params, base, trained, runtime.draft_size(f)), tolerance,
-                               params.export.min_top1_agreement)
+                               params.export.min_top1_agreement, trained.guard)
         _write_metadata(tmp, params, base, trained, size, f, parity)
     sizes = {name: _size(target / name) for name in files}
     for name, size_bytes in sizes.items():
@@ -103,6 +113,7 @@ class _Sample:
     path: str
     pixels: np.ndarray  # (H, W, 3) uint8, decoded as the features stage does
     reference: np.ndarray  # (n_classes,) the pipeline's probabilities from its own inputs
+    score: float  # the pipeline's rejection score
 
 
 def _test_samples(params: Params, base: Path, trained, draft: int):
@@ -114,15 +125,15 @@ def _test_samples(params: Params, base: Path, trained, draft: int):
     root = base / params.data.root
     changed = 0
     for positions, x in iterate(inputs, "test", 32):
-        reference = trained.classifier.predict_proba(x)
-        for path, sha, probabilities in zip(inputs.paths(positions), inputs.sha256(positions), reference):
+        reference, scores = trained.classifier.answer(x)
+        for path, sha, probabilities, score in zip(inputs.paths(positions), inputs.sha256(positions), reference, scores):
             file = root / path
             try:
                 data = file.read_bytes()
                 if hashlib.sha256(data).hexdigest() != sha:
                     changed += 1
                     continue
-                yield _Sample(path, decode_rgb(io.BytesIO(data), draft), probabilities)
+                yield _Sample(path, decode_rgb(io.BytesIO(data), draft), probabilities, float(score))
             except (OSError, ImageError):
                 changed += 1
     if changed:
@@ -190,20 +201,30 @@ def range_samples(pixels: np.ndarray, size: int) -> list[np.ndarray]:
             np.asarray(image.resize((max(1, size // 2),) * 2, Image.BOX))]
 
 
+def split_outputs(outputs) -> tuple[np.ndarray, float]:
+    """(probabilities (n_classes,), score) of one photo from an exported model's two outputs, in whatever
+    order or container a format returns them: the probabilities are the 2-D one, the score the 1-D one."""
+    arrays = [np.asarray(o) for o in (outputs.values() if isinstance(outputs, dict) else outputs)]
+    probabilities = next(a for a in arrays if a.ndim == 2)
+    score = next(a for a in arrays if a.ndim == 1)
+    return probabilities[0].astype(np.float64), float(score[0])
+
+
 class _Runners:
-    """Each exported format as a function: (1, H, W, 3) uint8 -> (n_classes,) probabilities."""
+    """Each exported format as a function: (1, H, W, 3) uint8 -> ((n_classes,) probabilities, score)."""
 
     def __init__(self, folder: Path, live_model):
         import keras
         import tensorflow as tf
 
-        import pipeline.data.resize_layer  # noqa: F401  (registers FitToSize for loading)
+        import pipeline.training.layers  # noqa: F401  (registers FitToSize and the guard's layers for loading)
 
-        self.formats = {"keras (in memory)": lambda x: np.asarray(live_model(x, training=False))[0]}
+        self.formats = {"keras (in memory)": lambda x: split_outputs(live_model(x, training=False))}
         reloaded = keras.saving.load_model(folder / "model.keras")
-        self.formats["model.keras"] = lambda x: np.asarray(reloaded(x, training=False))[0]
+        self.formats["model.keras"] = lambda x: split_outputs(reloaded(x, training=False))
         serving = tf.saved_model.load(str(folder / "saved_model")).signatures["serve"]
-        self.formats["saved_model"] = lambda x: next(iter(serving(tf.constant(x)).values())).numpy()[0]
+        self.formats["saved_model"] = lambda x: split_outputs(
+            {k: v.numpy() for k, v in serving(tf.constant(x)).items()})
         for path in sorted(folder.glob("*.tflite")):
             self.formats[path.name] = _tflite_runner(path)
 
@@ -218,7 +239,6 @@ def tflite_interpreter(path: Path):
 def _tflite_runner(path: Path):
     interpreter = tflite_interpreter(path)
     input_index = interpreter.get_input_details()[0]["index"]
-    output_index = interpreter.get_output_details()[0]["index"]
     shape = [None]
 
     def run(x):
@@ -228,47 +248,71 @@ def _tflite_runner(path: Path):
             shape[0] = x.shape
         interpreter.set_tensor(input_index, x)
         interpreter.invoke()
-        return interpreter.get_tensor(output_index)[0].astype(np.float64)
+        return split_outputs([interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()])
 
     return run
 
 
-def _check_parity(folder: Path, model, samples, tolerance: float, min_agreement: float) -> dict:
-    """Run every test photo through every format and compare with the pipeline's probabilities."""
+def _check_parity(folder: Path, model, samples, tolerance: float, min_agreement: float, guard) -> dict:
+    """Run every test photo through every format and compare with the pipeline's probabilities and scores:
+    float formats within ``tolerance``, quantised ones on the top-1 label and on the accept/reject decision."""
     runners = _Runners(folder, model)
     diffs: dict = {name: [] for name in runners.formats}
     agree: dict = {name: [] for name in runners.formats}
+    score_diffs: dict = {name: [] for name in runners.formats}
+    decisions: dict = {name: [] for name in runners.formats}
     seconds = dict.fromkeys(runners.formats, 0.0)
     paths = []
     for sample in samples:
         paths.append(sample.path)
         for name, runner in runners.formats.items():
             started = time.perf_counter()
-            output = runner(sample.pixels[None])
+            output, score = runner(sample.pixels[None])
             seconds[name] += time.perf_counter() - started
             diffs[name].append(float(np.abs(output - sample.reference).max()))
             agree[name].append(bool(output.argmax() == sample.reference.argmax()))
+            score_diffs[name].append(abs(score - sample.score))
+            # a photo whose score is within DECISION_BAND of the threshold may fall either side after 8-bit
+            # rounding: counted apart (borderline), not as a disagreement
+            borderline = abs(sample.score - guard.threshold) <= DECISION_BAND * max(abs(guard.threshold), 1e-6)
+            decisions[name].append(None if borderline else
+                                   bool((score <= guard.threshold) == (sample.score <= guard.threshold)))
     if not paths:
         raise ExportError("no test images to check parity on; set data.test_fraction > 0")
     report, failures = {}, []
     for name in runners.formats:
         diff, same = np.array(diffs[name]), np.array(agree[name])
+        score_diff = np.array(score_diffs[name])
+        decided = np.array([d is not False for d in decisions[name]])
+        clear = [d for d in decisions[name] if d is not None]
         quantized = name.startswith(("model_dynamic", "model_int8"))
         entry = {"n_images": len(paths), "max_abs_diff": float(diff.max()), "top1_agreement": float(same.mean()),
+                 "score_max_abs_diff": float(score_diff.max()),
+                 "decision_agreement": float(np.mean(clear)) if clear else 1.0,
+                 "borderline": len(paths) - len(clear),
                  "seconds": seconds[name]}
         report[name] = entry
-        ok = entry["top1_agreement"] >= min_agreement if quantized else entry["max_abs_diff"] <= tolerance
         if quantized:
-            log.info("export: parity %-20s top-1 agreement %.2f%% on %d test images", name,
-                     100 * entry["top1_agreement"], len(paths))
+            ok = entry["top1_agreement"] >= min_agreement and entry["decision_agreement"] >= min_agreement
         else:
-            log.info("export: parity %-20s max |diff| %.2e on %d test images", name, entry["max_abs_diff"],
-                     len(paths))
+            ok = entry["max_abs_diff"] <= tolerance and entry["score_max_abs_diff"] <= tolerance
+        if quantized:
+            log.info("export: parity %-20s top-1 agreement %.2f%%, accept/reject agreement %.2f%% on %d test images "
+                     "(%d borderline)", name, 100 * entry["top1_agreement"], 100 * entry["decision_agreement"],
+                     len(paths), entry["borderline"])
+        else:
+            log.info("export: parity %-20s max |diff| %.2e, score %.2e on %d test images", name,
+                     entry["max_abs_diff"], entry["score_max_abs_diff"], len(paths))
         if not ok:
-            worst = np.argsort(-diff)[:3] if not quantized else np.flatnonzero(~same)[:3]
-            names = ", ".join(f"{paths[i]} ({diff[i]:.2g})" for i in worst)
-            limit = f"max |diff| {entry['max_abs_diff']:.2g} > {tolerance:g}" if not quantized else \
-                f"top-1 agreement {100 * entry['top1_agreement']:.1f}% < {100 * min_agreement:g}%"
+            if quantized:
+                worst = np.flatnonzero(~same | ~decided)[:3]
+                limit = (f"top-1 agreement {100 * entry['top1_agreement']:.1f}%, accept/reject agreement "
+                         f"{100 * entry['decision_agreement']:.1f}% (need {100 * min_agreement:g}%)")
+            else:
+                worst = np.argsort(-np.maximum(diff, score_diff))[:3]
+                limit = (f"max |diff| {entry['max_abs_diff']:.2g}, score {entry['score_max_abs_diff']:.2g} "
+                         f"(limit {tolerance:g})")
+            names = ", ".join(f"{paths[i]} ({max(diff[i], score_diff[i]):.2g})" for i in worst)
             failures.append(f"{name}: {limit}; worst: {names}")
     if failures:
         raise ExportError("export does not answer like the pipeline, nothing written: " + " | ".join(failures))
@@ -292,7 +336,18 @@ def _write_metadata(folder: Path, params: Params, base: Path, trained, size: int
         "classes": trained.classes,
         "input": {"shape": [None, None, None, 3], "dtype": "uint8", "color": "RGB, upright (EXIF applied)",
                   "note": "one image of any size per call, or a batch of same-sized images"},
-        "output": {"shape": [None, len(trained.classes)], "dtype": "float32", "meaning": "class probabilities"},
+        "outputs": {
+            "probabilities": {"shape": [None, len(trained.classes)], "dtype": "float32",
+                              "meaning": "calibrated class probabilities (temperature scaling), in labels.txt order"},
+            "score": {"shape": [None], "dtype": "float32",
+                      "meaning": "how unlike the training photos the image is; higher is less like them"},
+            "note": "tell them apart by rank: probabilities are 2-D, the score 1-D"},
+        "rejection": {"rule": trained.guard.rule, "label": trained.guard.label, "threshold": trained.guard.threshold,
+                      "score": trained.guard.score, "k": trained.guard.k, "keep": trained.guard.keep,
+                      "threshold_from": trained.guard.threshold_from, "bank_rows": trained.guard.bank_rows,
+                      "bank_kind": trained.guard.bank_kind},
+        "calibration": {"method": "temperature scaling", "temperature": trained.guard.temperature,
+                        "fitted_on": trained.guard.calibrated_on},
         "preprocessing": {"resize": features_params.resize, "input_size": size,
                           "method": "box filter by the integer factor side // size, then bilinear",
                           "normalization": attrs["preprocessing"]},

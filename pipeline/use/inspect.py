@@ -27,18 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.fingerprint import atomic_write_text
 from pipeline.params import Params
 from pipeline.quality import near_duplicates
-from pipeline.stages import features
-from pipeline.store import table
+from pipeline.store import layout, table
 from pipeline.store.table import CacheError
 
 NEIGHBOUR_CHUNK_MB = 64
 log = logging.getLogger("pipeline.inspect")
 
 
-class InspectError(ValueError):
+class InspectError(PipelineError, ValueError):
     """Photos that the finders cannot work on (one class only, ...)."""
 
 
@@ -80,7 +80,7 @@ def run(params: Params, base: str | Path = ".") -> InspectResult:
 
     base = Path(base)
     started = time.perf_counter()
-    path = features.cache_file(params, base)
+    path = layout.cache_file(params, base)
     if not path.is_file():
         raise CacheError(f"no cached features at {path}; run 'make features' first")
     rows = table.read_table(path)
@@ -154,7 +154,7 @@ def _threshold(p, path: Path) -> tuple[float, dict | None]:
     if p.near_duplicate_threshold is not None:
         return p.near_duplicate_threshold, None
     try:
-        calibration = json.loads(features.calibration_file(path).read_text())
+        calibration = json.loads(layout.calibration_file(path).read_text())
     except (OSError, ValueError):
         raise CacheError(f"no near-duplicate calibration beside {path}; run 'make features' first") from None
     if calibration.get("threshold") is None:

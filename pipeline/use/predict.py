@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import ladder, runtime
+from pipeline import runtime
 from pipeline.data.decode import sniff
 from pipeline.params import FeaturesParams, Params
+from pipeline.stages import ladder
+from pipeline.store.table import CacheError
 
 log = logging.getLogger("pipeline.predict")
 BATCH = 256  # photos per step
@@ -30,7 +32,10 @@ BATCH = 256  # photos per step
 class Prediction:
     path: str
     labels: list[str] = field(default_factory=list)  # best first
-    probabilities: list[float] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)  # calibrated
+    answer: str | None = None  # the top label, or reject.label when the photo is unlike the training photos
+    score: float | None = None  # rejection score: higher is less like the training photos
+    threshold: float | None = None  # the photo is answered reject.label when score > threshold
     cached: bool = False
     error: str | None = None
 
@@ -53,8 +58,12 @@ def run(params: Params, base: str | Path, inputs, top_k: int | None = None) -> l
     """Top-k labels for every photo under ``inputs`` (files or folders) with the model params choose."""
     base = Path(base)
     rung, _ = ladder.chosen(params, base)
-    trained = rung.load(params, base)
-    log.info("predict: %s", ladder.describe_choice(params, rung))
+    with rung.load(params, base) as trained:
+        log.info("predict: %s", ladder.describe_choice(params, rung))
+        return _predict(params, base, trained, inputs, top_k)
+
+
+def _predict(params: Params, base: Path, trained, inputs, top_k: int | None) -> list[Prediction]:
     top_k = min(top_k or params.predict.top_k, len(trained.classes))
     files = expand(inputs)
     if not files:
@@ -83,9 +92,9 @@ def run(params: Params, base: str | Path, inputs, top_k: int | None = None) -> l
                     rows[i] = row.mean(axis=0)  # the mean of the views, as the classifier was trained
         if rows:
             order = sorted(rows)
-            proba = trained.classifier.predict_proba(np.stack([rows[i] for i in order]).astype(np.float32))
-            for i, row in zip(order, proba):
-                _fill(predictions[i], row, trained.classes, top_k)
+            proba, scores = trained.classifier.answer(np.stack([rows[i] for i in order]).astype(np.float32))
+            for i, row, score in zip(order, proba, scores):
+                _fill(predictions[i], row, trained.classes, top_k, float(score), trained.guard)
     n_cached = sum(p.cached for p in predictions)
     n_done = sum(bool(p.labels) for p in predictions)
     log.info("predict: %d photo(s), %d from the cache, %d through the %s, %d unreadable", len(files), n_cached,
@@ -112,15 +121,18 @@ def _runner(trained, params: Params, base: Path):
     attrs = trained.inputs.attrs
     runner = runtime.open_backbone(features_params_of(attrs), base / params.paths.cache_dir, trained.inputs.layer)
     if trained.inputs.layer != runtime.IMAGE and runner.weights_sha256 != attrs["weights_sha256"]:
-        raise RuntimeError(f"the backbone's weights differ from those of {trained.inputs.path.name}; "
+        raise CacheError(f"the backbone's weights differ from those of {trained.inputs.path.name}; "
                            f"run 'make features' and 'make {trained.rung.stage}' again")
     return runner
 
 
-def _fill(prediction: Prediction, probabilities: np.ndarray, classes: list[str], top_k: int) -> None:
+def _fill(prediction: Prediction, probabilities: np.ndarray, classes: list[str], top_k: int, score: float,
+          guard) -> None:
     order = np.argsort(-probabilities)[:top_k]
     prediction.labels = [classes[j] for j in order]
     prediction.probabilities = [float(probabilities[j]) for j in order]
+    prediction.score, prediction.threshold = score, guard.threshold
+    prediction.answer = prediction.labels[0] if guard.accepted(np.array([score]))[0] else guard.label
 
 
 def _logged(predictions: list[Prediction]) -> list[Prediction]:
@@ -137,24 +149,35 @@ def features_params_of(attrs: dict) -> FeaturesParams:
 
 def format_predictions(predictions: list[Prediction], fmt: str) -> str:
     if fmt == "json":
-        return json.dumps([
-            {"path": p.path, "cached": p.cached, "error": p.error,
-             "predictions": [{"label": label, "probability": round(prob, 6)}
-                             for label, prob in zip(p.labels, p.probabilities)]}
-            for p in predictions], indent=2)
+        return json.dumps([as_json(p) for p in predictions], indent=2)
     k = max((len(p.labels) for p in predictions), default=0)
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["path", *[f"{what}_{j + 1}" for j in range(k) for what in ("label", "p")], "error"])
+        writer.writerow(["path", "answer", "score", "threshold",
+                         *[f"{what}_{j + 1}" for j in range(k) for what in ("label", "p")], "error"])
         for p in predictions:
             cells = [v for label, prob in zip(p.labels, p.probabilities) for v in (label, f"{prob:.6f}")]
-            writer.writerow([p.path, *cells, *[""] * (2 * k - len(cells)), p.error or ""])
+            guard = [p.answer, f"{p.score:.6f}", f"{p.threshold:.6f}"] if p.answer else ["", "", ""]
+            writer.writerow([p.path, *guard, *cells, *[""] * (2 * k - len(cells)), p.error or ""])
         return buffer.getvalue().rstrip("\n")
     width = max([len(p.path) for p in predictions] + [4])
     lines = [f"{'path':<{width}}  prediction"]
     for p in predictions:
-        text = ("  ".join(f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probabilities))
-                if not p.error else f"skipped: {p.error}")
+        if p.error:
+            text = f"skipped: {p.error}"
+        else:
+            text = "  ".join(f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probabilities))
+            if p.answer != p.labels[0]:  # rejected: say so first, the closest labels after
+                text = f"{p.answer} (score {p.score:.3f} > {p.threshold:.3f}; closest: {text})"
         lines.append(f"{p.path:<{width}}  {text}")
     return "\n".join(lines)
+
+
+def as_json(p: Prediction) -> dict:
+    """One photo's answer as ``predict --format json`` (and the app's API) gives it."""
+    return {"path": p.path, "answer": p.answer, "score": None if p.score is None else round(p.score, 6),
+            "threshold": None if p.threshold is None else round(p.threshold, 6),
+            "accepted": None if p.answer is None else p.answer == p.labels[0], "cached": p.cached, "error": p.error,
+            "predictions": [{"label": label, "probability": round(prob, 6)}
+                            for label, prob in zip(p.labels, p.probabilities)]}

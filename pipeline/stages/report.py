@@ -167,6 +167,9 @@ def _figures(metrics: dict, head_history: dict, history: list[dict]) -> dict[str
     plots["training_curves.png"] = _png(figure)
     plt.close(figure)
 
+    if metrics.get("reliability"):
+        plots["reliability.png"] = _reliability_figure(plt, metrics["reliability"], metrics.get("calibration", {}))
+
     figure, axes = plt.subplots(figsize=(8, 3))
     runs = range(1, len(history) + 1)
     axes.plot(runs, [h["accuracy"] for h in history], "o-", label="accuracy")
@@ -178,6 +181,32 @@ def _figures(metrics: dict, head_history: dict, history: list[dict]) -> dict[str
     plots["history.png"] = _png(figure)
     plt.close(figure)
     return plots
+
+
+def _reliability_figure(plt, bins: dict, numbers: dict) -> bytes:
+    """Accuracy against confidence per bin, before and after calibration, with each bin's photo count."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, which, title in ((axes[0], "before", "before calibration"), (axes[1], "after", "after calibration")):
+        b = bins[which]
+        edges = np.array(b["edges"])
+        centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+        counts = np.array(b["counts"])
+        shown = counts > 0
+        ax.bar(centres[shown], np.array(b["accuracy"])[shown], width=width * 0.9, color="#4c72b0", label="accuracy")
+        ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+        ax.plot(centres[shown], np.array(b["confidence"])[shown], "o", color="#dd8452", ms=4, label="mean confidence")
+        for x, n, y in zip(centres[shown], counts[shown], np.array(b["accuracy"])[shown]):
+            ax.text(x, min(y + 0.02, 0.97), str(n), ha="center", fontsize=7)
+        ece = numbers.get(f"ece_{which}")
+        ax.set_title(f"{title}" + (f" (ECE {ece:.3f})" if ece is not None else ""))
+        ax.set_xlabel("confidence of the top label (numbers: test photos per bin)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("share correct")
+    axes[1].legend(loc="upper left", fontsize=8)
+    png = _png(figure)
+    plt.close(figure)
+    return png
 
 
 def _thumbnail(path: Path, side: int = THUMBNAIL) -> str | None:
@@ -254,6 +283,26 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
+def _trust_section(metrics: dict, plots: dict) -> str:
+    """How far the probabilities can be trusted, and what the model answers for photos unlike its training."""
+    if "rejection" not in metrics:
+        return ""
+    r, c = metrics["rejection"], metrics["calibration"]
+    auroc = f"{r['auroc_wrong_vs_right']:.3f}" if r.get("auroc_wrong_vs_right") is not None else "-"
+    return f"""<h2>Confidence and "none of these"</h2>
+<div class="cards">
+<div class="card">rejected test photos<div class="v" data-metric="rejected_share">{100 * r['rejected_share']:.1f}%</div></div>
+<div class="card">accuracy on the accepted<div class="v" data-metric="accuracy_accepted">{r['accuracy_accepted']:.4f}</div></div>
+<div class="card">ECE before / after<div class="v" data-metric="ece_after">{c['ece_before']:.3f} / {c['ece_after']:.3f}</div></div>
+<div class="card">Brier before / after<div class="v">{c['brier_before']:.3f} / {c['brier_after']:.3f}</div></div>
+</div>
+<p>{html.escape(metrics.get('rejection_rule', ''))}; threshold {r['threshold']:.4g}, set to keep {100 * r['keep']:g}% of
+known photos. The score's AUROC for telling the test photos the model gets wrong from those it gets right: {auroc}.
+Probabilities are calibrated by temperature scaling (T = {c['temperature']:.3g}).</p>
+<div class="plots"><img src="{_data_uri(plots['reliability.png'])}" alt="reliability diagram"></div>
+"""
+
+
 def write(reports: Path, data_root: Path, metrics: dict, misclassified: list[dict], head_history: dict,
           history: list[dict], provenance: dict, counts: dict, skipped: list[dict], quality: str = "") -> Path:
     """Write the PNG plots and index.html into ``reports``; returns the page's path."""
@@ -309,6 +358,7 @@ pre {{ background: #f6f6f6; padding: .8rem; overflow-x: auto; }}
 <div class="card">test images<div class="v" data-metric="n_test">{metrics['n_test']}</div></div>
 <div class="card">classes<div class="v">{len(classes)}</div></div>
 </div>
+{_trust_section(metrics, plots)}
 <h2>Per class, worst first</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{per_class}</table>
 <h2>Most confused pairs</h2>

@@ -1,0 +1,266 @@
+"""The heads of the first rung, one class each, behind scikit-learn's estimator contract.
+
+``__init__`` only stores hyperparameters (``get_params`` / ``set_params`` come from
+``BaseEstimator``), ``fit(X, y)`` returns ``self``, learned state ends in ``_``:
+
+    fit(X, y)                X: (N, D) float32 features, y: (N,) class numbers 0..K-1
+    decision_function(X)     (N, K) float64 logits; ``predict_proba`` is their softmax
+    embed(X)                 (N, E) float32: what the head sees last (the features, or its last hidden layer)
+    keras_layers(x, shape)   the same computation as Keras layers: x -> (embedding, logits), for export
+
+``HEADS`` maps ``train_head.model`` to its class; a new head is one class here and one line there
+(plus its hyperparameters in ``TrainHeadParams``, marked with ``model="..."``).
+
+- ``logreg``: StandardScaler + LogisticRegression (optionally C by cross-validation on train);
+- ``softmax``: a Keras Dense softmax layer (optionally after new hidden layers), trained with Adam;
+  its rung streams it from the cache a batch at a time (``fit_inputs``);
+- ``ncm``: nearest class mean on centred, L2-normalised features (SimpleShot): no training, a mean
+  per class; adding photos costs their features and a mean;
+- ``knn``: the k nearest training photos by cosine similarity vote (add-half smoothing).
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from pipeline.errors import PipelineError
+from pipeline.training.classifiers import normalise, softmax
+
+NCM_SCALE = 10.0  # logits = -scale * squared distance to a class mean; calibration rescales them anyway
+
+
+class HeadError(PipelineError, ValueError):
+    """Data a head cannot fit on (too few photos per class for the folds asked, ...)."""
+
+
+class Head(BaseEstimator):
+    """What every head shares: flattened inputs, probabilities as the softmax of the logits."""
+
+    kind = "sklearn"  # how the classifier is saved (classifiers.KINDS)
+
+    def embed(self, X) -> np.ndarray:
+        return np.asarray(X, np.float32).reshape(len(X), -1)
+
+    def predict_proba(self, X) -> np.ndarray:
+        return softmax(self.decision_function(X))
+
+    def predict(self, X) -> np.ndarray:
+        return np.argmax(self.decision_function(X), axis=1)
+
+    @staticmethod
+    def from_params(p) -> "Head":
+        """The head ``train_head.model`` names, with its hyperparameters from ``TrainHeadParams``."""
+        cls = HEADS[p.model]
+        return cls(**{name: getattr(p, name) for name in cls._get_param_names()})
+
+
+class LogRegHead(Head):
+    """StandardScaler + LogisticRegression. ``search_C``: C from ``C_grid`` by stratified CV on train."""
+
+    def __init__(self, C=1.0, class_weight="balanced", max_iter=2000, search_C=False, C_grid=(0.01, 0.1, 1.0, 10.0),
+                 cv_folds=5, seed=0):
+        self.C, self.class_weight, self.max_iter = C, class_weight, max_iter
+        self.search_C, self.C_grid, self.cv_folds, self.seed = search_C, C_grid, cv_folds, seed
+
+    def fit(self, X, y, log=None):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import GridSearchCV, StratifiedKFold
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        X = self.embed(X)
+        model = make_pipeline(StandardScaler(), LogisticRegression(
+            C=self.C, class_weight="balanced" if self.class_weight == "balanced" else None, max_iter=self.max_iter))
+        self.history_: dict = {}
+        if self.search_C:
+            folds = min(self.cv_folds, int(np.min(np.bincount(y))))
+            if folds < 2:
+                raise HeadError("train_head.search_C needs at least 2 train images per class")
+            grid = GridSearchCV(model, {"logisticregression__C": list(self.C_grid)}, scoring="balanced_accuracy",
+                                cv=StratifiedKFold(folds, shuffle=True, random_state=self.seed), n_jobs=1)
+            grid.fit(X, y)
+            model = grid.best_estimator_
+            self.history_["cv_folds"] = folds
+            self.history_["cv_balanced_accuracy"] = {
+                repr(c): float(s) for c, s in zip(self.C_grid, grid.cv_results_["mean_test_score"])}
+            self.history_["chosen_C"] = float(grid.best_params_["logisticregression__C"])
+            if log is not None:
+                log(f"C={self.history_['chosen_C']:g} chosen by {folds}-fold CV on train")
+        else:
+            model.fit(X, y)
+        self.pipeline_ = model
+        self.n_classes_ = int(y.max()) + 1
+        return self
+
+    def _linear(self) -> tuple[np.ndarray, np.ndarray]:
+        """The scaler and the regression as one affine map: (kernel (D, K), bias (K,)), float64, columns in
+        class order (a binary regression's one column becomes [0, z]: the same softmax)."""
+        scaler = self.pipeline_.named_steps["standardscaler"]
+        regression = self.pipeline_.named_steps["logisticregression"]
+        coef, intercept = regression.coef_.astype(np.float64), regression.intercept_.astype(np.float64)
+        if coef.shape[0] == 1:
+            coef = np.vstack([np.zeros_like(coef), coef])
+            intercept = np.array([0.0, intercept[0]])
+        scale = scaler.scale_.astype(np.float64)
+        kernel = (coef / scale).T
+        bias = intercept - (scaler.mean_ / scale) @ coef.T
+        order = np.argsort(regression.classes_)  # classes_ are 0..K-1, sorted: identity, kept for safety
+        return kernel[:, order], bias[order]
+
+    def decision_function(self, X) -> np.ndarray:
+        kernel, bias = self._linear()
+        return self.embed(X).astype(np.float64) @ kernel + bias
+
+    def keras_layers(self, x, input_shape):
+        from keras import layers
+
+        kernel, bias = self._linear()
+        dense = layers.Dense(kernel.shape[1], name="logits")
+        logits = dense(x)
+        dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+        return x, logits
+
+
+class NCMHead(Head):
+    """Nearest class mean (SimpleShot, "CL2N"): features centred on the train mean and L2-normalised;
+    a photo's logit for a class is ``-NCM_SCALE`` times its squared distance to the class's mean."""
+
+    def fit(self, X, y, log=None):
+        X = self.embed(X).astype(np.float64)
+        self.mean_ = X.mean(axis=0)
+        unit = normalise(X - self.mean_)
+        self.n_classes_ = int(y.max()) + 1
+        self.centroids_ = np.stack([unit[y == k].mean(axis=0) for k in range(self.n_classes_)])
+        self.history_ = {"photos_per_class": np.bincount(y, minlength=self.n_classes_).tolist()}
+        return self
+
+    def _linear(self) -> tuple[np.ndarray, np.ndarray]:
+        # -s * |u - c|^2 = 2s u.c - s|c|^2 - s (|u| = 1: the same for every class, so dropped)
+        return 2 * NCM_SCALE * self.centroids_.T, -NCM_SCALE * np.sum(self.centroids_ ** 2, axis=1)
+
+    def decision_function(self, X) -> np.ndarray:
+        kernel, bias = self._linear()
+        return normalise(self.embed(X).astype(np.float64) - self.mean_) @ kernel + bias
+
+    def keras_layers(self, x, input_shape):
+        from keras import layers
+
+        centred = layers.Normalization(mean=self.mean_.astype(np.float32), variance=np.ones_like(self.mean_),
+                                       name="centre")(x)
+        unit = layers.UnitNormalization(name="unit")(centred)
+        kernel, bias = self._linear()
+        dense = layers.Dense(kernel.shape[1], name="logits")
+        logits = dense(unit)
+        dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+        return x, logits
+
+
+class KNNHead(Head):
+    """The ``k`` nearest training photos by cosine similarity (centred features) vote; probabilities are
+    the votes with add-half smoothing, so that no class is ever exactly 0."""
+
+    def __init__(self, k=10):
+        self.k = k
+
+    def fit(self, X, y, log=None):
+        X = self.embed(X).astype(np.float64)
+        self.mean_ = X.mean(axis=0)
+        self.bank_ = normalise(X - self.mean_).astype(np.float32)  # (N, D)
+        self.labels_ = np.asarray(y, np.int32)
+        self.n_classes_ = int(y.max()) + 1
+        self.history_ = {"k": min(self.k, len(y))}
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        unit = normalise(self.embed(X).astype(np.float64) - self.mean_).astype(np.float32)
+        k = min(self.k, len(self.bank_))
+        votes = np.zeros((len(unit), self.n_classes_))
+        for start in range(0, len(unit), 256):  # (256, N) similarities at a time
+            similarity = unit[start:start + 256] @ self.bank_.T
+            nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+            for row, neighbours in enumerate(nearest):
+                np.add.at(votes[start + row], self.labels_[neighbours], 1.0)
+        return np.log((votes + 0.5) / (k + 0.5 * self.n_classes_))
+
+    def keras_layers(self, x, input_shape):
+        from keras import layers
+
+        from pipeline.training.layers import NeighbourVotes
+
+        centred = layers.Normalization(mean=self.mean_.astype(np.float32), variance=np.ones_like(self.mean_),
+                                       name="centre")(x)
+        unit = layers.UnitNormalization(name="unit")(centred)
+        logits = NeighbourVotes(self.bank_, self.labels_, self.n_classes_, min(self.k, len(self.bank_)),
+                                name="logits")(unit)
+        return x, logits
+
+
+class SoftmaxHead(Head):
+    """[Dropout -> Dense(relu)] per hidden layer -> Dropout -> Dense(softmax), L2 on every kernel, Adam,
+    early stopping on val (the best epoch's weights kept). ``fit_inputs`` streams from a cache."""
+
+    kind = "keras"
+
+    def __init__(self, learning_rate=0.001, epochs=100, batch_size=32, l2=0.0001, dropout=0.2, patience=10,
+                 hidden_units=(), class_weight="balanced", seed=0):
+        self.learning_rate, self.epochs, self.batch_size, self.l2 = learning_rate, epochs, batch_size, l2
+        self.dropout, self.patience, self.hidden_units = dropout, patience, hidden_units
+        self.class_weight, self.seed = class_weight, seed
+
+    def build(self, input_shape, n_classes: int):
+        from pipeline.tf_import import keras as quiet_keras
+
+        keras = quiet_keras()
+        from keras import layers
+
+        keras.utils.set_random_seed(self.seed)
+        inputs = keras.Input(tuple(input_shape), name="features")
+        x = layers.GlobalAveragePooling2D(name="pool")(inputs) if len(input_shape) == 3 else inputs
+        regularizer = keras.regularizers.L2(self.l2) if self.l2 else None
+        for i, units in enumerate(self.hidden_units):  # new hidden layers, trained from scratch
+            x = layers.Dropout(self.dropout, name=f"dropout_{i}")(x)
+            x = layers.Dense(units, activation="relu", kernel_regularizer=regularizer, name=f"hidden_{i}")(x)
+        x = layers.Dropout(self.dropout, name="dropout")(x)
+        outputs = layers.Dense(n_classes, activation="softmax", name="softmax", kernel_regularizer=regularizer)(x)
+        return keras.Model(inputs, outputs, name="head")
+
+    def fit_inputs(self, inputs, train, val, backup, log=None):
+        """Train on the rows ``train`` of a rung's ``inputs``, streamed; early stopping on ``val``."""
+        from pipeline.training import keras_fit
+
+        model = self.build(inputs.shape, len(inputs.classes))
+        phases = [keras_fit.Phase("head", self.epochs, self.learning_rate, lambda model: None)]
+        self.history_ = keras_fit.fit(model, inputs, train, val, phases, batch_size=self.batch_size,
+                                      patience=self.patience, class_weight=self.class_weight, seed=self.seed,
+                                      backup=backup, log=log)
+        self.model_ = model
+        self.n_classes_ = len(inputs.classes)
+        return self
+
+    def fit(self, X, y, log=None, X_val=None, y_val=None, backup=None):
+        import tempfile
+        from pathlib import Path
+
+        from pipeline.training.inputs import ArrayInputs
+
+        n_classes = int(y.max()) + 1
+        x_all = X if X_val is None else np.concatenate([X, X_val])
+        y_all = y if y_val is None else np.concatenate([y, y_val])
+        inputs = ArrayInputs(x_all, y_all, [str(k) for k in range(n_classes)])
+        train, val = inputs.split_rows(len(X))
+        with tempfile.TemporaryDirectory() as tmp:
+            return self.fit_inputs(inputs, train, val, Path(backup or tmp) / "backup", log)
+
+    def face(self, classes, history):
+        from pipeline.training.classifiers import KerasClassifier
+
+        return KerasClassifier(self.model_, classes, history)
+
+    def embed(self, X) -> np.ndarray:
+        return self.face([], {}).embed(np.asarray(X, np.float32))
+
+    def decision_function(self, X) -> np.ndarray:
+        return self.face([], {}).logits(np.asarray(X, np.float32))
+
+
+HEADS: dict[str, type[Head]] = {"logreg": LogRegHead, "softmax": SoftmaxHead, "ncm": NCMHead, "knn": KNNHead}
