@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from _photos import require  # noqa: E402
+
 DATASETS = ROOT.parent / "shared" / "datasets"
 
 from _run import measured, run_measured  # noqa: E402

@@ -26,6 +26,7 @@ from pipeline.backbones.keras_models import weights_fingerprint
 from pipeline.backbones.registry import BACKBONES
 from pipeline.data.decode import ImageError, decode_rgb
 from pipeline.params import FeaturesParams
+from pipeline.store.layout import input_size  # noqa: F401  (the input size, for callers of runtime)
 
 IMAGE = "image"  # the layer name of the network's input: resized photos, nothing frozen
 # The views of a photo that the features stage can cache, applied to the resized input (S, S, 3);
@@ -59,10 +60,6 @@ def resolve_runtime(f: FeaturesParams) -> str:
     if f.runtime != "auto":
         return f.runtime
     return "keras" if gpu_visible() else "litert"
-
-
-def input_size(f: FeaturesParams) -> int:
-    return f.image_size or BACKBONES[f.backbone].input_size
 
 
 def draft_size(f: FeaturesParams) -> int:

@@ -91,7 +91,7 @@ def test_own_param_is_a_new_cache(project, monkeypatch):
 
 def test_version_bump_is_a_new_cache(project, monkeypatch):
     first = run(project)
-    monkeypatch.setattr(features, "VERSION", layout.VERSION + 1)
+    monkeypatch.setattr(layout, "VERSION", layout.VERSION + 1)
     assert run(project).path != first.path
 
 

@@ -34,7 +34,8 @@ def test_dvc_stages_read_exactly_their_params():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert dvc["train-head"]["params"] == [f"train_head.{k}" for k in (
         "model", "class_weight", "seed", "C", "search_C", "C_grid", "cv_folds", "max_iter", "learning_rate",
-        "epochs", "batch_size", "l2", "dropout", "patience", "hidden_units")] + ["train.strategy"]
+        "epochs", "batch_size", "l2", "dropout", "patience", "hidden_units", "k")] + \
+        [f"reject.{k}" for k in ("score", "k", "keep", "label", "bank_size")] + ["train.strategy"]
     assert "features.batch_size" not in dvc["features"]["params"]  # speed only: not a reason to rerun
     assert not any(p.startswith("train_head") for name, s in dvc.items() if name != "train-head" for p in s["params"])
     assert dvc["train-top"]["deps"][0] == "${paths.cache_dir}/top_features"
@@ -103,6 +104,47 @@ def test_no_import_cycles_in_the_package():
         if cycles:
             break
     assert not cycles, " -> ".join(cycles[0])
+
+
+# The package's layers, top to bottom: a module imports only from its own layer or those below it.
+LAYERS = (
+    ("pipeline.cli", "pipeline.__main__"),
+    ("pipeline.graph",),
+    ("pipeline.use",),  # commands that use a trained model: predict, export, compare, inspect
+    ("pipeline.stages",),  # the stages and the rung registry
+    ("pipeline.training",),  # the rung contract, heads, guard, fitting
+    ("pipeline.runtime", "pipeline.ray_engine"),  # photos in, activations out
+    ("pipeline.quality",),
+    ("pipeline.store",),  # the cache: layout, tables, parts, batches
+    ("pipeline.backbones",),
+    ("pipeline.data",),
+    ("pipeline.params", "pipeline.backbones.registry", "pipeline.fingerprint", "pipeline.tf_import",
+     "pipeline.errors", "pipeline"),
+)
+
+
+def _layer(module: str) -> int:
+    """The index in LAYERS of the longest prefix that names ``module``."""
+    best, depth = None, -1
+    for index, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > depth:
+                best, depth = index, len(name)
+    assert best is not None, f"{module} is in no declared layer; add it to LAYERS"
+    return best
+
+
+def test_imports_only_go_down_through_the_declared_layers():
+    modules = dict(_imports(path) for path in (ROOT / "pipeline").rglob("*.py"))
+    upward = sorted(f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)})"
+                    for m, deps in modules.items() for d in deps if d in modules and _layer(d) < _layer(m))
+    assert not upward, "; ".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert _layer("pipeline.stages.evaluate") < _layer("pipeline.training.contract")
+    assert _layer("pipeline.use.report") < _layer("pipeline.stages.evaluate")  # stages may not import use/
+    assert _layer("pipeline.backbones.registry") > _layer("pipeline.backbones.keras_models")
 
 
 def test_predict_does_not_use_the_features_stage():

@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from pipeline.quality import near_duplicates
-from pipeline.stages import features
+from pipeline.stages import features, report
 from pipeline.store import layout
 from pipeline.store import table as feature_store
 from pipeline.store.table import CacheError
-from pipeline.use import inspect, report
+from pipeline.use import inspect
 
 from conftest import CLASS_COLOURS, CountingBackbone, cli, make_dataset, make_image, make_params, shared_dataset
 

@@ -7,11 +7,11 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import ladder, runtime
 from pipeline import params as params_mod
+from pipeline import runtime
 from pipeline.backbones import keras_models
 from pipeline.params import ParamsError
-from pipeline.stages import evaluate, features, finetune, train_head, train_top
+from pipeline.stages import evaluate, features, finetune, ladder, train_head, train_top
 from pipeline.store import table as feature_store
 from pipeline.training import advise, keras_fit
 from pipeline.use import compare, export, predict
@@ -109,7 +109,7 @@ def test_train_top_keeps_batchnorm_statistics_and_never_runs_the_frozen_layers(l
 
     monkeypatch.setattr(keras_fit, "fit", fit_and_watch)
     result = train_top.run(params, lite_project)
-    top = result.classifier.model_.get_layer("top")
+    top = result.classifier.classifier.model_.get_layer("top")
     bn_layers = [l for l in top.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert len(bn_layers) >= 3
     for layer in bn_layers:
@@ -189,7 +189,7 @@ def test_hidden_units_in_the_softmax_head(project):
     params = make_params(project, train_head={"model": "softmax", "hidden_units": [8], "epochs": 5})
     features.run(params, project)
     head = train_head.run(params, project).classifier
-    assert [l.name for l in head.model_.layers if l.name.startswith("hidden")] == ["hidden_0"]
+    assert [l.name for l in head.classifier.model_.layers if l.name.startswith("hidden")] == ["hidden_0"]
     with pytest.raises(ParamsError, match="hidden_units needs model: softmax"):
         params_mod.load(None, ["train_head.hidden_units=[8]"])
 
@@ -228,18 +228,18 @@ def test_finetune_two_phases_on_the_photos(project):
     base_params = make_params(project, finetune={"epochs_head": 2, "epochs_all": 0, "batch_size": 8})
     features.run(base_params, project)
     head_only = finetune.run(base_params, project)
-    network = head_only.classifier.model_.get_layer("tiny_to_pooled")
+    network = head_only.classifier.classifier.model_.get_layer("tiny_to_pooled")
     pretrained = keras_models.build("tiny", cache_dir=project / "cache").model
     for a, b in zip(network.get_weights(), pretrained.get_weights()):
         np.testing.assert_array_equal(a, b)  # phase 1 alone leaves the backbone as pretrained
     assert {"augment_flip", "augment_zoom", "augment_brightness", "augment_contrast"} <= \
-        {l.name for l in head_only.classifier.model_.layers}
+        {l.name for l in head_only.classifier.classifier.model_.layers}
 
     params = make_params(project, finetune={"epochs_head": 2, "epochs_all": 3, "batch_size": 8,
                                             "learning_rate_all": 0.01}, train={"strategy": "finetune"})
     result = finetune.run(params, project)
     assert set(result.classifier.history["phases"]) == {"head", "all"}
-    changed = result.classifier.model_.get_layer("tiny_to_pooled").get_weights()
+    changed = result.classifier.classifier.model_.get_layer("tiny_to_pooled").get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(changed, pretrained.get_weights()))
     assert not finetune.run(params, project).trained_now  # a cache hit the second time
 

@@ -92,7 +92,7 @@ def test_speed_only_params_stay_out_of_the_features_key():
 
 
 def test_key_is_the_same_in_another_process_and_directory(tmp_path):
-    code = ("from pipeline import params; from pipeline.stages import features; "
+    code = ("from pipeline import params; from pipeline.store import layout; "
             "print(layout.cache_key(params.load(None, ['features.backbone=tiny']).features))")
     other = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

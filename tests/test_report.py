@@ -48,18 +48,19 @@ def test_first_evaluation_has_nothing_to_compare(evaluated):
 
 def test_plots_are_written_beside_the_page(evaluated):
     project = evaluated[0]
-    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "training_curves.png", "history.png"):
+    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "training_curves.png", "history.png",
+                 "reliability.png"):
         with Image.open(project / "reports" / name) as image:
             assert image.format == "PNG" and image.width > 200
     page = (project / "reports" / "index.html").read_text()
     assert "http://" not in page and "https://" not in page  # nothing fetched from a network
-    assert page.count("<img") == 4 + 2  # four plots, two misclassified thumbnails
+    assert page.count("<img") == 5 + 2  # five plots (the reliability diagram among them), two misclassified thumbnails
 
 
 def test_dvc_plot_file(evaluated):
     project, params, result = evaluated
     rows = (project / "reports" / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "path,actual,predicted" and len(rows) - 1 == result.metrics["n_test"]
+    assert rows[0] == "path,actual,predicted,probability,score,answer" and len(rows) - 1 == result.metrics["n_test"]
 
 
 class _Collector(HTMLParser):

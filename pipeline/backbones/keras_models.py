@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.backbones import efficientnet_lite
 from pipeline.backbones.registry import BACKBONES, BackboneError, BackboneSpec
 from pipeline.fingerprint import file_sha256
+from pipeline.params import ParamsError
 
 log = logging.getLogger("pipeline.backbones")
 
@@ -90,7 +91,7 @@ def build(backbone: str, weights: str = "default", layer: str = "pooled", size: 
         full = _build_tiny(size, weights)
     full.trainable = False
     if layer not in [l.name for l in full.layers]:
-        raise BackboneError(f"features.layer: {backbone} has no layer {layer!r}; valid: {', '.join(cut_points(full))}")
+        raise ParamsError(f"features.layer: {backbone} has no layer {layer!r}; valid: {', '.join(cut_points(full))}")
     model = keras.Model(full.input, full.get_layer(layer).output, name=f"{backbone}_to_{layer}")
     model.trainable = False
     import tensorflow as tf
@@ -160,7 +161,7 @@ def _build_keras_application(spec: BackboneSpec, weights: str, size: int):
         base = constructor(include_top=False, weights=keras_weights, input_shape=(size, size, 3))
     except Exception as error:
         if weights != "imagenet":
-            raise BackboneError(f"features.weights: {weights} does not fit {spec.name} ({error})") from None
+            raise ParamsError(f"features.weights: {weights} does not fit {spec.name} ({error})") from None
         raise BackboneError(
             f"could not get ImageNet weights for {spec.name} ({type(error).__name__}: {str(error)[:120]}); "
             f"where a network exists, Keras downloads them to ~/.keras/models; copy that file here and "

@@ -75,7 +75,7 @@ def run_top(params: Params, base: str | Path = ".") -> FeaturesResult:
                    "features": {k: v for k, v in layout.key_params(f).items() if k not in ("layer", "dtype")}}
     try:
         return _run(params, Path(base), f, layout.TOP_FOLDER, TOP_STAGE, ingredients)
-    except ValueError as error:  # the cut point is this stage's setting: name it so
+    except ParamsError as error:  # the cut point is this stage's setting: name it so
         if str(error).startswith("features.layer:"):
             raise ParamsError(str(error).replace("features.layer:", "train_top.cut_point:", 1)) from None
         raise

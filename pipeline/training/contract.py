@@ -216,10 +216,10 @@ GUARD_VERSION = 1  # bump when a guard fitted from the same model and params wou
 
 def check_class_names(classes: list[str], label: str) -> None:
     """No class may be named like the answer for "none of these" (``reject.label``, or the reserved ``unknown``)."""
-    for name in {label, RESERVED}:
+    for name in dict.fromkeys((RESERVED, label)):  # the reserved name first: it is named so whatever reject.label says
         if name in classes:
             raise TrainingError(f"a class folder is named {name!r}, the answer for photos like none of the classes "
-                                f"({'reject.label' if name == label else 'reserved'}); rename the folder"
+                                f"({'reserved' if name == RESERVED else 'reject.label'}); rename the folder"
                                 + ("" if name == RESERVED else " or set reject.label to another name"))
 
 

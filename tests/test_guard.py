@@ -1,0 +1,263 @@
+"""The heads' estimator contract, calibration and "none of these": unit level and through the stages."""
+import json
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from pipeline.params import ParamsError
+from pipeline.stages import evaluate, features, train_head
+from pipeline.training import guard as guard_mod
+from pipeline.training.classifiers import HeadClassifier, normalise
+from pipeline.training.contract import TrainingError
+from pipeline.training.heads import HEADS, KNNHead, NCMHead
+from pipeline.use import export, predict
+
+from conftest import CLASS_COLOURS, make_dataset, make_image, make_params
+
+
+def blobs(n_per_class=60, classes=3, dim=16, spread=1.0, seed=0, centres_seed=0):
+    """Gaussian classes around random centres (the same classes for one ``centres_seed``), photos drawn
+    with ``seed``: (X (N, dim) float32, y (N,))."""
+    centres = np.random.default_rng(centres_seed).normal(0, 3, (classes, dim))
+    y = np.repeat(np.arange(classes), n_per_class)
+    return (centres[y] + np.random.default_rng(seed).normal(0, spread, (len(y), dim))).astype(np.float32), y
+
+
+@pytest.mark.parametrize("name", [n for n in HEADS if n != "softmax"])
+def test_every_head_follows_the_estimator_contract(name):
+    X, y = blobs()
+    head = HEADS[name]()
+    assert head.fit(X, y) is head
+    params = head.get_params()
+    assert clone(head).get_params() == params  # __init__ only stores what get_params reports
+    logits = head.decision_function(X)
+    assert logits.shape == (len(X), 3)
+    np.testing.assert_allclose(head.predict_proba(X).sum(axis=1), 1.0)
+    assert np.mean(head.predict(X) == y) > 0.9
+
+
+@pytest.mark.parametrize("name", [n for n in HEADS if n != "softmax"])
+def test_every_head_exports_the_same_logits(name):
+    import keras
+
+    X, y = blobs(seed=1)
+    head = HEADS[name]().fit(X, y)
+    model = HeadClassifier(head, ["a", "b", "c"], {}).as_keras((16,))
+    embedding, logits = model(X)
+    np.testing.assert_allclose(np.asarray(logits), head.decision_function(X), rtol=1e-4, atol=1e-4)
+    assert isinstance(model, keras.Model)
+
+
+def test_ncm_is_simpleshot_nearest_centroid():
+    X, y = blobs(spread=3.0, seed=2)
+    head = NCMHead().fit(X, y)
+    # independently: centre on the train mean, L2-normalise, Euclidean distance to each class's mean
+    unit = X - X.mean(axis=0)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    centroids = np.stack([unit[y == k].mean(axis=0) for k in range(3)])
+    expected = np.argmin(((unit[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(head.predict(X), expected)
+    assert (expected != y).any()  # a spread that makes mistakes: the comparison means something
+
+
+def test_knn_votes_like_scikit_learns_neighbours():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, y = blobs(spread=3.0, seed=3)
+    test, _ = blobs(n_per_class=20, spread=3.0, seed=4)
+    head = KNNHead(k=5).fit(X, y)
+    centred = X - X.mean(axis=0)
+    reference = KNeighborsClassifier(5, metric="cosine").fit(centred, y)
+    votes = np.round(reference.predict_proba(test - X.mean(axis=0)) * 5)
+    np.testing.assert_allclose(np.exp(head.decision_function(test)) * (5 + 1.5) - 0.5, votes, atol=1e-6)
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 4, (20_000, 4))
+    probabilities = guard_mod.softmax(logits / 2.5)
+    labels = np.array([rng.choice(4, p=p) for p in probabilities])
+    assert guard_mod.fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
+
+
+class OverConfident(HeadClassifier):
+    """A head whose logits are three times what they should be: probabilities near 0 and 1 far too often."""
+
+    def logits_of_embedding(self, embedding):
+        return 3.0 * super().logits_of_embedding(embedding)
+
+    def logits(self, x):
+        return self.logits_of_embedding(self.embed(x))
+
+
+def test_calibrated_confidence_of_0_8_is_right_about_80_percent_of_the_time():
+    """An over-confident head on overlapping classes, calibrated on 3,000 val photos, then 30,000 test
+    photos: those answered with a confidence near 0.8 are right about 80% of the time, and the ECE falls."""
+    X, y = blobs(n_per_class=500, classes=3, dim=32, spread=8.0, seed=6)
+    val_x, val_y = blobs(n_per_class=1000, classes=3, dim=32, spread=8.0, seed=7)
+    test_x, test_y = blobs(n_per_class=10_000, classes=3, dim=32, spread=8.0, seed=8)
+    head = HEADS["logreg"]().fit(X, y)
+    classifier = OverConfident(head, ["a", "b", "c"], {})
+    reject = make_params(__import__("pathlib").Path(".")).reject
+    guard = guard_mod.fit_guard(classifier, X, y, val_x, val_y, reject)
+    assert guard.calibrated_on == "val" and guard.temperature > 1.5  # it was over-confident
+    logits = classifier.logits(test_x)
+    before, after = guard_mod.softmax(logits), guard_mod.softmax(logits / guard.temperature)
+    confidence, correct = after.max(axis=1), after.argmax(axis=1) == test_y
+    near = (confidence > 0.75) & (confidence < 0.85)
+    assert near.sum() > 1000
+    assert correct[near].mean() == pytest.approx(0.8, abs=0.03)
+    assert guard_mod.expected_calibration_error(after, test_y)["ece"] < \
+        0.5 * guard_mod.expected_calibration_error(before, test_y)["ece"]
+
+
+def test_the_threshold_keeps_the_asked_share_of_val_photos():
+    X, y = blobs(n_per_class=100, seed=7)
+    val_x, val_y = blobs(n_per_class=40, seed=8)
+    classifier = HeadClassifier(HEADS["logreg"]().fit(X, y), ["a", "b", "c"], {})
+    for keep in (0.5, 0.9, 0.95):
+        reject = make_params(__import__("pathlib").Path("."), reject={"keep": keep}).reject
+        guard = guard_mod.fit_guard(classifier, X, y, val_x, val_y, reject)
+        kept = guard.accepted(guard.scores(classifier.embed(val_x), classifier.logits(val_x))).mean()
+        assert kept == pytest.approx(keep, abs=1 / len(val_y) + 1e-9)
+
+
+def test_knn_score_separates_far_photos_and_a_small_bank_is_k_means_centres():
+    X, y = blobs(n_per_class=200, seed=9)
+    val_x, val_y = blobs(n_per_class=40, seed=10)
+    far, _ = blobs(n_per_class=34, seed=42, centres_seed=42)  # three other classes: directions no train photo has
+    classifier = HeadClassifier(HEADS["logreg"]().fit(X, y), ["a", "b", "c"], {})
+    for bank_size, kind in ((10_000, "photos"), (60, "k-means centres")):
+        reject = make_params(__import__("pathlib").Path("."), reject={"bank_size": bank_size}).reject
+        guard = guard_mod.fit_guard(classifier, X, y, val_x, val_y, reject)
+        assert guard.bank_kind == kind and guard.bank_rows <= bank_size
+        known = guard.scores(classifier.embed(val_x), classifier.logits(val_x))
+        unknown = guard.scores(classifier.embed(far), classifier.logits(far))
+        assert guard_mod.auroc(known, unknown) > 0.95
+
+
+def test_leave_one_out_scores_exclude_the_photo_itself():
+    X, y = blobs(n_per_class=30, seed=12)
+    classifier = HeadClassifier(HEADS["logreg"]().fit(X, y), ["a", "b", "c"], {})
+    reject = make_params(__import__("pathlib").Path("."), reject={"k": 1}).reject
+    guard = guard_mod.fit_guard(classifier, X, y, X[:0], y[:0], reject)  # no val: leave-one-out
+    assert guard.threshold_from == "out-of-fold"
+    own = guard.scores(X, None)  # with themselves in the bank: each photo's nearest is itself
+    assert np.allclose(own, 0, atol=1e-5)
+    loo = guard.scores(X, None, exclude_self=True)
+    unit = normalise(X)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    np.testing.assert_allclose(loo, 1 - similarity.max(axis=1), atol=1e-5)
+
+
+# ---- through the stages --------------------------------------------------------------------------------
+
+def odd_photos(folder, n=6):
+    """Photos unlike every class: stripes of saturated colours no class has."""
+    rng = np.random.default_rng(99)
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        stripes = np.zeros((40, 48, 3), np.uint8)
+        stripes[:, ::4] = (255, 255, 0)
+        stripes[:, 1::4] = (255, 0, 255)
+        stripes = np.clip(stripes + rng.normal(0, 10, stripes.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(stripes).save(folder / f"odd_{i}.png")
+    return folder
+
+
+@pytest.fixture
+def larger_project(tmp_path):
+    make_dataset(tmp_path / "photos", per_class=50)  # 150 photos: enough val photos (>= 20) to set the threshold
+    return tmp_path
+
+
+@pytest.mark.parametrize("model", ["logreg", "ncm", "knn"])
+def test_predict_answers_unknown_for_photos_unlike_the_training_photos(larger_project, model):
+    params = make_params(larger_project, train_head={"model": model})
+    features.run(params, larger_project)
+    trained = train_head.run(params, larger_project)
+    assert trained.guard.threshold_from == "val" and trained.guard.calibrated_on == "val"
+    results = predict.run(params, larger_project, [odd_photos(larger_project / "odd")])
+    assert [r.answer for r in results] == ["unknown"] * 6
+    assert all(r.score > r.threshold for r in results)
+    known = [make_image(larger_project / "new" / f"{name}.png", colour, 77_000 + i)
+             for i, (name, colour) in enumerate(CLASS_COLOURS.items())]
+    answers = {r.path.split("/")[-1]: r.answer for r in predict.run(params, larger_project, known)}
+    assert answers == {"misty.png": "misty", "tigger.png": "tigger", "neither.png": "neither"}
+    table = predict.format_predictions(results, "table")
+    assert "unknown (score" in table and "closest:" in table
+    parsed = json.loads(predict.format_predictions(results, "json"))
+    assert parsed[0]["answer"] == "unknown" and parsed[0]["accepted"] is False
+    assert parsed[0]["threshold"] == pytest.approx(trained.guard.threshold, abs=1e-6)
+
+
+def test_evaluate_reports_rejection_and_calibration(larger_project):
+    params = make_params(larger_project)
+    features.run(params, larger_project)
+    train_head.run(params, larger_project)
+    result = evaluate.run(params, larger_project)
+    r, c = result.metrics["rejection"], result.metrics["calibration"]
+    assert 0 <= r["rejected_share"] <= 0.5 and r["keep"] == 0.95
+    assert set(c) == {"temperature", "ece_before", "ece_after", "brier_before", "brier_after"}
+    assert result.metrics["accuracy"] == pytest.approx(json.loads(
+        (larger_project / "reports" / "metrics.json").read_text())["accuracy"])
+    page = (larger_project / "reports" / "index.html").read_text()
+    assert "reliability diagram" in page and 'data-metric="rejected_share"' in page
+    assert "calibration: temperature" in result.table
+
+
+def test_changing_reject_keep_refits_only_the_guard(larger_project, caplog):
+    params = make_params(larger_project)
+    features.run(params, larger_project)
+    first = train_head.run(params, larger_project)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        second = train_head.run(make_params(larger_project, reject={"keep": 0.8}), larger_project)
+    assert second.folder == first.folder and not second.trained_now
+    assert "cache hit" in caplog.text and "recomputing" not in caplog.text
+    assert second.guard.threshold < first.guard.threshold
+
+
+def test_with_a_tiny_val_split_calibration_is_out_of_fold_and_said(project, caplog):
+    params = make_params(project)  # 12 photos a class: 7 val photos in all
+    features.run(params, project)
+    with caplog.at_level("INFO"):
+        trained = train_head.run(params, project)
+    assert trained.guard.calibrated_on == "out-of-fold" and trained.guard.threshold_from == "out-of-fold"
+    assert "fewer than 20" in caplog.text and "out-of-fold" in caplog.text
+
+
+@pytest.mark.parametrize("keep", [0, -0.1, 1.5])
+def test_reject_keep_outside_0_1_is_a_one_line_error(tmp_path, keep):
+    with pytest.raises(ParamsError, match=r"reject\.keep"):
+        make_params(tmp_path, reject={"keep": keep})
+
+
+@pytest.mark.parametrize("folder, label, key", [("unknown", "unknown", "reserved"),
+                                                ("unknown", "none of these", "reserved"),
+                                                ("other", "other", "reject.label")])
+def test_a_class_named_like_the_rejection_answer_is_refused(tmp_path, folder, label, key):
+    make_dataset(tmp_path / "photos", per_class=6)
+    for i in range(6):
+        make_image(tmp_path / "photos" / folder / f"{i}.png", (128, 128, 128), 500 + i)
+    params = make_params(tmp_path, reject={"label": label})
+    with pytest.raises(TrainingError, match=key) as error:
+        features.run(params, tmp_path)
+    assert f"named {folder!r}" in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "cache" / "features").exists() or not any((tmp_path / "cache" / "features").glob("*.h5"))
+
+
+@pytest.mark.parametrize("model", ["ncm", "knn"])
+def test_heads_without_training_export_with_parity(larger_project, model):
+    params = make_params(larger_project, train_head={"model": model})
+    features.run(params, larger_project)
+    train_head.run(params, larger_project)
+    result = export.run(params, larger_project)
+    for name in ("model.keras", "saved_model", "model.tflite"):
+        assert result.parity[name]["max_abs_diff"] <= 1e-4 and result.parity[name]["score_max_abs_diff"] <= 1e-4
+    meta = json.loads((result.folder / "model.json").read_text())
+    assert meta["rejection"]["label"] == "unknown" and "score > threshold" in meta["rejection"]["rule"]
