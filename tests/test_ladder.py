@@ -247,10 +247,11 @@ def test_finetune_two_phases_on_the_photos(project):
     assert run.run["rung"] == "finetune" and run.metrics["n_test"] > 0
     # predict answers for each test photo what evaluate computed for it
     rows = [line.split(",") for line in (project / "reports" / "predictions.csv").read_text().splitlines()[1:]]
-    got = predict.run(params, project, [project / "photos" / path for path, _, _ in rows])
-    assert [g.labels[0] for g in got] == [predicted for _, _, predicted in rows]
+    got = predict.run(params, project, [project / "photos" / row[0] for row in rows])
+    assert [g.labels[0] for g in got] == [row[2] for row in rows]
+    assert [g.answer for g in got] == [row[5] for row in rows]  # and the same "unknown" decisions
     exported = export.run(params, project)
-    assert all(v["max_abs_diff"] <= 1e-4 for v in exported.parity.values())
+    assert all(v["max_abs_diff"] <= 1e-4 and v["score_max_abs_diff"] <= 1e-4 for v in exported.parity.values())
 
 
 @pytest.mark.parametrize("strategy, rung", [("auto", "head"), ("top", "top")])
