@@ -120,7 +120,8 @@ def test_unchanged_files_are_not_read_again(project):
     second = dataset.scan(params, project, index_path=index)
     assert second.files_read == 0
     assert [(r.sha256, r.path, r.split) for r in second.records] == [(r.sha256, r.path, r.split) for r in first.records]
-    # rewritten in place with new bytes of the same size: a new mtime, so it is read again
+    # rewritten with other pixels (another size, a new mtime) and one photo added: those two are read again;
+    # same-size edits and atomic replaces are in tests/test_claims.py
     target = project / "photos" / "misty" / "misty_00.png"
     make_image(target, CLASS_COLOURS["tigger"], 5555)
     make_image(project / "photos" / "misty" / "added.png", CLASS_COLOURS["misty"], 5556)

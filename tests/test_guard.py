@@ -261,3 +261,26 @@ def test_heads_without_training_export_with_parity(larger_project, model):
         assert result.parity[name]["max_abs_diff"] <= 1e-4 and result.parity[name]["score_max_abs_diff"] <= 1e-4
     meta = json.loads((result.folder / "model.json").read_text())
     assert meta["rejection"]["label"] == "unknown" and "score > threshold" in meta["rejection"]["rule"]
+
+
+def test_predict_and_evaluate_give_the_calibrated_probabilities(larger_project):
+    params = make_params(larger_project)
+    features.run(params, larger_project)
+    trained = train_head.run(params, larger_project)
+    temperature = trained.guard.temperature
+    assert abs(temperature - 1) > 0.05  # calibration changes these numbers: the comparison means something
+    inputs = trained.inputs
+    rows = inputs.rows("test")
+    x = inputs.read(rows.positions)
+    expected = guard_mod.softmax(trained.classifier.classifier.logits(x) / temperature)
+    paths = inputs.paths(rows.positions)
+    got = predict.run(params, larger_project, [larger_project / "photos" / p for p in paths], top_k=3)
+    for row, prediction in zip(expected, got):
+        by_label = dict(zip(prediction.labels, prediction.probabilities))
+        assert [by_label[c] for c in trained.classes] == pytest.approx(row.tolist(), abs=1e-6)
+    result = evaluate.run(params, larger_project)
+    before = guard_mod.expected_calibration_error(guard_mod.softmax(trained.classifier.classifier.logits(x)),
+                                                  rows.labels)["ece"]
+    assert result.metrics["calibration"]["ece_before"] == pytest.approx(before)
+    assert result.metrics["calibration"]["ece_after"] == pytest.approx(
+        guard_mod.expected_calibration_error(expected, rows.labels)["ece"])
