@@ -113,10 +113,12 @@ class TrainHeadParams:
     model: Literal["logreg", "softmax", "ncm", "knn"] = "logreg"
     class_weight: Literal["balanced", "none"] = "balanced"
     seed: int = 0
-    # logreg: scikit-learn LogisticRegression on standardised features
-    C: float = _meta(1.0, model="logreg", gt=0)
-    search_C: bool = _meta(False, model="logreg")  # pick C from C_grid by CV on the train split
-    C_grid: tuple[float, ...] = _meta((0.01, 0.1, 1.0, 10.0), model="logreg", min_length=1)
+    # logreg: scikit-learn LogisticRegression on standardised features. C: auto chooses it from C_grid on the
+    # val split along a warm-started path (k-fold CV on train when val has fewer than 20 photos); or a number
+    C: float | Literal["auto"] = _meta("auto", model="logreg")
+    search_C: bool = _meta(False, model="logreg")  # pick C from C_grid by k-fold CV on the train split (slower)
+    C_grid: tuple[float, ...] = _meta((0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0, 31.6, 100.0),
+                                      model="logreg", min_length=1)
     cv_folds: int = _meta(5, model="logreg", ge=2)
     max_iter: int = _meta(2000, model="logreg", gt=0)
     # softmax: a Keras Dense softmax layer trained with Adam
@@ -131,6 +133,8 @@ class TrainHeadParams:
     k: int = _meta(10, model="knn", gt=0)
 
     def __post_init__(self):
+        if not isinstance(self.C, str) and self.C <= 0:
+            raise ValueError(f"C must be > 0 or auto, got {self.C}")
         if any(c <= 0 for c in self.C_grid):
             raise ValueError("C_grid values must be > 0")
         if any(u <= 0 for u in self.hidden_units):

@@ -173,7 +173,7 @@ def test_class_weight_balanced_is_scikit_learns_on_the_default_path(tmp_path):
     make_dataset(tmp_path / "photos", per_class=8, classes=("misty", "tigger"))
     for i in range(24):
         make_image(tmp_path / "photos" / "misty" / f"more_{i}.png", CLASS_COLOURS["tigger"], 90_000 + i)
-    params = make_params(tmp_path)
+    params = make_params(tmp_path, train_head={"C": 1.0})
     assert params.train_head.class_weight == "balanced"  # the default
     features.run(params, tmp_path)
     trained = train_head.run(params, tmp_path)

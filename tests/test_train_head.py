@@ -49,7 +49,7 @@ def test_cache_contract(featurised, monkeypatch, caplog):
     caplog.clear()
     own = run(featurised, train_head={"C": 0.05})
     assert own.trained_now and own.folder != first.folder  # its own param: a miss, naming the change
-    assert "train_head: recomputing (train_head.C: 1.0 -> 0.05)" in caplog.text
+    assert "train_head: recomputing (train_head.C: auto -> 0.05)" in caplog.text
     import dataclasses
 
     bumped = dataclasses.replace(train_head.RUNG, version=train_head.VERSION + 1)

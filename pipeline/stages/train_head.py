@@ -9,6 +9,7 @@ feeds no choice. Everything else (key, reuse, class check, guard, saving) is the
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,10 @@ def fit(inputs: CachedInputs, job: FitJob):
         head.fit_inputs(inputs, train, job.val, job.backup, job.log)
         return face(head, inputs.classes, head.history_)
     x = inputs.read(train.positions)  # (N, D): the whole train split, as scikit-learn wants it
-    head.fit(x, train.labels, log=job.log)
+    if "X_val" in inspect.signature(head.fit).parameters:  # a head that chooses a setting on val (logreg's C)
+        head.fit(x, train.labels, log=job.log, X_val=inputs.read(job.val.positions), y_val=job.val.labels)
+    else:
+        head.fit(x, train.labels, log=job.log)
     history = dict(head.history_)
     history["train_accuracy"] = float(np.mean(head.predict(x) == train.labels))
     return face(head, inputs.classes, history)

@@ -54,24 +54,33 @@ class Head(BaseEstimator):
         return cls(**{name: getattr(p, name) for name in cls._get_param_names()})
 
 
-class LogRegHead(Head):
-    """StandardScaler + LogisticRegression. ``search_C``: C from ``C_grid`` by stratified CV on train."""
+MIN_VAL_FOR_C = 20  # fewer val photos than this: C auto is chosen by k-fold CV on train instead
 
-    def __init__(self, C=1.0, class_weight="balanced", max_iter=2000, search_C=False, C_grid=(0.01, 0.1, 1.0, 10.0),
-                 cv_folds=5, seed=0):
+
+class LogRegHead(Head):
+    """StandardScaler + LogisticRegression. ``C="auto"``: C from ``C_grid``, the best balanced accuracy on
+    the val split (ties: the lower log loss) along a warm-started path, each fit starting from the last;
+    with fewer than ``MIN_VAL_FOR_C`` val photos, by k-fold CV on train. ``search_C``: by k-fold CV."""
+
+    def __init__(self, C="auto", class_weight="balanced", max_iter=2000, search_C=False,
+                 C_grid=(0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0, 31.6, 100.0), cv_folds=5, seed=0):
         self.C, self.class_weight, self.max_iter = C, class_weight, max_iter
         self.search_C, self.C_grid, self.cv_folds, self.seed = search_C, C_grid, cv_folds, seed
 
-    def fit(self, X, y, log=None):
+    def fit(self, X, y, log=None, X_val=None, y_val=None):
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import GridSearchCV, StratifiedKFold
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
         X = self.embed(X)
-        model = make_pipeline(StandardScaler(), LogisticRegression(
-            C=self.C, class_weight="balanced" if self.class_weight == "balanced" else None, max_iter=self.max_iter))
         self.history_: dict = {}
+        C = self.C
+        if C == "auto" and not self.search_C:
+            C = self._auto_C(X, y, X_val, y_val, log)
+        model = make_pipeline(StandardScaler(), LogisticRegression(
+            C=1.0 if C == "auto" else C, class_weight="balanced" if self.class_weight == "balanced" else None,
+            max_iter=self.max_iter))
         if self.search_C:
             folds = min(self.cv_folds, int(np.min(np.bincount(y))))
             if folds < 2:
@@ -91,6 +100,50 @@ class LogRegHead(Head):
         self.pipeline_ = model
         self.n_classes_ = int(y.max()) + 1
         return self
+
+    def _auto_C(self, X, y, X_val, y_val, log) -> float:
+        """C from ``C_grid``: on val along a warm-started path, or by k-fold CV on train when val is small."""
+        from sklearn.model_selection import StratifiedKFold
+
+        if X_val is not None and len(y_val) >= MIN_VAL_FOR_C:
+            scores = self._path_scores(X, y, self.embed(X_val), y_val)
+            how = f"on {len(y_val)} val photos"
+        else:
+            folds = min(self.cv_folds, int(np.min(np.bincount(y))))
+            if folds < 2:
+                self.history_["chosen_C_by"] = "none: fewer than 2 train photos in a class; C = 1"
+                return 1.0
+            per_fold = [self._path_scores(X[a], y[a], X[b], y[b]) for a, b in
+                        StratifiedKFold(folds, shuffle=True, random_state=self.seed).split(X, y)]
+            scores = [tuple(np.mean([fold[i][j] for fold in per_fold]) for j in range(2)) for i in range(len(self.C_grid))]
+            how = f"by {folds}-fold CV on train ({0 if y_val is None else len(y_val)} val photos)"
+        best = max(range(len(self.C_grid)), key=lambda i: (round(scores[i][0], 6), -scores[i][1]))
+        chosen = float(self.C_grid[best])
+        self.history_.update({"chosen_C": chosen, "chosen_C_by": how, "C_path": {
+            repr(c): {"balanced_accuracy": float(s[0]), "log_loss": float(s[1])} for c, s in zip(self.C_grid, scores)}})
+        if log is not None:
+            log(f"C={chosen:g} chosen {how} (balanced accuracy {scores[best][0]:.4f})")
+        return chosen
+
+    def _path_scores(self, X, y, X_val, y_val) -> list[tuple[float, float]]:
+        """(balanced accuracy, log loss) on (X_val, y_val) of a fit on (X, y) at each C of ``C_grid``, in
+        increasing C, each fit starting from the previous one's weights."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import balanced_accuracy_score, log_loss
+        from sklearn.preprocessing import StandardScaler
+
+        scaler = StandardScaler().fit(X)
+        x, x_val = scaler.transform(X), scaler.transform(X_val)
+        regression = LogisticRegression(class_weight="balanced" if self.class_weight == "balanced" else None,
+                                        max_iter=self.max_iter, warm_start=True)
+        labels = np.arange(int(y.max()) + 1)
+        out = {}
+        for c in sorted(self.C_grid):
+            regression.set_params(C=c).fit(x, y)
+            p = regression.predict_proba(x_val)
+            out[c] = (balanced_accuracy_score(y_val, regression.classes_[p.argmax(axis=1)]),
+                      log_loss(y_val, p, labels=labels))
+        return [out[c] for c in self.C_grid]
 
     def _linear(self) -> tuple[np.ndarray, np.ndarray]:
         """The scaler and the regression as one affine map: (kernel (D, K), bias (K,)), float64, columns in
