@@ -68,9 +68,15 @@ def test_knn_votes_like_scikit_learns_neighbours():
     test, _ = blobs(n_per_class=20, spread=3.0, seed=4)
     head = KNNHead(k=5).fit(X, y)
     centred = X - X.mean(axis=0)
-    reference = KNeighborsClassifier(5, metric="cosine").fit(centred, y)
-    votes = np.round(reference.predict_proba(test - X.mean(axis=0)) * 5)
-    np.testing.assert_allclose(np.exp(head.decision_function(test)) * (5 + 1.5) - 0.5, votes, atol=1e-6)
+    # scikit-learn's neighbours, each voting with its cosine similarity (1 - its cosine distance)
+    reference = KNeighborsClassifier(5, metric="cosine", weights=lambda d: 1 - d).fit(centred, y)
+    distances, neighbours = reference.kneighbors(test - X.mean(axis=0))
+    votes = np.zeros((len(test), 3))
+    for row, (d, n) in enumerate(zip(distances, neighbours)):
+        np.add.at(votes[row], y[n], np.maximum(1 - d, 0))
+    np.testing.assert_allclose(np.exp(head.decision_function(test)) * (5 + 1.5) - 0.5, votes, atol=1e-5)
+    assert np.mean(head.predict(test) == reference.predict(test - X.mean(axis=0))) > 0.97
+    assert KNNHead(k=50).fit(X[:40], np.r_[np.zeros(30, int), np.ones(10, int)]).k_ == 10  # at most the smallest class
 
 
 def test_temperature_scaling_recovers_a_known_temperature():

@@ -286,3 +286,10 @@ def test_params_alone_decide_what_is_evaluated(tmp_path):
     assert json.loads((tmp_path / "reports" / "run.json").read_text())["model"]["key"] == run["model"]["key"]
     assert "evaluate: rung head (train-head), chosen by train.strategy: head" in again.stderr
     assert "a train-top model is trained for these params too; evaluate it with train.strategy: top" in again.stderr
+
+
+@pytest.mark.parametrize("smallest, head", [(1, "ncm"), (10, "ncm"), (11, "logreg"), (299, "logreg"), (300, None)])
+def test_advice_names_ncm_for_the_fewest_photos(smallest, head):
+    advice = advise.recommend(advise.Summary({"tigger": smallest, "misty": smallest + 500}))
+    assert advice.head == head
+    assert ("train_head.model: ncm" in advise.format_advice(advice)) == (head == "ncm")

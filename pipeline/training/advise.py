@@ -8,6 +8,10 @@ dataset summary, so its thresholds are tested directly:
 - from ``TOP_MIN`` to ``FINETUNE_MIN``: also train the backbone's last blocks (``make train-top``);
 - ``FINETUNE_MIN`` or more: enough data to fine-tune every layer from the pretrained start.
 
+Within the head rung, with at most ``NCM_MAX`` train images in the smallest class, the nearest
+class mean (``train_head.model: ncm``) measured better than the logistic regression and the softmax
+head (bench/open_set.py's few-shot table, README), so it is the head advised there.
+
 The smallest class decides, because the rarest class is the first one a bigger model overfits.
 Very small images (median shorter side under ``SMALL_SIDE`` pixels) are upscaled ~4x to the input
 size; that is noted, and argues for the frozen rungs too.
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 TOP_MIN = 300  # train images in the smallest class from which train-top pays
 FINETUNE_MIN = 2000  # ... from which fine-tuning everything pays
 SMALL_SIDE = 64
+NCM_MAX = 10  # train images in the smallest class up to which ncm is the head advised (bench/open_set.py)
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class Advice:
     rung: str  # "head", "top" or "finetune"
     command: str
     reasons: tuple[str, ...]
+    head: str | None = None  # for the head rung: the train_head.model advised
 
 
 def recommend(summary: Summary) -> Advice:
@@ -41,10 +47,16 @@ def recommend(summary: Summary) -> Advice:
     smallest = counts[smallest_class]
     reasons = [f"{len(counts)} classes, {sum(counts.values())} training images; the smallest class "
                f"({smallest_class}) has {smallest}"]
+    head = None
     if smallest < TOP_MIN:
         rung, command = "head", "make train-head"
         reasons.append(f"under {TOP_MIN} per class: train only a new head on frozen features; training "
                        "backbone layers as well would fit the few examples rather than the task")
+        head = "ncm" if smallest <= NCM_MAX else "logreg"
+        if head == "ncm":
+            command = 'make train-head SET="train_head.model=ncm"'
+            reasons.append(f"at most {NCM_MAX} per class: the nearest class mean (train_head.model: ncm) measured "
+                           "better than a trained head with this few photos, and adding photos costs only a mean")
     elif smallest < FINETUNE_MIN:
         rung, command = "top", "make train-top"
         reasons.append(f"{TOP_MIN} to {FINETUNE_MIN - 1} per class: enough to also train the last blocks of the "
@@ -56,7 +68,7 @@ def recommend(summary: Summary) -> Advice:
     if summary.median_short_side is not None and summary.median_short_side < SMALL_SIDE:
         reasons.append(f"the images are small (median shorter side {summary.median_short_side} px): they are "
                        "upscaled to the input size, which favours frozen features")
-    return Advice(rung, command, tuple(reasons))
+    return Advice(rung, command, tuple(reasons), head)
 
 
 def summarise(dataset, sample: int = 200) -> Summary:
@@ -79,8 +91,9 @@ def summarise(dataset, sample: int = 200) -> Summary:
 
 
 def format_advice(advice: Advice) -> str:
-    lines = [f"recommended rung: {advice.rung}  ->  {advice.command}, or train.strategy: {advice.rung}"]
+    lines = [f"recommended rung: {advice.rung}  ->  {advice.command}, or train.strategy: {advice.rung}"
+             + (f" and train_head.model: {advice.head}" if advice.head and advice.head != "logreg" else "")]
     lines += [f"  - {reason}" for reason in advice.reasons]
-    lines.append(f"  thresholds: head below {TOP_MIN} train images in the smallest class, train-top below "
-                 f"{FINETUNE_MIN}, fine-tuning from {FINETUNE_MIN}")
+    lines.append(f"  thresholds: head below {TOP_MIN} train images in the smallest class (ncm up to {NCM_MAX}), "
+                 f"train-top below {FINETUNE_MIN}, fine-tuning from {FINETUNE_MIN}")
     return "\n".join(lines)

@@ -209,8 +209,10 @@ class NCMHead(Head):
 
 
 class KNNHead(Head):
-    """The ``k`` nearest training photos by cosine similarity (centred features) vote; probabilities are
-    the votes with add-half smoothing, so that no class is ever exactly 0."""
+    """The ``k`` nearest training photos by cosine similarity (centred features) vote, each with its
+    similarity (so that ties are rare), ``k`` at most the smallest class's photos (more neighbours than
+    that would outvote a small class by its size alone); probabilities are the votes with add-half
+    smoothing, so that no class is ever exactly 0."""
 
     def __init__(self, k=10):
         self.k = k
@@ -221,18 +223,19 @@ class KNNHead(Head):
         self.bank_ = normalise(X - self.mean_).astype(np.float32)  # (N, D)
         self.labels_ = np.asarray(y, np.int32)
         self.n_classes_ = int(y.max()) + 1
-        self.history_ = {"k": min(self.k, len(y))}
+        self.k_ = int(min(self.k, np.min(np.bincount(y, minlength=self.n_classes_))))
+        self.history_ = {"k": self.k_}
         return self
 
     def decision_function(self, X) -> np.ndarray:
         unit = normalise(self.embed(X).astype(np.float64) - self.mean_).astype(np.float32)
-        k = min(self.k, len(self.bank_))
+        k = self.k_
         votes = np.zeros((len(unit), self.n_classes_))
         for start in range(0, len(unit), 256):  # (256, N) similarities at a time
             similarity = unit[start:start + 256] @ self.bank_.T
             nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
             for row, neighbours in enumerate(nearest):
-                np.add.at(votes[start + row], self.labels_[neighbours], 1.0)
+                np.add.at(votes[start + row], self.labels_[neighbours], np.maximum(similarity[row, neighbours], 0))
         return np.log((votes + 0.5) / (k + 0.5 * self.n_classes_))
 
     def keras_layers(self, x, input_shape):
@@ -243,8 +246,7 @@ class KNNHead(Head):
         centred = layers.Normalization(mean=self.mean_.astype(np.float32), variance=np.ones_like(self.mean_),
                                        name="centre")(x)
         unit = layers.UnitNormalization(name="unit")(centred)
-        logits = NeighbourVotes(self.bank_, self.labels_, self.n_classes_, min(self.k, len(self.bank_)),
-                                name="logits")(unit)
+        logits = NeighbourVotes(self.bank_, self.labels_, self.n_classes_, self.k_, name="logits")(unit)
         return x, logits
 
 

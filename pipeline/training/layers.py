@@ -26,7 +26,7 @@ def _constant(layer, name: str, values: np.ndarray, dtype="float32"):
 @keras.saving.register_keras_serializable(package="pipeline")
 class NeighbourVotes(keras.layers.Layer):
     """Unit vectors (N, E) -> (N, K): log((votes + 0.5) / (k + 0.5 K)) of the ``k`` most similar rows of
-    ``bank`` (M, E), each voting for its label."""
+    ``bank`` (M, E), each voting for its label with its similarity (0 when negative)."""
 
     def __init__(self, bank=None, labels=None, n_classes: int = 2, k: int = 10, bank_shape=None, **kwargs):
         super().__init__(**kwargs)
@@ -46,7 +46,8 @@ class NeighbourVotes(keras.layers.Layer):
     def call(self, unit):
         similarity = ops.matmul(unit, ops.transpose(self.bank))  # (N, M)
         values, indices = ops.top_k(similarity, self.k)
-        votes = ops.sum(ops.take(self.one_hot, indices, axis=0), axis=1)  # (N, K)
+        weights = ops.maximum(values, 0.0)[:, :, None]  # each neighbour votes with its similarity
+        votes = ops.sum(ops.take(self.one_hot, indices, axis=0) * weights, axis=1)  # (N, K)
         return ops.log((votes + 0.5) / (self.k + 0.5 * self.n_classes))
 
     def compute_output_shape(self, input_shape):
