@@ -106,8 +106,10 @@ def test_report_in_headless_chromium(evaluated, tmp_path):
 
     parsed = _Collector()
     parsed.feed(dom.stdout)
-    assert parsed.images == 6
-    assert parsed.body.get("data-images-loaded") == "6/6"  # every image decoded in the browser
+    assert parsed.images == 7  # five plots (the reliability diagram among them), two misclassified thumbnails
+    assert parsed.body.get("data-images-loaded") == "7/7"  # every image decoded in the browser
+    assert float(parsed.metrics["rejected_share"].rstrip("%")) / 100 == pytest.approx(
+        json.loads((project / "reports" / "metrics.json").read_text())["rejection"]["rejected_share"], abs=5e-4)
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert float(parsed.metrics["accuracy"]) == pytest.approx(metrics["accuracy"], abs=5e-5)
     assert float(parsed.metrics["balanced_accuracy"]) == pytest.approx(metrics["balanced_accuracy"], abs=5e-5)
