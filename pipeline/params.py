@@ -182,7 +182,7 @@ class RejectParams:
     k: int = Field(10, gt=0)  # the neighbour the knn score measures
     keep: float = Field(0.95, gt=0, le=1)  # share of known photos (val, else out-of-fold) the threshold accepts
     label: str = Field("unknown", min_length=1)  # the answer for a rejected photo; no class may be named so
-    bank_size: int = Field(2048, gt=0)  # train embeddings kept for the knn score (beyond: that many k-means centres)
+    bank_size: int = Field(1024, gt=0)  # train embeddings kept for the knn score (beyond: that many k-means centres)
 
     def __post_init__(self):
         if self.label != self.label.strip() or "/" in self.label:
