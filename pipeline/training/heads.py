@@ -55,6 +55,7 @@ class Head(BaseEstimator):
 
 
 MIN_VAL_FOR_C = 20  # fewer val photos than this: C auto is chosen by k-fold CV on train instead
+PATH_PATIENCE = 3  # C auto on val: the path stops after this many larger Cs without a better val score
 
 
 class LogRegHead(Head):
@@ -106,7 +107,7 @@ class LogRegHead(Head):
         from sklearn.model_selection import StratifiedKFold
 
         if X_val is not None and len(y_val) >= MIN_VAL_FOR_C:
-            scores = self._path_scores(X, y, self.embed(X_val), y_val)
+            scores = self._path_scores(X, y, self.embed(X_val), y_val, patience=PATH_PATIENCE)
             how = f"on {len(y_val)} val photos"
         else:
             folds = min(self.cv_folds, int(np.min(np.bincount(y))))
@@ -117,17 +118,20 @@ class LogRegHead(Head):
                         StratifiedKFold(folds, shuffle=True, random_state=self.seed).split(X, y)]
             scores = [tuple(np.mean([fold[i][j] for fold in per_fold]) for j in range(2)) for i in range(len(self.C_grid))]
             how = f"by {folds}-fold CV on train ({0 if y_val is None else len(y_val)} val photos)"
-        best = max(range(len(self.C_grid)), key=lambda i: (round(scores[i][0], 6), -scores[i][1]))
+        tried = [i for i in range(len(self.C_grid)) if scores[i] is not None]
+        best = max(tried, key=lambda i: (round(scores[i][0], 6), -scores[i][1]))
         chosen = float(self.C_grid[best])
         self.history_.update({"chosen_C": chosen, "chosen_C_by": how, "C_path": {
-            repr(c): {"balanced_accuracy": float(s[0]), "log_loss": float(s[1])} for c, s in zip(self.C_grid, scores)}})
+            repr(c): {"balanced_accuracy": float(s[0]), "log_loss": float(s[1])}
+            for c, s in zip(self.C_grid, scores) if s is not None}})
         if log is not None:
             log(f"C={chosen:g} chosen {how} (balanced accuracy {scores[best][0]:.4f})")
         return chosen
 
-    def _path_scores(self, X, y, X_val, y_val) -> list[tuple[float, float]]:
+    def _path_scores(self, X, y, X_val, y_val, patience: int | None = None) -> list:
         """(balanced accuracy, log loss) on (X_val, y_val) of a fit on (X, y) at each C of ``C_grid``, in
-        increasing C, each fit starting from the previous one's weights."""
+        increasing C, each fit starting from the previous one's weights. ``patience``: stop once that many
+        Cs in a row did not beat the best so far (the larger Cs are the slow fits; theirs are None)."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import balanced_accuracy_score, log_loss
         from sklearn.preprocessing import StandardScaler
@@ -137,13 +141,17 @@ class LogRegHead(Head):
         regression = LogisticRegression(class_weight="balanced" if self.class_weight == "balanced" else None,
                                         max_iter=self.max_iter, warm_start=True)
         labels = np.arange(int(y.max()) + 1)
-        out = {}
+        out, best, since = {}, None, 0
         for c in sorted(self.C_grid):
             regression.set_params(C=c).fit(x, y)
             p = regression.predict_proba(x_val)
             out[c] = (balanced_accuracy_score(y_val, regression.classes_[p.argmax(axis=1)]),
                       log_loss(y_val, p, labels=labels))
-        return [out[c] for c in self.C_grid]
+            key = (round(out[c][0], 6), -out[c][1])
+            best, since = (key, 0) if best is None or key > best else (best, since + 1)
+            if patience is not None and since >= patience:
+                break
+        return [out.get(c) for c in self.C_grid]
 
     def _linear(self) -> tuple[np.ndarray, np.ndarray]:
         """The scaler and the regression as one affine map: (kernel (D, K), bias (K,)), float64, columns in
