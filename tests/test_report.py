@@ -37,7 +37,7 @@ def test_history_and_diff(evaluated):
     history = report.read_history(project / "reports" / "history.jsonl")
     assert len(history) == 2
     assert history[1]["model_params"]["C"] == 0.001
-    assert "accuracy" in second.table and "train-head settings changed: C: 1.0 -> 0.001" in second.table
+    assert "accuracy" in second.table and "train-head settings changed: C: auto -> 0.001" in second.table
     change = history[1]["accuracy"] - history[0]["accuracy"]
     assert f"{change:+.4f}" in second.table
 
