@@ -54,7 +54,9 @@ def test_plots_are_written_beside_the_page(evaluated):
             assert image.format == "PNG" and image.width > 200
     page = (project / "reports" / "index.html").read_text()
     assert "http://" not in page and "https://" not in page  # nothing fetched from a network
-    assert page.count("<img") == 5 + 2  # five plots (the reliability diagram among them), two misclassified thumbnails
+    rejected = round(evaluated[2].metrics["rejection"]["rejected_share"] * evaluated[2].metrics["n_test"])
+    # five plots (the reliability diagram among them), two misclassified thumbnails, the rejected test photos
+    assert page.count("<img") == 5 + 2 + rejected
 
 
 def test_dvc_plot_file(evaluated):
@@ -106,8 +108,10 @@ def test_report_in_headless_chromium(evaluated, tmp_path):
 
     parsed = _Collector()
     parsed.feed(dom.stdout)
-    assert parsed.images == 7  # five plots (the reliability diagram among them), two misclassified thumbnails
-    assert parsed.body.get("data-images-loaded") == "7/7"  # every image decoded in the browser
+    rejected = round(result.metrics["rejection"]["rejected_share"] * result.metrics["n_test"])
+    images = 7 + rejected  # five plots (the reliability diagram among them), two misclassified, the rejected
+    assert parsed.images == images
+    assert parsed.body.get("data-images-loaded") == f"{images}/{images}"  # every image decoded in the browser
     assert float(parsed.metrics["rejected_share"].rstrip("%")) / 100 == pytest.approx(
         json.loads((project / "reports" / "metrics.json").read_text())["rejection"]["rejected_share"], abs=5e-4)
     metrics = json.loads((project / "reports" / "metrics.json").read_text())

@@ -167,7 +167,7 @@ def _evaluate(params: Params, base: Path, rung, advice, trained: Trained) -> Eva
                "model": rung.stage, "model_key": trained.key, "model_params": model_meta["params"],
                "backbone": inputs.attrs["backbone"], "layer": inputs.attrs["layer"],
                "features_key": inputs.attrs["key"], "reliability": result["reliability"],
-               "rejection_rule": trained.guard.rule}
+               "rejection_rule": trained.guard.rule, "rejection_label": trained.guard.label}
     previous_entry, entry = report.append_history(reports / "history.jsonl", summary)
     page = report.write(
         reports, base / params.data.root, summary, wrong, trained.classifier.history,
@@ -176,7 +176,8 @@ def _evaluate(params: Params, base: Path, rung, advice, trained: Trained) -> Eva
                     "params": {name: as_dict(getattr(params, name)) for name in SECTIONS}},
         counts=_counts(trained), skipped=_read_skipped(layout.skipped_csv(params, base)),
         quality=report.data_quality_section(reports, base / params.data.root, _content_hash(params, base),
-                                            params.inspect.thumbnails))
+                                            params.inspect.thumbnails),
+        rejected=rejected_photos(paths, y_true, result["scores"], trained.guard, params.inspect.thumbnails))
     text = format_table(metrics, classes, result["confusion"]) + "\n\n" + report.diff(previous_entry, entry)
     log.info("evaluate: accuracy %.4f, balanced accuracy %.4f on %d test images; wrote %s and %s",
              metrics["accuracy"], metrics["balanced_accuracy"], metrics["n_test"], metrics_path, page)
@@ -208,6 +209,12 @@ def misclassified(paths, y_true, proba, classes) -> list[dict]:
     return [{"index": i, "path": str(paths[i]), "true": str(y_true[i]), "predicted": classes[predicted[i]],
              "p_predicted": float(proba[i, predicted[i]]), "p_true": float(proba[i, classes.index(y_true[i])])}
             for i in wrong]
+
+
+def rejected_photos(paths, y_true, scores, guard, limit: int) -> list[dict]:
+    """The test photos the guard would answer ``reject.label``, least like the training photos first."""
+    order = [i for i in np.argsort(-scores) if not guard.accepted(scores[i:i + 1])[0]]
+    return [{"path": str(paths[i]), "true": str(y_true[i]), "score": float(scores[i])} for i in order[:limit]]
 
 
 def _csv(header, rows) -> str:

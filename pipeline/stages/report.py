@@ -283,12 +283,17 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def _trust_section(metrics: dict, plots: dict) -> str:
+def _trust_section(metrics: dict, plots: dict, data_root: Path, rejected: list[dict]) -> str:
     """How far the probabilities can be trusted, and what the model answers for photos unlike its training."""
     if "rejection" not in metrics:
         return ""
     r, c = metrics["rejection"], metrics["calibration"]
-    auroc = f"{r['auroc_wrong_vs_right']:.3f}" if r.get("auroc_wrong_vs_right") is not None else "-"
+    auroc = (f"{r['auroc_wrong_vs_right']:.3f}" if r.get("auroc_wrong_vs_right") is not None
+             else "not defined (no test photo is wrong, or none right)")
+    e = html.escape
+    gallery = "".join(_figure(_thumbnail(data_root / item["path"]), item["path"],
+                              f"<b>{e(item['true'])}</b>, score {item['score']:.3f}<br><span>{e(item['path'])}</span>")
+                      for item in rejected)
     return f"""<h2>Confidence and "none of these"</h2>
 <div class="cards">
 <div class="card">rejected test photos<div class="v" data-metric="rejected_share">{100 * r['rejected_share']:.1f}%</div></div>
@@ -300,11 +305,13 @@ def _trust_section(metrics: dict, plots: dict) -> str:
 known photos. The score's AUROC for telling the test photos the model gets wrong from those it gets right: {auroc}.
 Probabilities are calibrated by temperature scaling (T = {c['temperature']:.3g}).</p>
 <div class="plots"><img src="{_data_uri(plots['reliability.png'])}" alt="reliability diagram"></div>
+{f'<h3>Test photos it would answer "{e(metrics.get("rejection_label", "unknown"))}" (least like the training photos first)</h3><div class="gallery">{gallery}</div>' if gallery else ''}
 """
 
 
 def write(reports: Path, data_root: Path, metrics: dict, misclassified: list[dict], head_history: dict,
-          history: list[dict], provenance: dict, counts: dict, skipped: list[dict], quality: str = "") -> Path:
+          history: list[dict], provenance: dict, counts: dict, skipped: list[dict], quality: str = "",
+          rejected: list[dict] | None = None) -> Path:
     """Write the PNG plots and index.html into ``reports``; returns the page's path."""
     plots = _figures(metrics, head_history, history)
     for name, png in plots.items():
@@ -358,7 +365,7 @@ pre {{ background: #f6f6f6; padding: .8rem; overflow-x: auto; }}
 <div class="card">test images<div class="v" data-metric="n_test">{metrics['n_test']}</div></div>
 <div class="card">classes<div class="v">{len(classes)}</div></div>
 </div>
-{_trust_section(metrics, plots)}
+{_trust_section(metrics, plots, data_root, rejected or [])}
 <h2>Per class, worst first</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{per_class}</table>
 <h2>Most confused pairs</h2>
