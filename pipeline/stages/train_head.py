@@ -57,8 +57,9 @@ def fit(inputs: CachedInputs, job: FitJob):
     return face(head, inputs.classes, history)
 
 
-def out_of_fold(inputs: CachedInputs, job: FitJob) -> tuple[np.ndarray, np.ndarray]:
-    """(N, K) logits of each train photo from the same head fitted on the other folds, and the labels."""
+def out_of_fold(inputs: CachedInputs, job: FitJob, classifier) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) logits of each train photo from the same head fitted on the other folds, and the labels. The
+    settings the fitted head chose for itself (logreg's C) are kept, not chosen again in every fold."""
     from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold
 
@@ -69,6 +70,8 @@ def out_of_fold(inputs: CachedInputs, job: FitJob) -> tuple[np.ndarray, np.ndarr
         raise HeadError("calibration needs at least 2 train photos per class when the val split has fewer than 20; "
                         "add photos or raise data.val_fraction")
     head = Head.from_params(job.params.train_head)
+    if "C" in head.get_params() and "chosen_C" in classifier.history:
+        head.set_params(C=classifier.history["chosen_C"], search_C=False)
     logits = np.zeros((len(y), len(inputs.classes)))
     for fit_rows, held_rows in StratifiedKFold(folds, shuffle=True, random_state=job.params.train_head.seed).split(x, y):
         fold_head = clone(head).fit(x[fit_rows], y[fit_rows])

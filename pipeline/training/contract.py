@@ -100,8 +100,8 @@ class Rung:
     input_stage: str  # the stage whose output it reads
     open_inputs: Callable  # (params, base) -> inputs
     fit: Callable  # (inputs, FitJob) -> classifier
-    # (inputs, FitJob) -> (logits of the train photos from models that did not see them, their labels): to
-    # calibrate when the val split is too small; None: no temperature then
+    # (inputs, FitJob, the fitted classifier) -> (logits of the train photos from models that did not see
+    # them, their labels): to calibrate when the val split is too small; None: no temperature then
     out_of_fold: Callable | None = None
 
     def folder(self, params: Params, base: Path) -> Path:
@@ -204,7 +204,7 @@ class Rung:
         if self.out_of_fold is not None:
             job = job or FitJob(params, base / params.paths.cache_dir, inputs.rows("train"), inputs.rows("val"),
                                 folder.with_name(folder.name + ".backup"), say)
-            oof = lambda: self.out_of_fold(inputs, job)  # noqa: E731
+            oof = lambda: self.out_of_fold(inputs, job, classifier)  # noqa: E731
         guard = fit_guard(classifier, train_embedding, train_labels, val_embedding, val_labels, params.reject, oof, say)
         with replaced_folder(where) as tmp:
             guard.save(tmp)
