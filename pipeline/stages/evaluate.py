@@ -213,7 +213,8 @@ def misclassified(paths, y_true, proba, classes) -> list[dict]:
 
 def rejected_photos(paths, y_true, scores, guard, limit: int) -> list[dict]:
     """The test photos the guard would answer ``reject.label``, least like the training photos first."""
-    order = [i for i in np.argsort(-scores) if not guard.accepted(scores[i:i + 1])[0]]
+    rejected = ~guard.accepted(scores)
+    order = [i for i in np.argsort(-scores) if rejected[i]]
     return [{"path": str(paths[i]), "true": str(y_true[i]), "score": float(scores[i])} for i in order[:limit]]
 
 

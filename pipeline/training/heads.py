@@ -33,6 +33,24 @@ class HeadError(PipelineError, ValueError):
     """Data a head cannot fit on (too few photos per class for the folds asked, ...)."""
 
 
+def _dense_logits(x, kernel: np.ndarray, bias: np.ndarray):
+    """A Keras Dense layer named ``logits`` holding a fitted affine map (float64 -> float32 weights)."""
+    from keras import layers
+
+    dense = layers.Dense(kernel.shape[1], name="logits")
+    logits = dense(x)
+    dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return logits
+
+
+def _centred_unit(x, mean: np.ndarray):
+    """Keras layers: ``x`` minus the train mean, scaled to unit L2 norm (what ncm and knn compare)."""
+    from keras import layers
+
+    centred = layers.Normalization(mean=mean.astype(np.float32), variance=np.ones_like(mean), name="centre")(x)
+    return layers.UnitNormalization(name="unit")(centred)
+
+
 class Head(BaseEstimator):
     """What every head shares: flattened inputs, probabilities as the softmax of the logits."""
 
@@ -184,13 +202,7 @@ class LogRegHead(Head):
         return self.embed(X).astype(np.float64) @ kernel + bias
 
     def keras_layers(self, x, input_shape):
-        from keras import layers
-
-        kernel, bias = self._linear()
-        dense = layers.Dense(kernel.shape[1], name="logits")
-        logits = dense(x)
-        dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-        return x, logits
+        return x, _dense_logits(x, *self._linear())
 
 
 class NCMHead(Head):
@@ -215,16 +227,7 @@ class NCMHead(Head):
         return normalise(self.embed(X).astype(np.float64) - self.mean_) @ kernel + bias
 
     def keras_layers(self, x, input_shape):
-        from keras import layers
-
-        centred = layers.Normalization(mean=self.mean_.astype(np.float32), variance=np.ones_like(self.mean_),
-                                       name="centre")(x)
-        unit = layers.UnitNormalization(name="unit")(centred)
-        kernel, bias = self._linear()
-        dense = layers.Dense(kernel.shape[1], name="logits")
-        logits = dense(unit)
-        dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-        return x, logits
+        return x, _dense_logits(_centred_unit(x, self.mean_), *self._linear())
 
 
 class KNNHead(Head):
@@ -258,13 +261,9 @@ class KNNHead(Head):
         return np.log((votes + 0.5) / (k + 0.5 * self.n_classes_))
 
     def keras_layers(self, x, input_shape):
-        from keras import layers
-
         from pipeline.training.layers import NeighbourVotes
 
-        centred = layers.Normalization(mean=self.mean_.astype(np.float32), variance=np.ones_like(self.mean_),
-                                       name="centre")(x)
-        unit = layers.UnitNormalization(name="unit")(centred)
+        unit = _centred_unit(x, self.mean_)
         logits = NeighbourVotes(self.bank_, self.labels_, self.n_classes_, self.k_, name="logits")(unit)
         return x, logits
 
