@@ -17,7 +17,7 @@ from pipeline.tf_import import keras as quiet_keras  # noqa: E402
 
 keras = quiet_keras()
 root, cache_dir = Path(sys.argv[1]), Path(sys.argv[2])
-model = keras_models.build("efficientnet_lite0", cache_dir=cache_dir).model
+model = keras_models.build("efficientnet_lite0", weights_dir=cache_dir / "weights").model
 dataset = keras.utils.image_dataset_from_directory(root, labels="inferred", image_size=(224, 224), batch_size=32,
                                                    shuffle=False, verbose=False)
 features = model.predict(dataset.map(lambda images, labels: images), verbose=0)

@@ -1,7 +1,9 @@
-"""Photo sets the benchmarks make from ../shared/datasets (never committed; bench/.phone_images is git-ignored)."""
+"""Photo sets the benchmarks make from ../shared/datasets (never committed; bench/.phone_images and bench/.phone_sets are git-ignored)."""
 from __future__ import annotations
 
+import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +32,38 @@ def make_phone_images(count: int) -> Path:
     for label in ("cats", "dogs"):
         (folder / label).mkdir(parents=True)
         for path in sorted((SOURCE / label).iterdir())[: count // 2]:
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image).convert("RGB").resize((4032, 3024), Image.BICUBIC)
-            pixels = np.asarray(image, np.float32) + rng.normal(0, 3, (3024, 4032, 3)).astype(np.float32)
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / label / path.name, quality=92)
+            _phone_sized(path, folder / label / path.name, rng)
     marker.touch()
+    return folder
+
+
+def _phone_sized(source: Path, target: Path, rng: np.random.Generator) -> None:
+    with Image.open(source) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB").resize((4032, 3024), Image.BICUBIC)
+    pixels = np.asarray(image, np.float32) + rng.normal(0, 3, (3024, 4032, 3)).astype(np.float32)
+    partial = target.with_name(target.name + ".partial")
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(partial, format="JPEG", quality=92)
+    partial.replace(target)
+
+
+def _phone_sized_job(job: tuple[Path, Path, int]) -> None:
+    source, target, seed = job
+    _phone_sized(source, target, np.random.default_rng(seed))
+
+
+def make_phone_dataset(dataset: str) -> Path:
+    """Every photo of a shared dataset made phone-sized as ``make_phone_images`` does, in
+    bench/.phone_sets/<dataset>/<class>/<name>.jpg, on every core; resumes where it stopped."""
+    source = DATASETS / dataset
+    require(source)
+    folder = ROOT / "bench" / ".phone_sets" / dataset
+    jobs = []
+    for label in sorted(p.name for p in source.iterdir() if p.is_dir()):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        for i, path in enumerate(sorted((source / label).iterdir())):
+            target = folder / label / f"{path.name}.jpg"
+            if not target.exists():
+                jobs.append((path, target, i))
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(_phone_sized_job, jobs, chunksize=4))
     return folder

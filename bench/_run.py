@@ -33,9 +33,9 @@ def measured(command: list[str], cwd: Path | None = None, env: dict | None = Non
             "returncode": out.returncode}
 
 
-def run_measured(project: Path, *args: str, check: bool = True) -> dict:
-    """``python -m pipeline ARGS --params project/params.yaml`` in ``project``."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+def run_measured(project: Path, *args: str, check: bool = True, env: dict | None = None) -> dict:
+    """``python -m pipeline ARGS --params project/params.yaml`` in ``project``; ``env``: variables to add."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     result = measured([sys.executable, "-m", "pipeline", *args, "--params", str(project / "params.yaml")],
                       cwd=project, env=env)
     if check and result["returncode"]:

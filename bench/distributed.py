@@ -121,7 +121,7 @@ def cpu_seconds(work: Path) -> dict:
         out[label] = statistics.median(times)
     project = work / "cpu"
     project.mkdir()
-    (project / "params.yaml").write_text(json.dumps({"data": {"root": str(SOURCE)}}))
+    (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(SOURCE)}}))
     run_measured(project, "features", "--set", "features.precision=int8")
     run_measured(project, "features")
     import numpy as np
@@ -143,7 +143,7 @@ def cpu_seconds(work: Path) -> dict:
 def engines(work: Path, repeats: int) -> dict:
     warm = work / "warm"
     warm.mkdir()
-    (warm / "params.yaml").write_text(json.dumps({"data": {"root": str(DATASETS / "dogs_vs_cats_1k")}}))
+    (warm / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(DATASETS / "dogs_vs_cats_1k")}}))
     run_measured(warm, "features")
     runs: dict = {"local": [], "ray": []}
     for repeat in range(repeats):
@@ -151,7 +151,7 @@ def engines(work: Path, repeats: int) -> dict:
             project = Path(tempfile.mkdtemp(dir=work))
             (project / "cache").mkdir()
             shutil.copytree(warm / "cache" / "weights", project / "cache" / "weights")
-            (project / "params.yaml").write_text(json.dumps({"data": {"root": str(DATASETS / "dogs_vs_cats_1k")},
+            (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(DATASETS / "dogs_vs_cats_1k")},
                                                              "features": {"engine": engine}}))
             result = run_measured(project, "features")
             runs[engine].append(result["seconds"])

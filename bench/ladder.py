@@ -88,7 +88,7 @@ def main() -> None:
             x_cut, labels, paths = table.features[train], table.labels[train], table.paths[train]
             classes = sorted(set(labels))
             y = np.array([classes.index(c) for c in labels])
-            full = backbones.build("efficientnet_lite0", layer="pooled", cache_dir=base / "cache")
+            full = backbones.build("efficientnet_lite0", layer="pooled", weights_dir=base / "cache" / "weights")
             top = train_top.build_top(full.model, cut)
             cached_model = keras.Sequential([keras.Input(x_cut.shape[1:]), top,
                                              keras.layers.Dense(len(classes), activation="softmax")])

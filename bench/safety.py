@@ -120,7 +120,7 @@ def one_run(safe: bool, weights: Path) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
         shutil.copytree(weights, project / "cache" / "weights")
-        params = params_mod.build({"data": {"root": str(DATASET)}}, "bench")
+        params = params_mod.build({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(DATASET)}}, "bench")
         patches, inside = Patches(), [0.0]
         if safe:
             patches.timed(parts_mod, "write", inside)
@@ -175,7 +175,7 @@ def kill_test(point: str, weights: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
         shutil.copytree(weights, project / "cache" / "weights")
-        (project / "params.yaml").write_text(json.dumps({"data": {"root": str(DATASET)}}))
+        (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(DATASET)}}))
         env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
         process = subprocess.Popen([sys.executable, "-m", "pipeline", "features"], cwd=project, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -211,7 +211,7 @@ def main() -> None:
     require(DATASET)
     with tempfile.TemporaryDirectory() as tmp:
         warm = Path(tmp)
-        features.run(params_mod.build({"data": {"root": str(DATASET)}}, "bench"), warm)  # converts once
+        features.run(params_mod.build({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(DATASET)}}, "bench"), warm)  # converts once
         weights = warm / "cache" / "weights"
         one_run(True, weights)  # warm-up: file system cache
         on, off, inside = [], [], []

@@ -80,7 +80,7 @@ def main() -> None:
                 os.symlink(DATASETS / args.dataset, project / "photos")
             else:
                 make_photos(project / "photos", n)
-            (project / "params.yaml").write_text(json.dumps({"data": {"root": "photos"},
+            (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": "photos"},
                                                              "features": {"backbone": args.backbone}}))
             (project / "cache").mkdir()
             if not weights.exists():

@@ -58,7 +58,7 @@ def project_for(root: Path, work: Path, warm: Path, **features) -> Path:
     project = Path(tempfile.mkdtemp(dir=work))
     (project / "cache").mkdir()
     shutil.copytree(warm, project / "cache" / "weights")
-    (project / "params.yaml").write_text(json.dumps({"data": {"root": str(root)}, "features": features}))
+    (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(root)}, "features": features}))
     return project
 
 
@@ -79,11 +79,11 @@ def warm_weights(work: Path) -> Path:
         (small / label).mkdir(parents=True)
         for path in sorted((SOURCE / label).iterdir())[:8]:
             shutil.copy(path, small / label / path.name)
-    (project / "params.yaml").write_text(json.dumps({"data": {"root": "photos"}}))
+    (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": "photos"}}))
     run_measured(project, "features")
     run_measured(project, "features", "--set", "features.runtime=keras")
     # the int8 backbone, calibrated on the first 200 train photos of the 1,000 (once, like a user's)
-    (project / "params.yaml").write_text(json.dumps({"data": {"root": str(SOURCE)}}))
+    (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(SOURCE)}}))
     run_measured(project, "features", "--set", "features.precision=int8")
     return project / "cache" / "weights"
 

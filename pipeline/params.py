@@ -44,6 +44,9 @@ class TrainParams:
 class PathsParams:
     cache_dir: str = "cache"  # every computed artifact lives under here
     reports_dir: str = "reports"  # metrics, tables, skipped files
+    # converted backbones (Keras weights from the .pth, the checked LiteRT files): they depend on the backbone
+    # alone, so by default one folder serves every project on the machine; "cache/weights" keeps them here
+    weights_dir: str | None = None
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -71,9 +74,10 @@ class FeaturesParams:
     layer: str = "pooled"  # where the frozen part ends
     image_size: int = Field(0, ge=0)  # 0: the backbone's own input size
     resize: Literal["squash", "crop"] = "squash"  # squash the whole image, or centre-crop
-    # full: decode every photo whole, as an app does (the exported model then sees what training saw);
-    # draft: decode large JPEGs at a reduced DCT scale, several times faster on phone photos, not the same pixels
-    decode: Literal["full", "draft"] = "full"
+    # reduced: a large JPEG decoded at the smallest DCT scale that keeps twice the input size (phone photos
+    # several times faster; predict and export still decode whole, as an app does); draft: the smallest that
+    # keeps the input size; full: every photo whole
+    decode: Literal["reduced", "full", "draft"] = "reduced"
     dtype: Literal["float32", "float16"] = "float32"  # storage dtype of the cached activations
     # what runs the frozen backbone: LiteRT is ~2x faster on a CPU, same features within 1e-4; auto: Keras
     # (TensorFlow, whole batches) where a GPU is visible, LiteRT elsewhere

@@ -63,12 +63,12 @@ def resolve_runtime(f: FeaturesParams) -> str:
 
 
 def draft_size(f: FeaturesParams) -> int:
-    """What ``decode_rgb`` may shrink a JPEG to while decoding: the input size with ``decode: draft``,
-    else 0 (the whole photo)."""
-    return input_size(f) if f.decode == "draft" else 0
+    """What ``decode_rgb`` may shrink a JPEG to while decoding: twice the input size with ``decode: reduced``,
+    the input size with ``decode: draft``, 0 (the whole photo) with ``full``."""
+    return {"reduced": 2 * input_size(f), "draft": input_size(f)}.get(f.decode, 0)
 
 
-def open_backbone(f: FeaturesParams, cache_dir: Path, layer: str | None = None, calibration=None):
+def open_backbone(f: FeaturesParams, weights_dir: Path, layer: str | None = None):
     """What runs the frozen part up to ``layer`` (default ``f.layer``): ``.predict((B, S, S, 3) float32)
     -> (B, *feature_shape)``, ``.input_size``, ``.weights_sha256``, ``.feature_shape``.
     ``calibration``: for ``precision: int8``, a function giving the photos to calibrate on (the
@@ -81,33 +81,32 @@ def open_backbone(f: FeaturesParams, cache_dir: Path, layer: str | None = None, 
 
         spec = BACKBONES[f.backbone]
         return litert.LiteRTEngine(f.backbone, weights_fingerprint(spec, f.weights), layer, input_size(f),
-                                   cache_dir, lambda: build_keras(f, cache_dir, layer), f.precision, calibration)
-    return build_keras(f, cache_dir, layer)
+                                   weights_dir, lambda: build_keras(f, weights_dir, layer), f.precision,
+                                   calibration_images(f))
+    return build_keras(f, weights_dir, layer)
 
 
-def calibration_photos(f: FeaturesParams, files: list[Path]):
-    """A function giving the first ``INT8_CALIBRATION_PHOTOS`` of ``files`` that decode, resized as the
-    backbone's input: the int8 conversion's calibration set."""
-    from pipeline.backbones.litert import INT8_CALIBRATION_PHOTOS
+def calibration_images(f: FeaturesParams):
+    """For ``precision: int8``, a function giving the conversion's calibration set: photos every machine
+    makes offline (``data.generic``), resized as the backbone's input. None for float32."""
+    if f.precision != "int8":
+        return None
 
     def images():
-        to_input, draft, made = resizer(f, input_size(f)), draft_size(f), []
-        for file in files:
-            image, _ = decode_file(file, draft, to_input)
-            if image is not None:
-                made.append(image)
-            if len(made) == INT8_CALIBRATION_PHOTOS:
-                break
-        return made
+        from pipeline.backbones.litert import INT8_CALIBRATION_PHOTOS
+        from pipeline.data import generic
+
+        to_input = resizer(f, input_size(f))
+        return [to_input(photo) for photo in generic.photos(INT8_CALIBRATION_PHOTOS)]
 
     return images
 
 
-def build_keras(f: FeaturesParams, cache_dir: Path, layer: str | None = None):
+def build_keras(f: FeaturesParams, weights_dir: Path, layer: str | None = None):
     """The frozen Keras backbone up to ``layer`` (imports TensorFlow)."""
     from pipeline.backbones import keras_models
 
-    return keras_models.build(f.backbone, f.weights, layer or f.layer, f.image_size, cache_dir)
+    return keras_models.build(f.backbone, f.weights, layer or f.layer, f.image_size, weights_dir)
 
 
 def resizer(f: FeaturesParams, size: int):
@@ -144,10 +143,11 @@ def prefetched(function, items, workers: int, window: int):
             yield pending.popleft().result()
 
 
-def featurise_files(paths, runner, f: FeaturesParams, views=("original",)):
-    """Yield ``((len(views), *feature_shape) activations or None, error or None)`` per path, in order."""
+def featurise_files(paths, runner, f: FeaturesParams, views=("original",), whole: bool = False):
+    """Yield ``((len(views), *feature_shape) activations or None, error or None)`` per path, in order.
+    ``whole``: decode every photo whole, as an app does, whatever ``features.decode`` says."""
     to_input = resizer(f, runner.input_size)
-    draft = draft_size(f)
+    draft = 0 if whole else draft_size(f)
     decoded = prefetched(lambda path: decode_file(path, draft, to_input), paths,
                          workers=f.workers, window=2 * f.batch_size + f.workers)
     pending: list = []  # (image or None, error or None), images not yet run

@@ -1,7 +1,10 @@
 """Shared fixtures: tiny synthetic datasets and params that use the tiny backbone."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +117,7 @@ def cli(cwd, *args, timeout=300, env=None):
     import sys
 
     environment = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
-                   **(env or {})}
+                   "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"], **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
                           env=environment, timeout=timeout)
 
@@ -127,3 +130,7 @@ def shared_dataset(name: str) -> Path:
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The machine's cache of converted backbones (store.layout.weights_dir), for this test session alone:
+# shared by the tests, as by a user's projects, and never the user's own.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="photohead-tests-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)

@@ -22,18 +22,18 @@ from conftest import CLASS_COLOURS, make_dataset, make_image, make_params
 def test_an_int8_backbone_calibrated_on_a_degenerate_set_is_refused_with_the_real_threshold(project, monkeypatch):
     """Calibrated on black photos only, every activation range collapses: the int8 backbone's features
     really disagree with the float ones, and the check (its threshold as shipped) refuses it."""
-    real = runtime.calibration_photos
+    real = runtime.calibration_images
 
-    def black(f, files):
-        photos = real(f, files)
+    def black(f):
+        photos = real(f)
         return lambda: [np.zeros_like(photo) for photo in photos()]
 
-    monkeypatch.setattr(runtime, "calibration_photos", black)
-    params = make_params(project, features={"precision": "int8"})
+    monkeypatch.setattr(runtime, "calibration_images", black)
+    params = make_params(project, features={"precision": "int8"}, paths={"weights_dir": "cache/weights"})
     with pytest.raises(litert.BackboneError, match=r"^the int8 backbone's features differ from the float ones "
                                                    r"\(cosine similarity -?[0-9.]+ < 0.95 on a check photo\)"):
         features.run(params, project)
-    assert not list((project / "cache" / "weights").glob("*-int8.tflite"))  # not kept
+    assert not list((project / "cache" / "weights").glob("*-int8-*.tflite"))  # not kept
     assert not list((project / "cache" / "features").glob("*.h5"))  # nothing in the cache
     assert not list((project / "cache" / "features").glob("*.parts/*"))
 

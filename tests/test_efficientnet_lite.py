@@ -88,20 +88,20 @@ def test_shape_mismatch_is_an_error(lite0, monkeypatch):
 
 
 def test_converted_weights_are_cached_and_reloaded(tmp_path, lite0, monkeypatch):
-    first = backbones.build("efficientnet_lite0", cache_dir=tmp_path)
-    assert len(list((tmp_path / "weights").glob("efficientnet_lite0-*.weights.h5"))) == 1
+    first = backbones.build("efficientnet_lite0", weights_dir=tmp_path)
+    assert len(list(tmp_path.glob("efficientnet_lite0-*.weights.h5"))) == 1
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(efficientnet_lite, "load_torch_weights", no_conversion)
-    second = backbones.build("efficientnet_lite0", cache_dir=tmp_path)
+    second = backbones.build("efficientnet_lite0", weights_dir=tmp_path)
     assert first.weights_sha256 == second.weights_sha256
 
 
 def test_wrong_cut_point_lists_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match=r"no layer 'block99'; valid: block0, block1"):
-        backbones.build("tiny", layer="block99", cache_dir=tmp_path)
+        backbones.build("tiny", layer="block99", weights_dir=tmp_path)
 
 
 def test_keras_application_download_failure_says_how_to_use_a_local_file(tmp_path, monkeypatch):
@@ -112,11 +112,11 @@ def test_keras_application_download_failure_says_how_to_use_a_local_file(tmp_pat
 
     monkeypatch.setattr(keras.applications, "MobileNetV2", offline)
     with pytest.raises(RuntimeError, match=r"could not get ImageNet weights for mobilenet_v2.*features.weights"):
-        backbones.build("mobilenet_v2", weights="imagenet", cache_dir=tmp_path)
+        backbones.build("mobilenet_v2", weights="imagenet", weights_dir=tmp_path)
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "resnet50"])
 def test_keras_applications_build_without_weights(name, tmp_path):
-    backbone = backbones.build(name, weights="none", cache_dir=tmp_path, size=64)
+    backbone = backbones.build(name, weights="none", weights_dir=tmp_path, size=64)
     out = backbone.model.predict_on_batch(np.zeros((1, 64, 64, 3), np.float32))
     assert out.ndim == 2 and out.shape[0] == 1

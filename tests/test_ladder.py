@@ -37,7 +37,7 @@ def test_top_layers_on_the_cut_cache_give_the_pooled_features(project):
     params = make_params(project, train_top={"cut_point": "block0"})
     pooled = feature_store.read_table(features.run(params, project).path)
     cut = feature_store.read_table(features.run_top(params, project).path)
-    full = keras_models.build("tiny", layer="pooled", cache_dir=project / "cache")
+    full = keras_models.build("tiny", layer="pooled", weights_dir=project / "cache" / "weights")
     top = train_top.build_top(full.model, "block0")
     assert "block0" not in [l.name for l in top.layers[1:]] and "normalize" not in [l.name for l in top.layers]
     np.testing.assert_allclose(np.asarray(top(cut.features)), pooled.features, rtol=1e-2, atol=1e-3)
@@ -67,7 +67,7 @@ def test_lite0_top_blocks_reproduce_the_pooled_features(lite_project):
     params = lite_params(lite_project)
     pooled = feature_store.read_table(features.run(params, lite_project).path)
     cut = feature_store.read_table(features.run_top(params, lite_project).path)
-    full = keras_models.build("efficientnet_lite0", layer="pooled", cache_dir=lite_project / "cache")
+    full = keras_models.build("efficientnet_lite0", layer="pooled", weights_dir=lite_project / "cache" / "weights")
     top = train_top.build_top(full.model, "block14")
     from_cut = np.asarray(top(cut.features, training=False))
     assert np.abs(from_cut - pooled.features).max() < 0.02 * np.abs(pooled.features).max()  # float16 input
@@ -229,7 +229,7 @@ def test_finetune_two_phases_on_the_photos(project):
     features.run(base_params, project)
     head_only = finetune.run(base_params, project)
     network = head_only.classifier.classifier.model_.get_layer("tiny_to_pooled")
-    pretrained = keras_models.build("tiny", cache_dir=project / "cache").model
+    pretrained = keras_models.build("tiny", weights_dir=project / "cache" / "weights").model
     for a, b in zip(network.get_weights(), pretrained.get_weights()):
         np.testing.assert_array_equal(a, b)  # phase 1 alone leaves the backbone as pretrained
     assert {"augment_flip", "augment_zoom", "augment_brightness", "augment_contrast"} <= \

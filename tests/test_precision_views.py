@@ -14,16 +14,17 @@ from conftest import CountingBackbone, cli, make_params
 
 
 def test_int8_backbone_is_calibrated_checked_kept_and_keyed(project, monkeypatch):
-    float_run = features.run(make_params(project), project)
+    own = {"weights_dir": "cache/weights"}  # this project's own, so that this test converts
+    float_run = features.run(make_params(project, paths=own), project)
     counter = CountingBackbone(monkeypatch)
-    int8 = make_params(project, features={"precision": "int8"})
+    int8 = make_params(project, features={"precision": "int8"}, paths=own)
     result = features.run(int8, project)
     assert result.path != float_run.path and counter.images == 36  # its own cache
-    converted = list((project / "cache" / "weights").glob("*-int8.tflite"))
+    converted = list((project / "cache" / "weights").glob("*-int8-scikit-image-v1.tflite"))
     assert len(converted) == 1
     check = json.loads(converted[0].with_name(converted[0].name.replace(".tflite", ".verified.json")).read_text())
     assert check["precision"] == "int8" and check["min_cosine"] >= litert.INT8_MIN_COSINE
-    assert check["calibration_photos"] == sum(1 for s in feature_store.read_table(result.path).splits if s == "train")
+    assert check["calibration_photos"] == litert.INT8_CALIBRATION_PHOTOS  # generic photos, not the project's
     a, b = feature_store.read_table(float_run.path), feature_store.read_table(result.path)
     cosine = np.sum(a.features * b.features, axis=1) / (np.linalg.norm(a.features, axis=1) *
                                                           np.linalg.norm(b.features, axis=1))
@@ -40,7 +41,8 @@ def test_an_int8_backbone_that_drifts_is_refused_in_one_line(tmp_path):
 
     make_dataset(tmp_path / "photos", per_class=6)
     (tmp_path / "params.yaml").write_text("data: {root: photos, train_fraction: 0.6, val_fraction: 0.2, "
-                                          "test_fraction: 0.2}\nfeatures: {backbone: tiny, precision: int8}\n")
+                                          "test_fraction: 0.2}\nfeatures: {backbone: tiny, precision: int8}\n"
+                                          "paths: {weights_dir: cache/weights}\n")
     hook = "import pipeline.backbones.litert as l\nl.INT8_MIN_COSINE = 1.01\n"  # no int8 model can pass this
     (tmp_path / "sitecustomize.py").write_text(hook)
     from conftest import ROOT
@@ -50,7 +52,7 @@ def test_an_int8_backbone_that_drifts_is_refused_in_one_line(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the int8 backbone's features differ from the float ones (cosine similarity ")
     assert last.endswith("< 1.01 on a check photo); set features.precision: float32")
-    assert not list((tmp_path / "cache" / "weights").glob("*-int8.tflite"))  # not kept
+    assert not list((tmp_path / "cache" / "weights").glob("*-int8-*.tflite"))  # not kept
     assert not list((tmp_path / "cache" / "features").glob("*.h5"))
 
 

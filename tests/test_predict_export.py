@@ -136,7 +136,8 @@ def app_answers(folder, paths) -> dict:
 
 @pytest.fixture
 def large_jpeg_project(tmp_path):
-    """Photos the features stage decodes at a reduced DCT scale (640 x 480 for a 32-pixel input: 1/8)."""
+    """Photos the features stage decodes at a reduced DCT scale (640 x 480 for a 32-pixel input: 1/4 with
+    decode: reduced, 1/8 with draft)."""
     rng = np.random.default_rng(11)
     for c, (name, colour) in enumerate(CLASS_COLOURS.items()):
         for i in range(10):
@@ -151,6 +152,7 @@ def large_jpeg_project(tmp_path):
 
 @pytest.mark.parametrize("model, decode, views", [("logreg", "full", ["original"]), ("softmax", "full", ["original"]),
                                                   ("logreg", "draft", ["original"]),
+                                                  ("logreg", "reduced", ["original"]),
                                                   ("logreg", "full", ["original", "hflip"])])
 def test_an_app_decoding_whole_photos_gets_the_pipelines_answers(large_jpeg_project, model, decode, views):
     project = large_jpeg_project
@@ -181,7 +183,7 @@ def test_an_app_decoding_whole_photos_gets_the_pipelines_answers(large_jpeg_proj
             said = [classes[int(np.argmax(r))] if s <= threshold else "unknown"
                     for r, s in zip(reference, reference_scores)]
             assert answers[name]["answer"] == said, name
-        else:  # decoded at 1/8 (80 x 60) by the pipeline, whole by the app: close, not equal (the score shows
+        else:  # decoded at 1/4 or 1/8 by the features stage, whole by the app: close, not equal (the score shows
             # it: calibrated probabilities of this easy set are all but 0 or 1)
             assert 1e-4 < np.abs(answers[name]["s"] - reference_scores).max() < 0.05, name
     agreement = (answers["model_int8.tflite"]["p"].argmax(axis=1) == reference.argmax(axis=1)).mean()
@@ -231,9 +233,36 @@ def test_a_failed_parity_check_leaves_the_previous_export_as_it_was(trained_proj
 
 
 @pytest.mark.slow
+def test_predict_decodes_whole_photos_as_an_app_does_with_the_default_decode(large_jpeg_project):
+    """decode: reduced (the default) shrinks large JPEGs for the cache only: predict decodes them whole,
+    not reusing their cached rows, and answers what the exported model answers an app; a photo the
+    reduced decode leaves whole still reuses its cached row."""
+    project = large_jpeg_project
+    make_image(project / "photos" / "misty" / "small.jpg", CLASS_COLOURS["misty"], 5, size=(100, 90))
+    params = make_params(project)
+    assert params.features.decode == "reduced"
+    features.run(params, project)
+    train_head.run(params, project)
+    folder = export.run(params, project).folder
+    expected, classes = pipeline_probabilities(project, params)
+    paths = sorted(p for p in expected if not p.endswith("small.jpg"))[:8]
+    results = predict.run(params, project, [project / "photos" / p for p in paths], top_k=len(classes))
+    assert not any(r.cached for r in results)  # each decoded whole again
+    got = np.array([[dict(zip(r.labels, r.probabilities))[c] for c in classes] for r in results])
+    app = app_answers(folder, [project / "photos" / p for p in paths])["model.tflite"]
+    np.testing.assert_allclose(got, app["p"], atol=1e-4)
+    # the rejection score shows the pixels (the probabilities of this easy set are all but 0 or 1)
+    scores = np.array([r.score for r in results])
+    np.testing.assert_allclose(scores, app["s"], atol=1e-4)
+    cached, _ = pipeline_scores(project, params)
+    assert np.abs(scores - np.array([cached[p] for p in paths])).max() > 1e-3  # other pixels: not the cache
+    small = predict.run(params, project, [project / "photos" / "misty" / "small.jpg"])[0]
+    assert small.cached and small.probabilities[0] == pytest.approx(expected["misty/small.jpg"].max(), abs=1e-6)
+
+
 def test_phone_sized_photos_through_the_exported_model_agree_with_the_pipeline(tmp_path):
     """Real weights, real photos made phone-sized (4032 x 3024, JPEG): an app that decodes them whole
-    gets the pipeline's labels and probabilities (features.decode: full, the default)."""
+    gets the pipeline's labels and probabilities (features.decode: full: the cache holds what the app sees)."""
     source = shared_dataset("dogs_vs_cats_1k")
     rng = np.random.default_rng(0)
     for label in ("cats", "dogs"):
@@ -243,7 +272,7 @@ def test_phone_sized_photos_through_the_exported_model_agree_with_the_pipeline(t
                 big = np.asarray(image.convert("RGB").resize((4032, 3024), Image.BICUBIC), np.float32)
             big = np.clip(big + rng.normal(0, 3, big.shape), 0, 255).astype(np.uint8)
             Image.fromarray(big).save(tmp_path / "photos" / label / path.name, quality=92)
-    params = make_params(tmp_path, features={"backbone": "efficientnet_lite0", "batch_size": 8},
+    params = make_params(tmp_path, features={"backbone": "efficientnet_lite0", "batch_size": 8, "decode": "full"},
                          data={"train_fraction": 0.5, "val_fraction": 0.0, "test_fraction": 0.5},
                          export={"quantize": "int8", "min_top1_agreement": 0.9},
                          # C fixed: this checks the resize and the int8 path on phone-sized photos; C auto on 12 train

@@ -26,7 +26,8 @@ from pipeline.store.table import CacheError
 
 from conftest import CLASS_COLOURS, ROOT, CountingBackbone, cli, make_image, make_params
 
-ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+       "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
 # Spatial activations (24 x 24 x 16 a photo) and photos that take a few milliseconds to decode: a run
 # long enough, and a merge heavy enough, to be caught in the act.
 KILL_PARAMS = {

@@ -75,8 +75,9 @@ def weights_fingerprint(spec: BackboneSpec, weights: str) -> str:
 
 
 def build(backbone: str, weights: str = "default", layer: str = "pooled", size: int = 0,
-          cache_dir: str | Path = "cache") -> Backbone:
-    """The frozen backbone, with its weights loaded and checked, cut at ``layer``."""
+          weights_dir: str | Path = "cache/weights") -> Backbone:
+    """The frozen backbone, with its weights loaded and checked, cut at ``layer``. A torch checkpoint is
+    converted once into ``weights_dir``."""
     from pipeline.tf_import import keras as _quiet_keras
     keras = _quiet_keras()
 
@@ -84,7 +85,7 @@ def build(backbone: str, weights: str = "default", layer: str = "pooled", size: 
     size = input_size(spec, size)
     weights = resolve_weights(spec, weights)
     if spec.family == "lite":
-        full = _build_lite(spec, weights, size, Path(cache_dir))
+        full = _build_lite(spec, weights, size, Path(weights_dir))
     elif spec.family == "keras":
         full = _build_keras_application(spec, weights, size)
     else:
@@ -121,7 +122,7 @@ def keras_to_numpy(variable) -> np.ndarray:
     return np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable)
 
 
-def _build_lite(spec: BackboneSpec, weights: str, size: int, cache_dir: Path):
+def _build_lite(spec: BackboneSpec, weights: str, size: int, weights_dir: Path):
     full, names = efficientnet_lite.build(spec.name, include_top=True, input_size=size)
     if weights == "none":
         return full
@@ -132,7 +133,7 @@ def _build_lite(spec: BackboneSpec, weights: str, size: int, cache_dir: Path):
         full.load_weights(source)
         return full
     # Convert the torch checkpoint once; later runs load the Keras weights from the cache.
-    converted = cache_dir / "weights" / f"{spec.name}-{file_sha256(source)[:16]}.weights.h5"
+    converted = weights_dir / f"{spec.name}-{file_sha256(source)[:16]}.weights.h5"
     if converted.is_file():
         try:
             full.load_weights(converted)

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.backbones.registry import BackboneError
+from pipeline.data import generic
 from pipeline.fingerprint import atomic_write_text, file_sha256
 
 log = logging.getLogger("pipeline.litert")
 
 TOLERANCE = 1e-4  # max |LiteRT - Keras| over the check images, relative to the largest activation (if > 1)
 INT8_MIN_COSINE = 0.95  # int8: the least cosine similarity to the float features accepted on any check image
-INT8_CALIBRATION_PHOTOS = 200  # int8: train photos whose activations set the quantisation ranges
+INT8_CALIBRATION_PHOTOS = 200  # int8: photos whose activations set the quantisation ranges
 THREADS = 2
 
 
@@ -73,26 +74,23 @@ class LiteRTEngine:
     importing TensorFlow (that keeps small incremental runs cheap).
 
     ``precision="int8"``: a full-integer model (int8 weights and activations, float input and output),
-    its quantisation ranges calibrated on ``calibration()``: up to ``INT8_CALIBRATION_PHOTOS`` of the
-    user's train photos, (S, S, 3) float32 each. Checked against the float Keras model by the cosine
+    its quantisation ranges calibrated on ``calibration()``: ``INT8_CALIBRATION_PHOTOS`` photos that depend on
+    no project (``data.generic``), (S, S, 3) float32 each. Checked against the float Keras model by the cosine
     similarity of each check image's features; refused below ``INT8_MIN_COSINE``."""
 
-    def __init__(self, name: str, weights_fingerprint: str, layer: str, input_size: int, cache_dir: Path,
+    def __init__(self, name: str, weights_fingerprint: str, layer: str, input_size: int, weights_dir: Path,
                  build_keras, precision: str = "float32", calibration=None):
         stem = f"{name}-{weights_fingerprint.split(':')[-1][:16]}-{layer}-{input_size}"
         if precision == "int8":
-            stem += "-int8"
-        self.path = cache_dir / "weights" / f"{stem}.tflite"
-        self.sidecar = cache_dir / "weights" / f"{stem}.verified.json"
+            stem += f"-int8-{generic.NAME}"
+        self.path = weights_dir / f"{stem}.tflite"
+        self.sidecar = weights_dir / f"{stem}.verified.json"
         self.input_size = input_size
         self.precision = precision
         self.calibration = calibration
         self.keras = None
         info = self._verified()
         if info is None:
-            if precision == "int8" and calibration is None:
-                raise BackboneError(f"the int8 backbone {self.path.name} is calibrated on your train photos by the "
-                                   "features stage; run 'make features' first")
             self.keras = build_keras()  # a Backbone
             self._convert()
             self.weights_sha256 = self.keras.weights_sha256
@@ -131,7 +129,8 @@ class LiteRTEngine:
         import tensorflow as tf
 
         images = list(self.calibration())
-        log.info("features: converting the backbone to int8, calibrated on %d train photos (once)", len(images))
+        log.info("features: converting the backbone to int8, calibrated on %d variants of scikit-image's "
+                 "photographs (once per machine)", len(images))
         self.calibrated_on = len(images)
         with tempfile.TemporaryDirectory() as tmp:
             self.keras.model.export(f"{tmp}/saved_model", format="tf_saved_model", verbose=False)

@@ -23,7 +23,8 @@ Image.MAX_IMAGE_PIXELS = None
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif"}
 # Part of the features cache key (by features.decode): a change here changes the pixels the backbone sees.
-DECODE_METHODS = {"full": "pillow-full+fit-to-size-box-area-v2", "draft": "pillow-draft+fit-to-size-box-area-v2"}
+DECODE_METHODS = {"full": "pillow-full+fit-to-size-box-area-v2", "draft": "pillow-draft+fit-to-size-box-area-v2",
+                  "reduced": "pillow-draft-2x+fit-to-size-box-area-v2"}
 
 
 class ImageError(PipelineError, ValueError):
@@ -95,6 +96,13 @@ def decode_rgb(path, draft_size: int = 0) -> np.ndarray:
         raise ImageError("permission denied") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise ImageError(f"cannot decode: {_without_name(str(error), path)}") from None
+
+
+def reduces(image: Image.Image, draft_size: int) -> bool:
+    """Whether ``decode_rgb(..., draft_size)`` decodes this opened image at a reduced DCT scale: a JPEG at
+    least twice ``draft_size`` on both sides (Pillow's ``draft`` rule), so its pixels are not an app's."""
+    width, height = image.size
+    return bool(draft_size) and image.format in ("JPEG", "MPO") and min(width, height) >= 2 * draft_size
 
 
 def _opencv_jpeg(path) -> np.ndarray | None:

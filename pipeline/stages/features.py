@@ -238,7 +238,7 @@ def _calibrated(params, base: Path, f, root: Path, out: Path, key: str, rows, so
     record = {"key": key, "version": near_duplicates.VERSION, "sample": [r[0] for r in sample]}
     originals = near_duplicates.unit_vectors(sources.get([r[0] for r in sample]))
     distinct = near_duplicates.unit_vectors(sources.get([r[0] for r in by_sha[:near_duplicates.DISTINCT]]))
-    runner = runtime.open_backbone(f, base / params.paths.cache_dir)
+    runner = runtime.open_backbone(f, layout.weights_dir(params, base))
     result = {**record, **near_duplicates.calibrate(
         [(sha, root / p) for sha, p, _, _ in sample], originals, distinct,
         lambda paths: [(None if row is None else row[0], error)
@@ -334,7 +334,7 @@ def _featurise(jobs, params: Params, base: Path, f: FeaturesParams, root: Path, 
     from tqdm import tqdm
 
     everything = [r for records, _ in jobs for r in records]
-    runner = runtime.open_backbone(f, base / params.paths.cache_dir, calibration=_calibration_set(everything, root, f))
+    runner = runtime.open_backbone(f, layout.weights_dir(params, base))
     meta = {"weights_sha256": runner.weights_sha256, "feature_shape": tuple(runner.feature_shape)}
     total = len(everything)
     progress = tqdm(total=total, unit="img", desc=stage, mininterval=1.0, disable=None)
@@ -344,7 +344,7 @@ def _featurise(jobs, params: Params, base: Path, f: FeaturesParams, root: Path, 
             if not records:
                 continue
             writer = _PartWriter(parts_dir, key, meta, f.commit_every, np.dtype(f.dtype), views)
-            for record, rows, error in _engine_rows(records, views, runner, f, root, base / params.paths.cache_dir):
+            for record, rows, error in _engine_rows(records, views, runner, f, root, layout.weights_dir(params, base)):
                 writer.add(record.sha256, rows, error)
                 progress.update(1)
             writer.commit()
@@ -355,7 +355,7 @@ def _featurise(jobs, params: Params, base: Path, f: FeaturesParams, root: Path, 
     return meta
 
 
-def _engine_rows(records, views, runner, f: FeaturesParams, root: Path, cache_dir: Path):
+def _engine_rows(records, views, runner, f: FeaturesParams, root: Path, weights_dir: Path):
     """``(record, (len(views), *shape) or None, error)`` for every record: here (``runtime``), or on a
     Ray cluster (``ray_engine``: the same model file, checked here first), in any order."""
     if f.engine != "ray":
@@ -371,16 +371,9 @@ def _engine_rows(records, views, runner, f: FeaturesParams, root: Path, cache_di
                                          for r in records[:8]) if image is not None]
         if sample:
             runner.predict(np.stack(sample))
-    weights = next(iter(sorted((cache_dir / "weights").glob(f"{f.backbone}-*.weights.h5"))), None) \
+    weights = next(iter(sorted(weights_dir.glob(f"{f.backbone}-*.weights.h5"))), None) \
         if f.ray_gpus_per_worker else None
     yield from ray_engine.featurise(records, root, f, views, runner.path, weights)
-
-
-def _calibration_set(records, root: Path, f: FeaturesParams):
-    """The int8 backbone's calibration photos: train photos in sha256 order (the same photos give the
-    same set, on any machine)."""
-    return runtime.calibration_photos(f, [root / r.path for r in sorted(records, key=lambda r: r.sha256)
-                                          if r.split == "train"])
 
 
 def _merge(out: Path, rows, feature_shape, dtype, attrs, bad, sources: _Sources) -> None:

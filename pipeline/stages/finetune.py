@@ -45,7 +45,7 @@ def fit(inputs: ImageInputs, job: FitJob):
 
     p, f = job.params.finetune, job.params.features
     keras.utils.set_random_seed(p.seed)
-    backbone = keras_models.build(f.backbone, f.weights, "pooled", f.image_size, job.cache_dir)
+    backbone = keras_models.build(f.backbone, f.weights, "pooled", f.image_size, job.weights_dir)
     if inputs.attrs["weights_sha256"] != backbone.weights_sha256 and inputs.attrs["layer"] == "pooled":
         raise TrainingError(f"the backbone's weights differ from those of {inputs.path.name}; run 'make features' again")
     network = backbone.model

@@ -51,7 +51,7 @@ def fit(inputs: CachedInputs, job: FitJob):
 
     p, f = job.params.train_top, job.params.features
     keras.utils.set_random_seed(p.seed)
-    full = keras_models.build(f.backbone, f.weights, "pooled", f.image_size, job.cache_dir)
+    full = keras_models.build(f.backbone, f.weights, "pooled", f.image_size, job.weights_dir)
     frozen_part = keras.Model(full.model.input, full.model.get_layer(p.cut_point).output)
     if inputs.attrs["weights_sha256"] != keras_models.weights_checksum(frozen_part):
         raise TrainingError(f"the backbone's weights differ from those of {inputs.path.name}; "

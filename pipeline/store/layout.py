@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from pathlib import Path
 
 from pipeline.backbones.keras_models import weights_fingerprint
 from pipeline.backbones.registry import BACKBONES
+from pipeline.data import generic
 from pipeline.data.decode import DECODE_METHODS
 from pipeline.fingerprint import stage_key
 from pipeline.params import FeaturesParams, Params, key_fields
@@ -37,6 +39,8 @@ def key_params(f: FeaturesParams) -> dict:
     values["image_size"] = input_size(f)
     values["preprocessing"] = spec.preprocessing
     values["decode"] = DECODE_METHODS[f.decode]
+    if f.precision == "int8":
+        values["int8_calibration"] = generic.NAME
     return values
 
 
@@ -69,6 +73,15 @@ def file_index_path(params: Params, base: Path) -> Path:
     """Where the stat index of one data root lives (one per root: roots can be switched freely)."""
     root = str((base / params.data.root).resolve())
     return base / params.paths.cache_dir / "file_index" / f"{hashlib.sha256(root.encode()).hexdigest()[:16]}.json"
+
+
+def weights_dir(params: Params, base: Path) -> Path:
+    """Where converted backbones live: ``paths.weights_dir``, else the machine's cache
+    (``$XDG_CACHE_HOME/photohead/weights``, by default ``~/.cache/photohead/weights``), shared by projects."""
+    if params.paths.weights_dir:
+        return Path(base) / Path(params.paths.weights_dir).expanduser()
+    home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(home) / "photohead" / "weights"
 
 
 def calibration_file(out: Path) -> Path:

@@ -34,6 +34,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import RunRecord, replaced_folder, stage_key
 from pipeline.params import Params, as_dict, key_fields
+from pipeline.store import layout
 from pipeline.store.table import CacheError
 from pipeline.training import classifiers
 from pipeline.training.classifiers import softmax
@@ -83,7 +84,7 @@ class FitJob:
     """What a rung's ``fit`` gets besides its inputs."""
 
     params: Params
-    cache_dir: Path  # converted backbone weights live in cache_dir/weights
+    weights_dir: Path  # converted backbone weights (store.layout.weights_dir)
     train: object  # store.batches.SplitRows
     val: object
     backup: Path  # a folder for per-epoch backups; removed once the model is saved
@@ -165,7 +166,7 @@ class Rung:
                                 "or change data.train_fraction")
         backup = out.with_name(out.name + ".backup")
         started = time.perf_counter()
-        job = FitJob(params, base / params.paths.cache_dir, train, val, backup,
+        job = FitJob(params, layout.weights_dir(params, base), train, val, backup,
                      lambda message: log.info("%s: %s", self.section, message))
         classifier = self.fit(inputs, job)
         history = classifier.history
@@ -202,7 +203,7 @@ class Rung:
         val_embedding, val_labels = embeddings(classifier, inputs, "val")
         oof = None
         if self.out_of_fold is not None:
-            job = job or FitJob(params, base / params.paths.cache_dir, inputs.rows("train"), inputs.rows("val"),
+            job = job or FitJob(params, layout.weights_dir(params, base), inputs.rows("train"), inputs.rows("val"),
                                 folder.with_name(folder.name + ".backup"), say)
             oof = lambda: self.out_of_fold(inputs, job, classifier)  # noqa: E731
         guard = fit_guard(classifier, train_embedding, train_labels, val_embedding, val_labels, params.reject, oof, say)

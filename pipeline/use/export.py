@@ -30,6 +30,7 @@ from pipeline.errors import PipelineError
 from pipeline.fingerprint import replaced_folder
 from pipeline.params import Params, as_dict
 from pipeline.stages import ladder
+from pipeline.store import layout
 from pipeline.training.inputs import iterate
 from pipeline.use.predict import features_params_of
 
@@ -82,7 +83,8 @@ def _export(params: Params, base: Path, rung, trained) -> ExportResult:
     size = runtime.input_size(f)
     backbone = None
     if inputs.layer != runtime.IMAGE:
-        backbone = keras_models.build(f.backbone, f.weights, inputs.layer, f.image_size, base / params.paths.cache_dir)
+        backbone = keras_models.build(f.backbone, f.weights, inputs.layer, f.image_size,
+                                      layout.weights_dir(params, base))
         if backbone.weights_sha256 != attrs["weights_sha256"]:
             raise ExportError(f"the backbone's weights differ from those of {inputs.path.name}; "
                               f"run 'make features' and 'make {rung.stage}' again")

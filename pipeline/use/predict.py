@@ -1,8 +1,9 @@
 """Command `predict`: top-k labels for new photos, with the model params choose (``train.strategy``).
 
-Photos already in the model's input cache (same bytes) reuse their cached row; others go through
-the same runtime as the features stage (``pipeline.runtime``): decoded and resized the same way,
-then the backbone up to the layer the model reads (nothing more for the fine-tuned network).
+Photos go through the same runtime as the features stage (``pipeline.runtime``), decoded whole as
+an app decodes them (``features.decode: reduced`` shrinks large JPEGs for the cache only), then the
+backbone up to the layer the model reads (nothing more for the fine-tuned network). A photo already
+in the model's input cache (same bytes) reuses its cached row where that row saw the whole photo.
 Photos are handled ``BATCH`` at a time, so memory does not grow with their number.
 """
 from __future__ import annotations
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pipeline import runtime
-from pipeline.data.decode import sniff
+from pipeline.data.decode import reduces, sniff
 from pipeline.params import FeaturesParams, Params
 from pipeline.stages import ladder
+from pipeline.store import layout
 from pipeline.store.table import CacheError
 
 log = logging.getLogger("pipeline.predict")
@@ -71,11 +74,13 @@ def _predict(params: Params, base: Path, trained, inputs, top_k: int | None) -> 
     predictions = [Prediction(str(path)) for path in files]
     shas = [_identify(path, prediction) for path, prediction in zip(files, predictions)]
     cached = trained.inputs.position_of()
+    f = features_params_of(trained.inputs.attrs)
+    draft = runtime.draft_size(f)
     runner = None
     for start in range(0, len(files), BATCH):
         chunk = range(start, min(len(files), start + BATCH))
         rows: dict[int, np.ndarray] = {}
-        hits = [i for i in chunk if shas[i] in cached]
+        hits = [i for i in chunk if shas[i] in cached and not _reduced_in_cache(files[i], draft)]
         if hits:
             for i, row in zip(hits, trained.inputs.read(np.array([cached[shas[i]] for i in hits]))):
                 rows[i] = row
@@ -83,9 +88,9 @@ def _predict(params: Params, base: Path, trained, inputs, top_k: int | None) -> 
         todo = [i for i in chunk if shas[i] is not None and i not in rows]
         if todo:
             runner = runner or _runner(trained, params, base)
-            f = features_params_of(trained.inputs.attrs)
             views = trained.inputs.views
-            for i, (row, error) in zip(todo, runtime.featurise_files([files[i] for i in todo], runner, f, views)):
+            rows_of = runtime.featurise_files([files[i] for i in todo], runner, f, views, whole=True)
+            for i, (row, error) in zip(todo, rows_of):
                 if row is None:
                     predictions[i].error = error
                 else:
@@ -116,10 +121,22 @@ def _identify(path: Path, prediction: Prediction) -> str | None:
     return hashlib.sha256(data).hexdigest()
 
 
+def _reduced_in_cache(path: Path, draft: int) -> bool:
+    """Whether the features stage decoded this photo at a reduced DCT scale (so its cached row is not
+    what an app's whole decode gives)."""
+    if not draft:
+        return False
+    try:
+        with Image.open(path) as image:
+            return reduces(image, draft)
+    except (OSError, ValueError):
+        return False  # unreadable now: the cached row is all there is
+
+
 def _runner(trained, params: Params, base: Path):
     """What turns a new photo into the model's input: the backbone up to the inputs' layer."""
     attrs = trained.inputs.attrs
-    runner = runtime.open_backbone(features_params_of(attrs), base / params.paths.cache_dir, trained.inputs.layer)
+    runner = runtime.open_backbone(features_params_of(attrs), layout.weights_dir(params, base), trained.inputs.layer)
     if trained.inputs.layer != runtime.IMAGE and runner.weights_sha256 != attrs["weights_sha256"]:
         raise CacheError(f"the backbone's weights differ from those of {trained.inputs.path.name}; "
                            f"run 'make features' and 'make {trained.rung.stage}' again")
