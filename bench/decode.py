@@ -50,7 +50,10 @@ def decoders() -> dict:
     import cv2
     from PIL import Image
 
+    from pipeline.backbones.litert import keep_freed_memory
     from pipeline.data.resize import fit_to_size
+
+    keep_freed_memory()  # as the features stage does: large arrays from the heap, not fresh mmaps
 
     def pil(data, draft=0):
         with Image.open(io.BytesIO(data)) as image:
@@ -220,11 +223,15 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="keep the photos' caches in this folder (default: temporary)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--skip-decoders", action="store_true")
+    parser.add_argument("--only-decoders", action="store_true")
     args = parser.parse_args()
     require(DATASETS)
     results = {"command": "bench/decode.py"}
     if not args.skip_decoders:
         results["decoders"] = decoders()
+    if args.only_decoders:
+        (ROOT / "bench" / "results" / "decoders.json").write_text(json.dumps(results, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         root = phone_root(work)

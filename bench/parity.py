@@ -4,7 +4,7 @@
 
 An app decodes a photo whole, as README's snippet does (``Image.open(...).convert("RGB")``), and
 hands it to the exported model. The features stage does the same with ``features.decode: full``
-(the default; checked here: the pixels are identical); with ``decode: draft`` it decodes a JPEG
+(checked here: the pixels are identical); with ``decode: draft`` it decodes a JPEG
 much larger than the input at a reduced DCT scale (Pillow's ``draft``). Both then go through the
 same ``FitToSize`` and backbone. For each set, every photo is decoded the draft way and the app's
 way and featurised with the same LiteRT EfficientNet-Lite0; a logistic-regression head trained on

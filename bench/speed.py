@@ -3,17 +3,21 @@
     .venv/bin/python bench/speed.py [--repeats 3] [--phone-images 200]
 
 Every method is a whole process, timed from start to exit: imports, loading the backbone,
-listing and hashing, decoding, the backbone, writing. All are *warm* alike: the one-time
-conversions of a machine are made beforehand into one weights folder that every run starts with
-(the Keras weights converted from the .pth, which the naive way loads too; the verified LiteRT
-file), and nothing else is cached (an empty feature cache). Peak memory is the process's own.
+listing and hashing, decoding, the backbone, writing, on an empty feature cache (a new dataset).
+Each is timed two ways:
+- *new dataset*: the machine has converted the backbone before (a weights folder holding the
+  Keras weights converted from the .pth, which the naive way loads too, the checked LiteRT files,
+  the int8 one): what every dataset after the first gets;
+- *first on the machine*: an empty weights folder, so the run makes those conversions itself
+  (for int8: the calibration on generic photos and the int8 conversion; for naive: the .pth).
+Peak memory is the process's own (new dataset).
 
 Methods, per image set, in alternating order, --repeats times, medians:
 - naive: ``keras.utils.image_dataset_from_directory`` + ``model.predict`` (bench/_naive.py);
-- pipeline (keras): ``python -m pipeline features --set features.runtime=keras``;
-- pipeline (litert): ``python -m pipeline features`` (the default);
-- pipeline (litert, int8): ``--set features.precision=int8``, the int8 backbone (calibrated once);
-- pipeline (litert, decode: draft): large JPEGs decoded at a reduced DCT scale (phone-sized set).
+- pipeline, the default: ``python -m pipeline features`` (LiteRT, ``decode: reduced``);
+- pipeline, ``decode: full`` and (phone-sized set) ``decode: draft``;
+- pipeline, ``precision: int8``;
+- pipeline, ``runtime: keras``.
 Image sets: the 1,000 dogs-vs-cats JPEGs (~500 x 375); phone-sized: the first --phone-images
 upscaled to 4032 x 3024 with mild noise, JPEG quality 92 (bench/_photos.py).
 
@@ -53,16 +57,18 @@ def measure_naive(root: Path, cache: Path) -> dict:
             "images": json.loads(result["stdout"].strip().splitlines()[-1])["images"]}
 
 
-def project_for(root: Path, work: Path, warm: Path, **features) -> Path:
-    """A fresh project on ``root`` whose cache holds only the machine's converted weights."""
+def project_for(root: Path, work: Path, warm: Path | None, **features) -> Path:
+    """A fresh project on ``root`` whose cache holds only the machine's converted weights (none: ``warm``
+    None)."""
     project = Path(tempfile.mkdtemp(dir=work))
     (project / "cache").mkdir()
-    shutil.copytree(warm, project / "cache" / "weights")
+    if warm is not None:
+        shutil.copytree(warm, project / "cache" / "weights")
     (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(root)}, "features": features}))
     return project
 
 
-def measure_pipeline(root: Path, work: Path, warm: Path, **features) -> dict:
+def measure_pipeline(root: Path, work: Path, warm: Path | None, **features) -> dict:
     project = project_for(root, work, warm, **features)
     result = run_measured(project, "features")
     stage = re.search(r"featurised (\d+) image\(s\) in ([\d.]+) s", result["stderr"])
@@ -82,9 +88,7 @@ def warm_weights(work: Path) -> Path:
     (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": "photos"}}))
     run_measured(project, "features")
     run_measured(project, "features", "--set", "features.runtime=keras")
-    # the int8 backbone, calibrated on the first 200 train photos of the 1,000 (once, like a user's)
-    (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(SOURCE)}}))
-    run_measured(project, "features", "--set", "features.precision=int8")
+    run_measured(project, "features", "--set", "features.precision=int8")  # calibrated on generic photos
     return project / "cache" / "weights"
 
 
@@ -144,34 +148,45 @@ def main() -> None:
         work = Path(tmp)
         warm = warm_weights(work)
         results["ceiling"] = ceiling(next(p for p in warm.glob("*-pooled-224.tflite")))
-        results["ceiling_int8"] = ceiling(next(p for p in warm.glob("*-pooled-224-int8.tflite")))
+        results["ceiling_int8"] = ceiling(next(p for p in warm.glob("*-pooled-224-int8-*.tflite")))
         sets = {"ordinary JPEGs (~500x375), 1,000": (SOURCE, False),
                 f"phone-sized JPEGs (4032x3024, made here), {args.phone_images}":
                     (make_phone_images(args.phone_images), True)}
         for name, (root, phone) in sets.items():
-            methods = {"naive": lambda r: measure_naive(r, warm_copy(work, warm)),
-                       "pipeline (keras)": lambda r: measure_pipeline(r, work, warm, runtime="keras"),
-                       "pipeline (litert)": lambda r: measure_pipeline(r, work, warm),
-                       "pipeline (litert, int8)": lambda r: measure_pipeline(r, work, warm, precision="int8")}
+            methods = {"naive": lambda r, w: measure_naive(r, warm_copy(work, w)),
+                       "pipeline, the default (litert, decode: reduced)": lambda r, w: measure_pipeline(r, work, w),
+                       "pipeline, decode: full": lambda r, w: measure_pipeline(r, work, w, decode="full"),
+                       "pipeline, precision: int8": lambda r, w: measure_pipeline(r, work, w, precision="int8"),
+                       "pipeline, runtime: keras": lambda r, w: measure_pipeline(r, work, w, runtime="keras")}
             if phone:
-                methods["pipeline (litert, decode: draft)"] = lambda r: measure_pipeline(r, work, warm, decode="draft")
-            runs: dict = {how: [] for how in methods}
+                methods["pipeline, decode: draft"] = lambda r, w: measure_pipeline(r, work, w, decode="draft")
+            runs: dict = {how: {"new": [], "first": []} for how in methods}
             for repeat in range(args.repeats):
                 order = list(methods) if repeat % 2 == 0 else list(reversed(methods))
                 for how in order:
-                    runs[how].append(methods[how](root))
+                    runs[how]["new"].append(methods[how](root, warm))
+                    runs[how]["first"].append(methods[how](root, None))
+                print(name, "repeat", repeat, {how: round(r["new"][-1]["seconds"], 1) for how, r in runs.items()},
+                      flush=True)
             summary = {}
-            for how, values in runs.items():
+            for how, both in runs.items():
+                values, first = both["new"], both["first"]
                 seconds = statistics.median(v["seconds"] for v in values)
+                first_seconds = statistics.median(v["seconds"] for v in first)
                 summary[how] = {"images": values[0]["images"], "seconds_median": seconds,
                                 "images_per_second": values[0]["images"] / seconds,
+                                "first_seconds_median": first_seconds,
+                                "first_images_per_second": values[0]["images"] / first_seconds,
                                 "peak_mb_median": statistics.median(v["peak_mb"] for v in values),
-                                "runs_seconds": [v["seconds"] for v in values]}
+                                "runs_seconds": [v["seconds"] for v in values],
+                                "first_runs_seconds": [v["seconds"] for v in first]}
                 if "in_stage_images_per_second" in values[0]:
                     summary[how]["in_stage_images_per_second"] = statistics.median(
                         v["in_stage_images_per_second"] for v in values)
             for how in summary:
                 summary[how]["ratio_to_naive"] = summary[how]["images_per_second"] / summary["naive"]["images_per_second"]
+                summary[how]["first_ratio_to_naive"] = (summary[how]["first_images_per_second"] /
+                                                        summary["naive"]["first_images_per_second"])
             results["sets"][name] = summary
 
         # Incremental: 10 new photos on top of a cached 1,000.
@@ -200,15 +215,16 @@ def main() -> None:
           ", ".join(f"{k} {v:.0f}" for k, v in results["ceiling"].items()) + "; int8 " +
           ", ".join(f"{k} {v:.0f}" for k, v in results["ceiling_int8"].items()))
     print()
-    print("| image set | method | images/s, whole process (median) | ratio to naive | in stage img/s "
-          "| share of the ceiling | peak MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| image set | method | new dataset: img/s, whole process | ratio to naive | first on the machine: "
+          "img/s | ratio to naive | in stage img/s | share of the ceiling | peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, summary in results["sets"].items():
         for how, s in summary.items():
             stage = s.get("in_stage_images_per_second")
             best = max(results["ceiling_int8" if "int8" in how else "ceiling"].values())
             cells = (f"{stage:.1f} | {100 * stage / best:.0f}%" if stage else "- | -")
-            print(f"| {name} | {how} | {s['images_per_second']:.1f} | {s['ratio_to_naive']:.2f}x | {cells} | "
+            print(f"| {name} | {how} | {s['images_per_second']:.1f} | {s['ratio_to_naive']:.2f}x | "
+                  f"{s['first_images_per_second']:.1f} | {s['first_ratio_to_naive']:.2f}x | {cells} | "
                   f"{s['peak_mb_median']:.0f} |")
     inc = results["incremental"]
     print(f"\nincremental: full run over 1,000 photos {inc['full_seconds']:.1f} s; adding 10 "
@@ -219,10 +235,11 @@ def main() -> None:
           + f" (ratio {results['memory'][sizes[-1]]['peak_mb'] / results['memory'][sizes[0]]['peak_mb']:.3f})")
 
 
-def warm_copy(work: Path, warm: Path) -> Path:
-    """A cache folder holding the machine's converted weights, for the naive way."""
+def warm_copy(work: Path, warm: Path | None) -> Path:
+    """A cache folder holding the machine's converted weights (none: ``warm`` None), for the naive way."""
     cache = Path(tempfile.mkdtemp(dir=work))
-    shutil.copytree(warm, cache / "weights")
+    if warm is not None:
+        shutil.copytree(warm, cache / "weights")
     return cache
 
 

@@ -36,4 +36,6 @@ def test_a_litert_backbone_that_disagrees_is_refused(project, monkeypatch):
     real = litert_runtime.LiteRTBackbone.predict
     monkeypatch.setattr(litert_runtime.LiteRTBackbone, "predict", lambda self, x: real(self, x) + 0.5)
     with pytest.raises(RuntimeError, match=r"differs from Keras by 0.5 .*set features.runtime: keras"):
-        features.run(make_params(project, features={"runtime": "litert"}), project)
+        # the project's own weights folder: converted here, so checked here
+        features.run(make_params(project, features={"runtime": "litert"}, paths={"weights_dir": "cache/weights"}),
+                     project)

@@ -120,3 +120,28 @@ def test_views_need_the_pooled_layer():
         params.load(None, ["features.views=[original, hflip]", "features.layer=block1"])
     with pytest.raises(params.ParamsError, match="starts with original"):
         params.load(None, ["features.views=[hflip]"])
+
+
+def test_int8_is_calibrated_on_generic_photos_and_converted_once_per_machine(tmp_path, monkeypatch):
+    """The int8 backbone depends on no project's photos: a second project with other photos finds it in
+    the machine's cache and converts nothing; its cache key names the calibration set."""
+    from conftest import make_dataset
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "machine"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    make_dataset(first / "photos", per_class=6, seed=1)
+    make_dataset(second / "photos", per_class=6, seed=2)
+    params = {p: make_params(p, features={"precision": "int8"}) for p in (first, second)}
+    features.run(params[first], first)
+    converted = list((tmp_path / "machine" / "photohead" / "weights").glob("tiny-*-int8-scikit-image-v1.tflite"))
+    assert len(converted) == 1 and not (first / "cache" / "weights").exists()
+    mtime = converted[0].stat().st_mtime_ns
+
+    def no_conversion(self):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(litert.LiteRTEngine, "_convert", no_conversion)
+    result = features.run(params[second], second)
+    assert converted[0].stat().st_mtime_ns == mtime
+    assert feature_store.read_table(result.path).attrs["key_params"]["int8_calibration"] == "scikit-image-v1"
+    assert "int8_calibration" not in layout.key_params(make_params(first).features)  # float32: not in its key

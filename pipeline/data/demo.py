@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image
+
+from pipeline.data import generic
 
 # class name -> scikit-image loader name
 SOURCES = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket"}
@@ -26,7 +28,7 @@ def build(out: str | Path = "data/demo", per_class: int = 40, seed: int = 0) -> 
         folder.mkdir(parents=True, exist_ok=True)
         for n in range(per_class):
             target = folder / f"{label}_{n:03d}.jpg"
-            variant = _variant(photo, rng)
+            variant = generic.variant(photo, rng)
             if not target.exists():
                 variant.save(target, quality=90)
     (out / "README.txt").write_text(
@@ -34,16 +36,3 @@ def build(out: str | Path = "data/demo", per_class: int = 40, seed: int = 0) -> 
         "(chelsea, coffee, rocket). For trying the pipeline only; its accuracy means nothing.\n"
     )
     return out
-
-
-def _variant(photo: Image.Image, rng) -> Image.Image:
-    width, height = photo.size
-    scale = rng.uniform(0.45, 0.95)
-    w, h = int(width * scale), int(height * scale)
-    left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-    image = photo.crop((left, top, left + w, top + h))
-    if rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.3))
-    image = ImageEnhance.Color(image).enhance(rng.uniform(0.6, 1.4))
-    return image.resize((int(w * 0.8), int(h * 0.8)))
