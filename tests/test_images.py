@@ -216,3 +216,26 @@ def test_every_exif_orientation_decodes_as_pillow_shows_it(orientation):
     base.save(buffer, "JPEG", exif=exif, quality=95)
     expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))).convert("RGB"))
     np.testing.assert_array_equal(decode_rgb(io.BytesIO(buffer.getvalue())), expected)
+
+
+@pytest.mark.parametrize("size", [(447, 600), (448, 600), (895, 1200), (896, 896), (1800, 3000), (300, 4000)])
+def test_reduced_decode_shrinks_exactly_the_jpegs_pillow_shrinks_and_leaves_the_rest_whole(tmp_path, size):
+    """decode: reduced asks for twice a 224 input (448): a JPEG is decoded at 1/2, 1/4 or 1/8 exactly when
+    ``reduces`` says so (predict relies on it to know which cached rows saw the whole photo), and at least
+    448 pixels survive on each side; any other photo is decoded whole, pixel for pixel."""
+    from pipeline.data.decode import reduces
+
+    height, width = size
+    path = tmp_path / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path, quality=90)
+    whole, reduced = decode_rgb(path), decode_rgb(path, 448)
+    with Image.open(path) as image:
+        shrinks = reduces(image, 448)
+    assert whole.shape == (height, width, 3)
+    if shrinks:
+        assert min(reduced.shape[:2]) >= 448 and reduced.shape[0] in (height // 2, height // 4, height // 8,
+                                                                      -(-height // 2), -(-height // 4), -(-height // 8))
+    else:
+        np.testing.assert_array_equal(reduced, whole)
+    assert shrinks == (min(height, width) >= 896)

@@ -80,11 +80,12 @@ def decode_rgb(path, draft_size: int = 0) -> np.ndarray:
     try:
         with Image.open(path) as image:
             check_header(image)
-            if image.format in ("JPEG", "MPO") and image.mode == "RGB" and not draft_size:
+            shrink = reduces(image, draft_size)
+            if image.format in ("JPEG", "MPO") and image.mode == "RGB" and not shrink:
                 pixels = _opencv_jpeg(path)
                 if pixels is not None:
                     return pixels
-            if image.format in ("JPEG", "MPO") and draft_size:
+            if shrink:
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
             image = ImageOps.exif_transpose(image)
