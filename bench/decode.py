@@ -244,7 +244,8 @@ def main() -> None:
     if not args.skip_decoders:
         results["decoders"] = decoders()
     if args.only_decoders:
-        (ROOT / "bench" / "results" / "decoders.json").write_text(json.dumps(results, indent=2))
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)

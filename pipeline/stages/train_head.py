@@ -19,7 +19,6 @@ from pipeline.store import layout
 from pipeline.store.table import CacheError
 from pipeline.training.classifiers import HeadClassifier
 from pipeline.training.contract import FitJob, Rung
-from pipeline.training.heads import Head, HeadError
 from pipeline.training.inputs import CachedInputs
 
 # Bump when a head trained with the same params and features would come out different.
@@ -36,12 +35,14 @@ def open_inputs(params: Params, base: Path) -> CachedInputs:
     return inputs
 
 
-def face(head: Head, classes: list[str], history: dict):
+def face(head, classes: list[str], history: dict):
     """The classifier face of a fitted head (a Keras head has its own)."""
     return head.face(classes, history) if hasattr(head, "face") else HeadClassifier(head, classes, history)
 
 
 def fit(inputs: CachedInputs, job: FitJob):
+    from pipeline.training.heads import Head  # scikit-learn: imported by the stages that fit a head, not by all
+
     p, train = job.params.train_head, job.train
     head = Head.from_params(p)
     if hasattr(head, "fit_inputs"):  # streams from the cache
@@ -62,6 +63,8 @@ def out_of_fold(inputs: CachedInputs, job: FitJob, classifier) -> tuple[np.ndarr
     settings the fitted head chose for itself (logreg's C) are kept, not chosen again in every fold."""
     from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold
+
+    from pipeline.training.heads import Head, HeadError
 
     train = job.train
     x, y = inputs.read(train.positions), train.labels
