@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -74,6 +75,25 @@ def test_logreg_train_head_never_imports_tensorflow(featurised):
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_cli_imports_scikit_learn_only_in_the_stages_that_fit_a_head(featurised):
+    """About a second of every process: ``python -m pipeline features`` (a cache hit here) and ``--help``
+    start without scikit-learn; ``train-head`` imports it."""
+    code = ("import runpy, sys\n"
+            "sys.argv = ['pipeline', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('pipeline', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('SKLEARN', 'sklearn' in sys.modules)\n")
+    (featurised / "params.yaml").write_text("features: {backbone: tiny}\ndata: {root: photos, train_fraction: 0.6, "
+                                          "val_fraction: 0.2, test_fraction: 0.2}\n")
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
+    seen = {}
+    for command in ("--help", "features", "train-head"):
+        out = subprocess.run([sys.executable, "-c", code, command], cwd=featurised, capture_output=True, text=True,
+                             env=env)
+        seen[command] = out.stdout.strip().splitlines()[-1]
+    assert seen == {"--help": "SKLEARN False", "features": "SKLEARN False", "train-head": "SKLEARN True"}, seen
 
 
 def test_softmax_head_learns_and_streams_the_cache(featurised, monkeypatch):
