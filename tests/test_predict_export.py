@@ -233,6 +233,19 @@ def test_a_failed_parity_check_leaves_the_previous_export_as_it_was(trained_proj
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("decode, shape", [("reduced", (120, 160, 3)), ("draft", (60, 80, 3)), ("full", (480, 640, 3))])
+def test_the_features_stage_decodes_at_the_scale_its_decode_names(large_jpeg_project, monkeypatch, decode, shape):
+    """640 x 480 JPEGs, a 32-pixel input: reduced keeps twice the input (1/4: 160 x 120), draft the input
+    (1/8: 80 x 60), full the whole photo."""
+    from pipeline import runtime
+
+    seen = []
+    real = runtime.decode_rgb
+    monkeypatch.setattr(runtime, "decode_rgb", lambda path, draft=0: seen.append(real(path, draft).shape) or real(path, draft))
+    features.run(make_params(large_jpeg_project, features={"decode": decode}), large_jpeg_project)
+    assert seen[:30] == [shape] * 30  # the photos themselves (then the near-duplicate calibration's copies)
+
+
 def test_predict_decodes_whole_photos_as_an_app_does_with_the_default_decode(large_jpeg_project):
     """decode: reduced (the default) shrinks large JPEGs for the cache only: predict decodes them whole,
     not reusing their cached rows, and answers what the exported model answers an app; a photo the
