@@ -70,9 +70,9 @@ def draft_size(f: FeaturesParams) -> int:
 
 def open_backbone(f: FeaturesParams, weights_dir: Path, layer: str | None = None):
     """What runs the frozen part up to ``layer`` (default ``f.layer``): ``.predict((B, S, S, 3) float32)
-    -> (B, *feature_shape)``, ``.input_size``, ``.weights_sha256``, ``.feature_shape``.
-    ``calibration``: for ``precision: int8``, a function giving the photos to calibrate on (the
-    features stage's; the converted model is kept, so it is called once)."""
+    -> (B, *feature_shape)``, ``.input_size``, ``.weights_sha256``, ``.feature_shape``. Converted backbones
+    are read from and kept in ``weights_dir`` (``store.layout.weights_dir``); an int8 one is calibrated on
+    ``calibration_images`` once, when it is first converted."""
     layer = layer or f.layer
     if layer == IMAGE:
         return ImageRunner(input_size(f))
