@@ -44,8 +44,8 @@ advise: setup ## which rung suits this dataset (head, train-top, fine-tuning), w
 compare: setup ## the rungs trained for these params side by side on the test split
 	$(RUN) compare $(ARGS)
 
-inspect: features ## likely label errors, near-duplicates (and leaks between splits), outliers; reads the cache only
-	$(RUN) inspect $(ARGS)
+inspect: features ## label errors, near-duplicates, outliers from the cache; TEMPLATE=1: rows to fill in data.corrections
+	$(RUN) inspect $(ARGS) $(if $(TEMPLATE),--corrections-template)
 
 predict: setup ## labels for new photos: make predict IMAGES="photo.jpg folder/" [FORMAT=csv|json]
 	@test -n "$(IMAGES)" || { echo 'usage: make predict IMAGES="photo.jpg folder/"'; exit 2; }

@@ -24,6 +24,7 @@ COMMANDS = {  # commands that are not stages: name -> help
     "inspect": "likely label errors, near-duplicates (and leakage), outliers, from the feature cache",
     "predict": "top-k labels for photos (files or folders) with the model train.strategy chooses",
     "export": "write the chosen model as .keras, SavedModel and TFLite, after checking it answers like the pipeline",
+    "serve": "a local app: try photos, review inspect's findings, label photos, retrain (serve.host:serve.port)",
     "clean-cache": "delete every cached artifact (the stages' cache folders, converted weights, file index)",
 }
 
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         command = sub.add_parser(name, help=help_text)
         _with_params(command)
+        if name == "inspect":
+            command.add_argument("--corrections-template", action="store_true",
+                                 help="add an undecided row per finding to data.corrections, to fill in by hand")
         if name == "predict":
             command.add_argument("paths", nargs="+", metavar="PATH")
             command.add_argument("--top-k", type=int, default=None, help="labels per photo (default: predict.top_k)")
@@ -124,7 +128,20 @@ def _dispatch(args) -> int:
     if args.command == "inspect":
         from pipeline.use import inspect
 
-        print(inspect.run(params, base).text)
+        result = inspect.run(params, base)
+        print(result.text)
+        if args.corrections_template:
+            path, added = inspect.corrections_template(params, base, result)
+            print(f"added {added} undecided row(s) to {path}: fill in action (relabel, exclude or keep) and, to "
+                  "relabel, the label; the next run applies them")
+        return 0
+    if args.command == "serve":
+        from pipeline.app import server
+        from pipeline.stages import ladder
+
+        for stage in graph.chain(ladder.chosen(params, base)[0].stage, params, base):  # trained when missing
+            stage.entry(params, base)
+        server.serve(params, base)
         return 0
     if args.command == "clean-cache":
         cache = base / params.paths.cache_dir

@@ -28,6 +28,7 @@ from pipeline.store import layout
 from pipeline.training.contract import Rung
 
 CACHE, REPORTS, ROOT = "${paths.cache_dir}", "${paths.reports_dir}", "${data.root}"
+CORRECTIONS = "${data.corrections}"  # the user's decisions change labels and splits: a dep where the photos are
 PACKAGE = Path(__file__).resolve().parent
 
 
@@ -66,13 +67,13 @@ RUNG_READS = {"head": ("train_head", "reject"), "top": ("train_top", "features",
 
 STAGES: tuple[Stage, ...] = (
     Stage("features", features.run, "cache the frozen backbone's activations of every photo (incremental)",
-          ("data", "features"), (), (f"{CACHE}/{layout.FOLDER}", f"{REPORTS}/skipped.csv"), (ROOT,),
+          ("data", "features"), (), (f"{CACHE}/{layout.FOLDER}", f"{REPORTS}/skipped.csv"), (ROOT, CORRECTIONS),
           cache_folders=(layout.FOLDER,)),
     Stage("top-features", features.run_top,
           "cache the activations at train_top.cut_point, train-top's input (incremental)",
           ("data", *(f"features.{k}" for k in key_field_names(FeaturesParams) if k not in ("layer", "dtype")),
            "train_top.cut_point", "train.strategy"), (), (f"{CACHE}/{layout.TOP_FOLDER}",),
-          (ROOT,), gate=_top_features_needed, cache_folders=(layout.TOP_FOLDER,)),
+          (ROOT, CORRECTIONS), gate=_top_features_needed, cache_folders=(layout.TOP_FOLDER,)),
     *(_rung_stage(rung, RUNG_READS[name], (ROOT,) if name == "finetune" else ())  # finetune reads the photos
       for name, rung in ladder.RUNGS.items()),
     Stage("evaluate", evaluate.run, "metrics of the model train.strategy chooses, on the test split",

@@ -58,6 +58,11 @@ class DataParams:
     test_fraction: float = Field(0.15, ge=0.0, le=1.0)
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)  # fail when more images than this are unreadable
     group_near_duplicates: bool = False  # put each group of near-duplicate photos into one split (no leakage)
+    # the user's decisions (CSV path,action,label; paths relative to the params file's folder): relabel,
+    # exclude or keep a photo without moving it; 'make serve' and 'make inspect' write it
+    corrections: str | None = "corrections.csv"
+    # a folder of photos without labels: featurised like the rest, offered by 'make serve' to label
+    unlabelled: str | None = None
 
     def __post_init__(self):
         total = self.train_fraction + self.val_fraction + self.test_fraction
@@ -223,6 +228,17 @@ class ExportParams:
 
 
 @dataclass(frozen=True, config=_CONFIG)
+class ServeParams:
+    host: str = "127.0.0.1"  # the address the app listens on; anything but loopback is reachable from the network
+    port: int = Field(8000, ge=0, le=65535)  # 0: any free port (printed at start)
+    max_upload_mb: float = Field(20.0, gt=0)  # larger request bodies get 413
+    neighbours: int = Field(3, ge=0, le=20)  # nearest training photos shown beside each answer
+    # Host headers accepted besides host:port, localhost and 127.0.0.1 (a name the app is reached by); any
+    # other Host is refused, which stops DNS rebinding
+    allowed_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class Params:
     paths: PathsParams = PathsParams()
     data: DataParams = DataParams()
@@ -236,6 +252,7 @@ class Params:
     inspect: InspectParams = InspectParams()
     predict: PredictParams = PredictParams()
     export: ExportParams = ExportParams()
+    serve: ServeParams = ServeParams()
 
 
 SECTIONS: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(Params)}

@@ -6,7 +6,8 @@ set; params.yaml points at it with the tiny backbone. Then, with the ``dvc`` com
 - a second ``dvc repro`` runs nothing;
 - ``dvc exp run --set-param train_head.C=0.1`` runs train-head and evaluate only, and the metrics it
   reports are those of C=0.1 (the same as the pipeline's own evaluation with that C);
-- with ``train.strategy: top`` it runs top-features, train-top and evaluate.
+- with ``train.strategy: top`` it runs top-features, train-top and evaluate;
+- a relabel in corrections.csv reruns the stages that read labels, and no photo goes through the backbone.
 """
 import json
 import os
@@ -114,3 +115,11 @@ def test_dvc_reruns_exactly_what_changed(tmp_path):
     metrics_text = run(project, str(DVC), "metrics", "show", "--json").stdout
     values = json.loads(metrics_text)
     assert values  # dvc reads reports/metrics.json: numbers only
+
+    # a decision in corrections.csv, as the app writes it: the stages that read labels rerun, no backbone
+    (project / "corrections.csv").write_text("path,action,label,note\ndata/photos/misty/misty_00.png,relabel,tigger,\n")
+    fourth = run(project, str(DVC), "repro")
+    log = fourth.stdout + fourth.stderr
+    assert [s for s in ran(log) if s in ("features", "top-features", "train-top", "evaluate")] == [
+        "features", "top-features", "train-top", "evaluate"]
+    assert "featurised" not in log and "recomputing (data.corrections: none -> 1 rows" in log

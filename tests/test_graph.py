@@ -109,6 +109,7 @@ def test_no_import_cycles_in_the_package():
 # The package's layers, top to bottom: a module imports only from its own layer or those below it.
 LAYERS = (
     ("pipeline.cli", "pipeline.__main__"),
+    ("pipeline.app",),  # the local app (serve): pages and API over a trained model
     ("pipeline.graph",),
     ("pipeline.use",),  # commands that use a trained model: predict, export, compare, inspect
     ("pipeline.stages",),  # the stages and the rung registry

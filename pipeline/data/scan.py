@@ -6,22 +6,30 @@ Layouts: ``root/<class>/...`` (split by content hash), ``root/{train,val,test}/<
 The hash split: the first 64 bits of an image's sha256, as a fraction of 2**64, fall into
 [0, train) -> train, [train, train+val) -> val, the rest -> test. The same bytes always land in
 the same split, exact duplicates cannot straddle splits, and adding images never moves old ones.
+
+``data.corrections`` (``data.corrections``) is applied here: a relabelled photo takes its new label,
+an excluded one is skipped. Photos under ``data.unlabelled`` come back apart (split ``unlabelled``,
+no label) unless a correction labels them: they then join the train split.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.data import corrections as corrections_mod
+from pipeline.data.corrections import UNLABELLED
 from pipeline.data.decode import IMAGE_SUFFIXES, sniff
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import atomic_write_text
 from pipeline.params import DataParams
 
 SPLITS = ("train", "val", "test")
+EXCLUDED = "excluded in"  # the start of the skip reason of a photo the corrections exclude
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "test": "test", "testing": "test"}
 _IGNORED_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}
@@ -55,6 +63,8 @@ class Dataset:
     skipped: list[Skipped] = field(default_factory=list)
     split_mode: str = "hash"
     files_read: int = 0  # files read and hashed by this scan (the rest came from the stat index)
+    unlabelled: list[ImageRecord] = field(default_factory=list)  # data.unlabelled's photos without a label yet
+    corrections: dict = field(default_factory=dict)  # path -> corrections.Correction, as read
 
 
 def hash_split(sha256: str, params: DataParams) -> str:
@@ -127,7 +137,6 @@ def scan(params: DataParams, base_dir: str | Path = ".", index_path: Path | None
                 skipped.append(Skipped(relative, f"not listed in {params.split_csv}"))
                 continue
         by_sha.setdefault(sha, []).append((relative, label, forced, image_format))
-    index.save()
 
     records = []
     for sha, copies in by_sha.items():
@@ -148,13 +157,82 @@ def scan(params: DataParams, base_dir: str | Path = ".", index_path: Path | None
     records.sort(key=lambda r: r.path)
 
     classes = tuple(sorted(class_dirs))
+    decisions = corrections_mod.decided(corrections_mod.read(corrections_mod.file_of(params, base_dir)))
+    pool = _unlabelled(params, Path(base_dir), root, index, {r.sha256 for r in records}, skipped)
+    index.save()
+    records, pool = _corrected(records, pool, decisions, classes, root, Path(base_dir), params, skipped)
     present = {r.label for r in records}
     empty = [name for name in classes if name not in present]
     if empty:
         folders = ", ".join(str(d) for name in empty for d in class_dirs[name])
         raise DatasetError(f"class folder {folders} has no usable images; add some or remove the folder")
     mode = "folders" if explicit else ("csv" if csv_splits is not None else "hash")
-    return Dataset(root, classes, records, sorted(skipped, key=lambda s: s.path), mode, index.reads)
+    return Dataset(root, classes, records, sorted(skipped, key=lambda s: s.path), mode, index.reads, pool, decisions)
+
+
+def _unlabelled(params: DataParams, base: Path, root: Path, index: FileIndex, labelled: set[str],
+                skipped: list[Skipped]) -> list[ImageRecord]:
+    """The photos of data.unlabelled (paths relative to the data root), one per content, none that is
+    already labelled."""
+    if not params.unlabelled:
+        return []
+    folder = base / params.unlabelled
+    if not folder.is_dir():
+        raise DatasetError(f"data.unlabelled: no folder at {folder}; create it or set data.unlabelled: null")
+    by_sha: dict[str, list[tuple[str, str]]] = {}
+    for file in _walk_files(folder):
+        relative = Path(os.path.relpath(file, root)).as_posix()
+        try:
+            sha, image_format, size = index.identify(file, relative)
+        except OSError as error:
+            skipped.append(Skipped(relative, f"cannot read: {error.strerror or error}"))
+            continue
+        if image_format is None:
+            if file.suffix.lower() in IMAGE_SUFFIXES or not size:
+                skipped.append(Skipped(relative, "empty file" if not size else "not an image (unrecognised content)"))
+            continue
+        if sha not in labelled:
+            by_sha.setdefault(sha, []).append((relative, image_format))
+    pool = []
+    for sha, copies in by_sha.items():
+        copies.sort()
+        pool.append(ImageRecord(sha, copies[0][0], "", UNLABELLED, copies[0][1], tuple(c[0] for c in copies[1:])))
+    return sorted(pool, key=lambda r: r.path)
+
+
+def _corrected(records, pool, decisions: dict, classes, root: Path, base: Path, params: DataParams,
+               skipped: list[Skipped]):
+    """(labelled records, unlabelled records) with the decisions applied."""
+    if not decisions:
+        return records, pool
+    name = params.corrections
+
+    def decision(record: ImageRecord):
+        for path in (record.path, *record.duplicates):
+            found = decisions.get(corrections_mod.key_of(root / path, base))
+            if found is not None:
+                return found
+        return None
+
+    def checked(label: str) -> str:
+        if label not in classes:
+            raise corrections_mod.CorrectionsError(f"{name}: label {label!r} is not a class (the class folders: "
+                                                   f"{', '.join(classes)}); fix the row or add the folder")
+        return label
+
+    kept, still_unlabelled = [], []
+    for record in records + pool:
+        found = decision(record)
+        if found is None or found.action == "keep":
+            (still_unlabelled if record.split == UNLABELLED else kept).append(record)
+        elif found.action == "exclude":
+            skipped += [Skipped(path, f"{EXCLUDED} {name}") for path in (record.path, *record.duplicates)]
+        elif record.split == UNLABELLED:  # labelled by the user: it teaches the model, val and test stay the measure
+            kept.append(dataclasses.replace(record, label=checked(found.label), split="train"))
+        else:
+            kept.append(dataclasses.replace(record, label=checked(found.label)))
+    kept.sort(key=lambda r: r.path)
+    return kept, still_unlabelled
 
 
 class FileIndex:

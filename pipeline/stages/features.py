@@ -46,7 +46,7 @@ TOP_STAGE = "top-features"
 log = logging.getLogger("pipeline.features")
 
 # Skipped for a reason other than the file itself: not counted against data.max_bad_fraction.
-_NOT_BAD = ("label conflict", "split conflict", "not listed")
+_NOT_BAD = ("label conflict", "split conflict", "not listed", scan_mod.EXCLUDED)
 
 
 class BadDataError(PipelineError, RuntimeError):
@@ -116,6 +116,12 @@ def _run(params: Params, base: Path, f: FeaturesParams, folder: str, stage: str,
     return result
 
 
+def _records(data, stage: str) -> list:
+    """The photos a stage caches: the labelled ones, and for the features stage the unlabelled ones too
+    (split ``unlabelled``, outside every key downstream), so that labelling one runs no backbone."""
+    return data.records + data.unlabelled if stage == STAGE else data.records
+
+
 def _update(params: Params, base: Path, f: FeaturesParams, data, key: str, out: Path, stage: str) -> FeaturesResult:
     parts_dir = out.with_suffix(".parts")
     for stale in out.parent.glob(f".{out.name}.*.tmp"):
@@ -124,10 +130,11 @@ def _update(params: Params, base: Path, f: FeaturesParams, data, key: str, out: 
     parts = parts_mod.read(parts_dir, key)
     cached = set(old_rows) | parts.shas()
     known_bad = {**old_bad, **parts.bad}
-    todo = [r for r in data.records if r.sha256 not in cached and r.sha256 not in known_bad]
+    everything = _records(data, stage)
+    todo = [r for r in everything if r.sha256 not in cached and r.sha256 not in known_bad]
     # views asked for that cached rows lack (features.views grew): only those views are computed
     old_views = set(table.stored_views(old_attrs)) if old_rows else set()
-    missing_views = {view: [r for r in data.records if r.sha256 in cached and not parts.has(r.sha256, table.view_dataset(view))
+    missing_views = {view: [r for r in everything if r.sha256 in cached and not parts.has(r.sha256, table.view_dataset(view))
                             and (view not in old_views or r.sha256 not in old_rows)]
                      for view in f.views if view != "original"}
     jobs = [(todo, tuple(f.views))] + [(records, (view,)) for view, records in missing_views.items() if records]
@@ -153,8 +160,8 @@ def _update(params: Params, base: Path, f: FeaturesParams, data, key: str, out: 
 def _commit(params, base, f, data, key, out, old_rows, old_bad, old_attrs, parts, known_bad, todo, meta,
             stage) -> FeaturesResult:
     """Merge the old rows and the parts into the cache file, unless nothing changed."""
-    wanted = {r.sha256: r for r in data.records}
-    rows = sorted((r.sha256, r.path, r.label, r.split) for r in data.records if r.sha256 not in known_bad)
+    wanted = {r.sha256: r for r in _records(data, stage)}
+    rows = sorted((r.sha256, r.path, r.label, r.split) for r in wanted.values() if r.sha256 not in known_bad)
     bad_here = sorted((sha, reason) for sha, reason in known_bad.items() if sha in wanted)
     skipped = list(data.skipped)
     for sha, reason in bad_here:
@@ -162,7 +169,7 @@ def _commit(params, base, f, data, key, out, old_rows, old_bad, old_attrs, parts
             skipped.append(scan_mod.Skipped(path, reason))
             log.warning("%s: skipped %s: %s", stage, path, reason)
     skipped.sort(key=lambda s: s.path)
-    if not rows:
+    if not any(r[3] != scan_mod.UNLABELLED for r in rows):
         raise scan_mod.DatasetError(f"no usable images under {data.root}; see {params.paths.reports_dir}/skipped.csv")
     sources = _Sources(out, old_rows, parts, meta["feature_shape"])
     try:
@@ -262,9 +269,11 @@ def _grouped(rows, sources, calibration: dict, stage: str):
     found = near_duplicates.pairs(vectors, threshold)
     group = near_duplicates.groups(len(rows), found)
     split_of_group = {}
-    for g, row in zip(group, rows):  # rows are sorted by sha: the first member of a group decides
-        split_of_group.setdefault(g, row[3])
-    grouped = [(sha, path, label, split_of_group[g]) for g, (sha, path, label, _) in zip(group, rows)]
+    for g, row in zip(group, rows):  # rows are sorted by sha: the first labelled member of a group decides
+        if row[3] != scan_mod.UNLABELLED:
+            split_of_group.setdefault(g, row[3])
+    grouped = [(sha, path, label, split if split == scan_mod.UNLABELLED else split_of_group[g])
+               for g, (sha, path, label, split) in zip(group, rows)]
     moved = sum(a[3] != b[3] for a, b in zip(rows, grouped))
     members = int(np.sum(np.bincount(group)[group] > 1))
     log.info("%s: %d photo(s) in near-duplicate groups, %d moved to their group's split "

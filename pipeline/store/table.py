@@ -6,7 +6,7 @@ Layout of ``cache/features/<key>.h5`` (documented in README):
     /sha256    (N,)  ascii, 64 chars     row key, sorted
     /path      (N,)  utf-8               first path of this content, relative to data.root
     /label     (N,)  utf-8               class folder name
-    /split     (N,)  utf-8               train | val | test
+    /split     (N,)  utf-8               train | val | test | unlabelled (no label yet)
     /bad_sha256, /bad_reason             images that could not be decoded, so they are not retried
     attrs: key, stage, stage_version, params (JSON), backbone, weights, weights_sha256, layer,
            input_size, resize, decode, preprocessing, dtype, feature_shape, n_rows,
@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.data.corrections import UNLABELLED  # photos cached for labelling: in no split downstream
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import canonical_json
 
@@ -60,8 +61,9 @@ class FeatureTable:
 
 
 def content_hash(key: str, rows) -> str:
-    """What downstream stages depend on: the feature key and each row's (sha256, label, split)."""
-    return hashlib.sha256(canonical_json([key, sorted(rows)]).encode()).hexdigest()
+    """What downstream stages depend on: the feature key and each labelled row's (sha256, label, split).
+    Rows of split ``unlabelled`` are left out: adding photos to label retrains nothing."""
+    return hashlib.sha256(canonical_json([key, sorted(r for r in rows if r[2] != UNLABELLED)]).encode()).hexdigest()
 
 
 def open_checked(path: Path, key: str | None = None) -> h5py.File:

@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.data import corrections
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import RunRecord, replaced_folder, stage_key
 from pipeline.params import Params, as_dict, key_fields
@@ -108,12 +109,13 @@ class Rung:
     def folder(self, params: Params, base: Path) -> Path:
         return Path(base) / params.paths.cache_dir / self.section
 
-    def key(self, params: Params, inputs) -> tuple[str, dict]:
+    def key(self, params: Params, base: Path, inputs) -> tuple[str, dict]:
         own = key_fields(getattr(params, self.section))
-        # the split settings are not in the key (the inputs' content hash covers the splits they make),
-        # but they are named when they are why a model is trained again
+        # the split settings and the user's corrections are not in the key (the inputs' content hash covers
+        # the labels and splits they make), but they are named when they are why a model is trained again
         splits = {k: getattr(params.data, k) for k in ("train_fraction", "val_fraction", "test_fraction", "split_csv",
                                                          "group_near_duplicates")}
+        splits["corrections"] = corrections.summary(corrections.read(corrections.file_of(params.data, base)))
         ingredients = {self.section: own, "data": splits,
                        "inputs": {inputs.layer: inputs.attrs["content_hash"], "views": list(inputs.views)}}
         return stage_key(self.section, self.version, own, {"inputs": inputs.identity}), ingredients
@@ -128,7 +130,7 @@ class Rung:
             inputs = self.open_inputs(params, base)
         except CacheError:
             return None
-        key, _ = self.key(params, inputs)
+        key, _ = self.key(params, base, inputs)
         folder = self.model_dir(params, base, key)
         if not (folder / "model.json").is_file():
             return None
@@ -149,7 +151,7 @@ class Rung:
         """Train this rung unless a model with its key exists; returns the model either way."""
         base = Path(base)
         inputs = self.open_inputs(params, base)
-        key, ingredients = self.key(params, inputs)
+        key, ingredients = self.key(params, base, inputs)
         out = self.model_dir(params, base, key)
         record = RunRecord(self.folder(params, base) / "last.json")
         check_class_names(inputs.classes, params.reject.label)

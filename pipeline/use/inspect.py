@@ -17,6 +17,7 @@ findings on the report page. Memory: the features of every photo (4 x D bytes ea
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -83,7 +84,7 @@ def run(params: Params, base: str | Path = ".") -> InspectResult:
     path = layout.cache_file(params, base)
     if not path.is_file():
         raise CacheError(f"no cached features at {path}; run 'make features' first")
-    rows = table.read_table(path)
+    rows = _labelled(table.read_table(path))
     classes = list(rows.attrs["classes"])
     present = sorted(set(rows.labels.tolist()))
     if len(present) < 2:
@@ -150,6 +151,15 @@ def run(params: Params, base: str | Path = ".") -> InspectResult:
     return InspectResult(summary, label_issues, pairs, outliers, text)
 
 
+def _labelled(rows: table.FeatureTable) -> table.FeatureTable:
+    """The rows with a label (photos of data.unlabelled have none to check)."""
+    keep = rows.splits != table.UNLABELLED
+    if keep.all():
+        return rows
+    return dataclasses.replace(rows, sha256=rows.sha256[keep], paths=rows.paths[keep], labels=rows.labels[keep],
+                               splits=rows.splits[keep], features=rows.features[keep])
+
+
 def _threshold(p, path: Path) -> tuple[float, dict | None]:
     if p.near_duplicate_threshold is not None:
         return p.near_duplicate_threshold, None
@@ -188,3 +198,27 @@ def _summary_text(summary: dict, issues, pairs, outliers, reports: Path) -> str:
     lines += [f"  {q['path']} ({q['label']}, score {q['score']:.3f})" for q in outliers[:5]]
     lines.append(f"written: {', '.join(str(reports / n) for n in ('label_issues.csv', 'near_duplicates.csv', 'outliers.csv'))}")
     return "\n".join(lines)
+
+
+def corrections_template(params: Params, base: str | Path, result: InspectResult) -> tuple[Path, int]:
+    """Add one undecided row per finding to ``data.corrections`` (photos it names already are left as
+    they are), for the user to fill in by hand; returns the file and the rows added."""
+    from pipeline.data import corrections
+
+    base = Path(base)
+    path = corrections.file_of(params.data, base)
+    if path is None:
+        raise InspectError("data.corrections is null; set it to a file (e.g. corrections.csv) to write the template")
+    root = base / params.data.root
+    rows = [corrections.Correction(corrections.key_of(root / q["path"], base), "", q["suggested"],
+                                   f"label issue: filed as {q['given']}, looks like {q['suggested']} "
+                                   f"(score {q['score']:.3f})") for q in result.label_issues]
+    rows += [corrections.Correction(corrections.key_of(root / q["path_b"], base), "", "",
+                                    f"near-duplicate of {q['path_a']} (similarity {q['similarity']:.3f}"
+                                    f"{', straddles splits' if q['leak'] else ''})") for q in result.near_duplicates]
+    rows += [corrections.Correction(corrections.key_of(root / q["path"], base), "", "",
+                                    f"outlier: unlike any class (filed as {q['label']}, nearest other class "
+                                    f"{q['nearest_other_class']})") for q in result.outliers]
+    before = len(corrections.read(path))
+    after = corrections.record(path, rows, undecided_only=True)
+    return path, len(after) - before

@@ -41,6 +41,7 @@ class Prediction:
     threshold: float | None = None  # the photo is answered reject.label when score > threshold
     cached: bool = False
     error: str | None = None
+    row: np.ndarray | None = field(default=None, repr=False)  # the model's input row, when asked to keep it
 
 
 def expand(inputs) -> list[Path]:
@@ -66,7 +67,8 @@ def run(params: Params, base: str | Path, inputs, top_k: int | None = None) -> l
         return _predict(params, base, trained, inputs, top_k)
 
 
-def _predict(params: Params, base: Path, trained, inputs, top_k: int | None) -> list[Prediction]:
+def _predict(params: Params, base: Path, trained, inputs, top_k: int | None,
+             keep_rows: bool = False) -> list[Prediction]:
     top_k = min(top_k or params.predict.top_k, len(trained.classes))
     files = expand(inputs)
     if not files:
@@ -100,6 +102,8 @@ def _predict(params: Params, base: Path, trained, inputs, top_k: int | None) -> 
             proba, scores = trained.classifier.answer(np.stack([rows[i] for i in order]).astype(np.float32))
             for i, row, score in zip(order, proba, scores):
                 _fill(predictions[i], row, trained.classes, top_k, float(score), trained.guard)
+                if keep_rows:
+                    predictions[i].row = rows[i]
     n_cached = sum(p.cached for p in predictions)
     n_done = sum(bool(p.labels) for p in predictions)
     log.info("predict: %d photo(s), %d from the cache, %d through the %s, %d unreadable", len(files), n_cached,
