@@ -36,7 +36,8 @@ def _with_params(command: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    prog = "photohead" if Path(sys.argv[0]).name == "photohead" else "python -m pipeline"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for stage in (*graph.STAGES, graph.TRAIN):
         command = sub.add_parser(stage.name, help=stage.summary)
@@ -61,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("makefile", help="write stages.mk, the Make targets of the stages, from their declarations")
     demo = sub.add_parser("demo-data", help="build the small demo dataset from scikit-image's photographs")
     demo.add_argument("--out", default="data/demo")
+    init = sub.add_parser("init", help="write a params.yaml with every setting documented, for photos under --root")
+    init.add_argument("--root", default="data/demo", help="the folder of class folders (default: data/demo)")
+    init.add_argument("--params", default="params.yaml", help="where to write it (default: params.yaml)")
     return parser
 
 
@@ -97,6 +101,14 @@ def _dispatch(args) -> int:
         from pipeline.data import demo
 
         print(f"demo dataset in {demo.build(args.out)}")
+        return 0
+    if args.command == "init":
+        target = Path(args.params)
+        if target.exists():
+            raise params_mod.ParamsError(f"{target} exists; edit it, or pass --params to write another file")
+        text = (Path(__file__).resolve().parent / "params.yaml").read_text(encoding="utf-8")
+        target.write_text(text.replace("  root: data/demo ", f"  root: {args.root} ", 1), encoding="utf-8")
+        print(f"wrote {target} (data.root: {args.root}); next: 'features', 'train-head', 'evaluate' or 'serve'")
         return 0
     params = params_mod.load(args.params, args.overrides)
     base = Path(args.params).resolve().parent

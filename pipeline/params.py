@@ -334,7 +334,7 @@ def load(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[s
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise ParamsError(f"{path}: params file not found; pass --params FILE or create it")
+            raise ParamsError(f"{path}: params file not found; pass --params FILE, or write one with the init command")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:

@@ -24,6 +24,9 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+# the evaluation report is one self-contained file: inline style and script, plots as data URIs
+REPORT_HEADERS = {**PAGE_HEADERS, "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                  "style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'"}
 
 
 def is_loopback(host: str) -> bool:

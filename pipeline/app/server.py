@@ -94,7 +94,7 @@ def create_app(params: Params, base: Path, served: Served | None = None) -> Fast
         path = base / params.paths.reports_dir / "index.html"
         if not path.is_file():
             raise HTTPException(404, "no report yet: run 'make evaluate'")
-        return HTMLResponse(path.read_text(encoding="utf-8"), headers=safety.PAGE_HEADERS)
+        return HTMLResponse(path.read_text(encoding="utf-8"), headers=safety.REPORT_HEADERS)
 
     @app.get("/photos", include_in_schema=False)
     def photos(true: str | None = None, predicted: str | None = None, cls: str | None = None):
@@ -279,11 +279,13 @@ def serve(params: Params, base: Path) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((params.serve.host, params.serve.port))
+        sock.listen(128)  # connections wait from now on, while uvicorn starts
     except OSError as error:
         raise OSError(f"serve: cannot listen on {params.serve.host}:{params.serve.port} ({error.strerror}); "
                       "set serve.port to a free port (0: any)") from None
     host, port = sock.getsockname()[:2]
-    print(f"serving on http://{'localhost' if host == '127.0.0.1' else host}:{port}  (Ctrl+C stops)", flush=True)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving on http://{shown}:{port}  (Ctrl+C stops)", flush=True)
     if not safety.is_loopback(params.serve.host):
         log.warning("serve: listening on %s: reachable from the network, not only this machine", params.serve.host)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)

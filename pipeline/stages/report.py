@@ -309,6 +309,20 @@ Probabilities are calibrated by temperature scaling (T = {c['temperature']:.3g})
 """
 
 
+def _matrix_table(metrics: dict, classes: list[str]) -> str:
+    """The confusion matrix as a table (rows true, columns predicted), each cell naming its pair; up to
+    ``MATRIX_CLASSES`` classes (beyond, the plots show the most confused ones)."""
+    if len(classes) > MATRIX_CLASSES:
+        return ""
+    e = html.escape
+    head = "".join(f"<th>{e(c)}</th>" for c in classes)
+    rows = "".join(
+        f"<tr><th>{e(t)}</th>" + "".join(f"<td data-true='{e(t)}' data-predicted='{e(p)}'>{int(n)}</td>"
+                                         for p, n in zip(classes, row)) + "</tr>"
+        for t, row in zip(classes, metrics["confusion_matrix"]))
+    return f"<table class='matrix'><tr><th>true \\ predicted</th>{head}</tr>{rows}</table>"
+
+
 def write(reports: Path, data_root: Path, metrics: dict, misclassified: list[dict], head_history: dict,
           history: list[dict], provenance: dict, counts: dict, skipped: list[dict], quality: str = "",
           rejected: list[dict] | None = None) -> Path:
@@ -320,12 +334,13 @@ def write(reports: Path, data_root: Path, metrics: dict, misclassified: list[dic
     classes = metrics["classes"]
     worst_first = sorted(metrics["per_class"].items(), key=lambda item: (item[1]["f1"], item[0]))
     per_class = "".join(
-        f"<tr><td>{e(c)}</td><td data-metric='precision.{e(c)}'>{m['precision']:.4f}</td>"
+        f"<tr data-class='{e(c)}'><td>{e(c)}</td><td data-metric='precision.{e(c)}'>{m['precision']:.4f}</td>"
         f"<td data-metric='recall.{e(c)}'>{m['recall']:.4f}</td><td data-metric='f1.{e(c)}'>{m['f1']:.4f}</td>"
         f"<td data-metric='support.{e(c)}'>{m['support']}</td></tr>"
         for c, m in worst_first)
     confusions = "".join(
-        f"<tr><td>{e(q['true'])}</td><td>{e(q['predicted'])}</td><td>{q['photos']}</td><td>{q['share']:.1%}</td></tr>"
+        f"<tr data-true='{e(q['true'])}' data-predicted='{e(q['predicted'])}'><td>{e(q['true'])}</td>"
+        f"<td>{e(q['predicted'])}</td><td>{q['photos']}</td><td>{q['share']:.1%}</td></tr>"
         for q in confused_pairs(np.array(metrics["confusion_matrix"]), classes))
     gallery = [_figure(_thumbnail(data_root / item["path"]), item["path"],
                        f"<b>{e(item['true'])}</b> called <b>{e(item['predicted'])}</b> ({item['p_predicted']:.2f})"
@@ -371,6 +386,7 @@ pre {{ background: #f6f6f6; padding: .8rem; overflow-x: auto; }}
 <h2>Most confused pairs</h2>
 {f'<table><tr><th>true</th><th>predicted as</th><th>test photos</th><th>share of the true class</th></tr>{confusions}</table>' if confusions else '<p>No mistakes.</p>'}
 <h2>Confusion matrix</h2>
+{_matrix_table(metrics, classes)}
 <div class="plots"><img src="{_data_uri(plots['confusion_matrix.png'])}" alt="confusion matrix">
 <img src="{_data_uri(plots['confusion_matrix_normalized.png'])}" alt="normalised confusion matrix"></div>
 <h2>Misclassified test photos ({len(misclassified)}), most confident mistakes first</h2>
@@ -390,6 +406,22 @@ pre {{ background: #f6f6f6; padding: .8rem; overflow-x: auto; }}
 <h2>Provenance</h2>
 <pre>{e(json.dumps(provenance, indent=2))}</pre>
 <script>
+// Served by 'make serve', the matrix cells and the class rows link to the photos they count; opened as a
+// file, the page stays as it is.
+if (location.protocol.startsWith("http")) {{
+  fetch("/api/health").then(r => {{ if (r.ok) linkCells(); }}).catch(() => {{}});
+}}
+function linkCells() {{
+  document.querySelectorAll("[data-true]").forEach(node => {{
+    const url = "/photos?true=" + encodeURIComponent(node.dataset.true) + "&predicted=" + encodeURIComponent(node.dataset.predicted);
+    const cell = node.tagName === "TR" ? node.cells[2] : node;
+    const link = document.createElement("a"); link.href = url; link.append(...cell.childNodes); cell.append(link);
+  }});
+  document.querySelectorAll("tr[data-class]").forEach(row => {{
+    const link = document.createElement("a"); link.href = "/photos?cls=" + encodeURIComponent(row.dataset.class);
+    link.append(...row.cells[0].childNodes); row.cells[0].append(link);
+  }});
+}}
 window.addEventListener("load", () => {{
   const images = Array.from(document.images);
   const loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;

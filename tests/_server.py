@@ -1,0 +1,82 @@
+"""Start ``python -m pipeline serve`` as a user does, on a free loopback port, and talk to it over HTTP."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+from conftest import ROOT
+
+
+class Server:
+    def __init__(self, project: Path, params: str = "params.yaml", env: dict | None = None):
+        environment = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1",
+                       "TF_CPP_MIN_LOG_LEVEL": "3", "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"], **(env or {})}
+        self.project = project
+        self.process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--params", params, "--set",
+                                         "serve.port=0"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=environment)
+        self.stderr: list[str] = []
+        threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True).start()
+        deadline = time.monotonic() + 240
+        line = ""
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line and self.process.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.process.returncode}: {''.join(self.stderr)[-2000:]}")
+            found = re.search(r"serving on (http://127\.0\.0\.1:(\d+))", line)
+            if found:
+                self.url, self.port = found.group(1), int(found.group(2))
+                break
+        else:
+            self.stop()
+            raise RuntimeError("serve did not start in 240 s")
+        self.token = re.search(r'name="csrf" content="([^"]+)"', self.get("/review")[2]).group(1)
+
+    def request(self, path: str, data: bytes | None = None, headers: dict | None = None, method: str | None = None):
+        """(status, headers, body text) of one request; HTTP errors are returned, not raised."""
+        request = urllib.request.Request(self.url + path, data=data, headers=headers or {}, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, dict(response.headers), response.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers), error.read().decode("utf-8", "replace")
+
+    def get(self, path: str, **headers):
+        return self.request(path, headers=headers)
+
+    def json(self, path: str, payload=None, token: bool = True, **headers):
+        if payload is None:
+            status, _, body = self.get(path, **headers)
+        else:
+            headers = {"Content-Type": "application/json", **({"X-CSRF-Token": self.token} if token else {}), **headers}
+            status, _, body = self.request(path, json.dumps(payload).encode(), headers, "POST")
+        return status, json.loads(body)
+
+    def upload(self, path: str, files: list[tuple[str, bytes]]):
+        boundary = uuid.uuid4().hex
+        parts = []
+        for name, data in files:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                         f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        status, _, text = self.request(path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                                       "POST")
+        return status, json.loads(text)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,0 +1,267 @@
+"""The app (``python -m pipeline serve``), as a real server process on a loopback port, over real HTTP."""
+import csv
+import io
+import json
+import re
+import threading
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline import params as params_mod
+from pipeline.app import active
+from pipeline.data import corrections
+from pipeline.stages import ladder
+from pipeline.store import layout
+
+from _server import Server
+from conftest import CLASS_COLOURS, cli, make_dataset, make_image
+
+PLANTED = "photos/misty/really_tigger.png"  # a tigger-coloured photo filed under misty
+
+
+def write_project(folder):
+    make_dataset(folder / "photos", per_class=14)
+    make_image(folder / PLANTED, CLASS_COLOURS["tigger"], 90_001)
+    for i in range(10):
+        colour = list(CLASS_COLOURS.values())[i % 3]
+        make_image(folder / "to_label" / f"new_{i:02d}.png", colour, 91_000 + i)
+    (folder / "params.yaml").write_text(yaml.safe_dump({
+        "data": {"root": "photos", "unlabelled": "to_label", "train_fraction": 0.6, "val_fraction": 0.2,
+                 "test_fraction": 0.2},
+        "features": {"backbone": "tiny", "batch_size": 8},
+        "serve": {"max_upload_mb": 1},
+    }))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    project = write_project(tmp_path_factory.mktemp("served"))
+    assert cli(project, "all").returncode == 0  # the report exists, as after 'make demo'
+    server = Server(project)
+    yield server
+    server.stop()
+
+
+def photo_bytes(path):
+    return path.read_bytes()
+
+
+def predict_cli(project, files):
+    result = cli(project, "predict", *map(str, files), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def without_path(answers):
+    return [{k: v for k, v in a.items() if k not in ("path", "sha256", "neighbours")} for a in answers]
+
+
+def test_the_api_answers_as_predict_does(served, tmp_path):
+    project = served.project
+    fresh = make_image(tmp_path / "fresh.png", CLASS_COLOURS["neither"], 95_000)
+    odd = tmp_path / "odd.png"  # unlike any training photo: answered unknown
+    Image.fromarray(np.tile(np.linspace(0, 255, 48, dtype=np.uint8), (40, 1))).convert("RGB").save(odd)
+    files = [project / "photos" / "misty" / "misty_00.png", fresh, odd]
+    status, answers = served.upload("/api/predict", [(f.name, photo_bytes(f)) for f in files])
+    assert status == 200
+    assert [a["path"] for a in answers] == [f.name for f in files]
+    assert without_path(answers) == without_path(predict_cli(project, files))
+    assert answers[0]["cached"] and not answers[1]["cached"]
+    # raw bytes, and the neighbours the try page shows
+    status, _, text = served.request("/api/predict?neighbours=3", photo_bytes(fresh), {"Content-Type": "image/png"},
+                                     "POST")
+    raw = json.loads(text)
+    assert status == 200 and without_path(raw) == without_path(answers[1:2])
+    assert len(raw[0]["neighbours"]) == 3 and all(re.fullmatch(r"[0-9a-f]{64}", n["sha256"]) for n in raw[0]["neighbours"])
+    assert raw[0]["neighbours"][0]["label"] == "neither"  # a neither-coloured photo is nearest neither photos
+    status, _, body = served.request(f"/photo/{raw[0]['neighbours'][0]['sha256']}?size=96")
+    assert status == 200 and body  # the neighbour's thumbnail, by content hash
+
+
+def test_health_names_the_model_backbone_and_classes(served):
+    status, health = served.json("/api/health")
+    assert status == 200
+    assert health["backbone"] == "tiny" and health["classes"] == ["misty", "neither", "tigger"]
+    assert health["rung"] == "head" and re.fullmatch(r"[0-9a-f]{64}", health["model_key"])
+
+
+OUTSIDE = re.compile(r"(?:https?:)?//(?!localhost\b|127\.0\.0\.1\b)[a-z0-9.-]+\.[a-z]{2,}", re.I)
+
+
+def test_no_page_or_asset_names_an_outside_host(served):
+    from pipeline.app import server
+
+    checked = []
+    for path in ["/", "/review", "/label", "/report", "/photos?true=misty&predicted=misty", "/api/openapi.json",
+                 *[f"/static/{p.name}" for p in server.STATIC.iterdir() if not p.name.endswith(".html")]]:
+        status, headers, body = served.get(path)
+        assert status == 200, path
+        found = [m for m in OUTSIDE.findall(body) if "w3.org" not in m]  # SVG/XML namespaces name no host to fetch
+        assert not found, f"{path} names {found}"
+        checked.append(path)
+    assert len(checked) >= 9
+    assert OUTSIDE.search('<script src="https://cdn.example.com/x.js">')  # the check sees one
+    for online in ("/docs", "/redoc"):  # FastAPI's Swagger and ReDoc pages load their scripts from a CDN: off
+        assert served.get(online)[0] == 404
+
+
+def test_a_foreign_host_or_origin_is_refused(served):
+    assert served.get("/api/health", Host="evil.example:%d" % served.port)[0] == 400  # DNS rebinding
+    assert served.get("/api/health", Host="localhost:%d" % served.port)[0] == 200
+    sha = _sha_of(served.project, "misty/misty_03.png")
+    decision = {"sha256": sha, "action": "keep"}
+    assert served.json("/api/decide", decision, token=False)[0] == 403  # no token: not from the app's pages
+    status, body = served.json("/api/decide", decision, Origin="http://evil.example")
+    assert status == 403 and "evil.example" in body["error"]
+    assert served.json("/api/decide", decision, **{"Sec-Fetch-Site": "cross-site"})[0] == 403
+    assert served.json("/api/retrain", {}, token=False)[0] == 403
+    assert served.json("/api/decide", {"path": "photos/misty/misty_03.png", "action": "exclude"})[0] == 400
+    assert corrections.read(served.project / "corrections.csv").get("photos/misty/misty_03.png") is None
+    for bad in ("../../etc/passwd", "..%2F..%2Fparams.yaml", "0" * 64):
+        assert served.get(f"/photo/{bad}")[0] in (400, 404)
+
+
+def test_bad_uploads_get_one_line_and_the_server_keeps_serving(served, tmp_path):
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), np.uint8)).save(jpeg, "JPEG")
+    bomb = io.BytesIO()
+    Image.new("L", (12_000, 12_000)).save(bomb, "PNG", optimize=True)
+    cases = {"notes.txt": (b"not a photo at all\n", "not an image"),
+             "cut.jpg": (jpeg.getvalue()[:len(jpeg.getvalue()) // 3], "truncated"),
+             "bomb.png": (bomb.getvalue(), "decompression bomb")}
+    for name, (data, reason) in cases.items():
+        status, body = served.upload("/api/predict", [(name, data)])
+        assert status == 400 and list(body) == ["error"], name
+        assert body["error"].startswith(f"{name}: ") and reason in body["error"] and "\n" not in body["error"]
+    too_big = {"error": "request body over 1 MB (serve.max_upload_mb)"}
+    over = 1024 * 1024 + 10
+    # refused from the declared length, before the body is read
+    assert raw_post(served.port, {"Content-Length": str(over)}, [b"\xff" * 65536]) == (413, too_big)
+    # no declared length (chunked): refused once that many bytes have arrived
+    chunks = [b"%x\r\n" % 65536 + b"\xff" * 65536 + b"\r\n"] * 17 + [b"0\r\n\r\n"]
+    assert raw_post(served.port, {"Transfer-Encoding": "chunked"}, chunks) == (413, too_big)
+    assert served.get("/api/health")[0] == 200
+
+
+def raw_post(port, headers, chunks):
+    """(status, JSON body) of a POST to /api/predict sent by hand: the server may answer and close before
+    the whole body is sent, as it should for one too large."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"127.0.0.1:{port}", "Content-Type": "image/jpeg",
+                                                     **headers}.items())
+        sock.sendall(f"POST /api/predict HTTP/1.1\r\n{head}\r\n".encode())
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        received = b""
+        try:
+            while data := sock.recv(65536):
+                received += data
+                if b"\r\n\r\n" in received and received.split(b"\r\n\r\n", 1)[1].endswith(b"}"):
+                    break
+        except ConnectionResetError:
+            pass
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _sha_of(project, path):
+    params = params_mod.load(project / "params.yaml")
+    with h5py.File(layout.cache_file(params, project), "r") as f:
+        paths = f["path"].asstr()[...].tolist()
+        return f["sha256"].asstr()[...][paths.index(path)]
+
+
+def test_two_tabs_deciding_at_once_lose_no_decision(served):
+    names = [f"{c}/{c}_{i:02d}.png" for c in ("neither",) for i in range(4, 14)]
+    shas = [_sha_of(served.project, n) for n in names]
+    results = []
+
+    def tab(chunk):
+        for sha in chunk:
+            results.append(served.json("/api/decide", {"sha256": sha, "action": "keep"})[0])
+
+    tabs = [threading.Thread(target=tab, args=(shas[i::2],)) for i in range(2)]
+    for t in tabs:
+        t.start()
+    for t in tabs:
+        t.join()
+    assert results == [200] * len(names)
+    made = corrections.read(served.project / "corrections.csv")
+    assert all(made[f"photos/{n}"].action == "keep" for n in names)
+
+
+def test_a_relabel_from_the_review_page_is_used_by_the_next_train_head(served):
+    status, review = served.json("/api/review")
+    assert status == 200
+    planted = [f for f in review["label_issues"] if f["path"] == PLANTED.removeprefix("photos/")]
+    assert planted and planted[0]["suggested"] == "tigger"
+    assert all(n["label"] == "tigger" for n in planted[0]["neighbours_suggested"])
+    status, done = served.json("/api/decide", {"sha256": planted[0]["sha256"], "action": "relabel", "label": "tigger"})
+    assert status == 200 and done["path"] == PLANTED
+    with open(served.project / "corrections.csv", newline="") as f:
+        assert {"path": PLANTED, "action": "relabel", "label": "tigger", "note": ""} in list(csv.DictReader(f))
+    status, after = served.json("/api/review")
+    assert PLANTED.removeprefix("photos/") not in [f["path"] for f in after["label_issues"]]  # decided: gone
+    status, retrained = served.json("/api/retrain", {})
+    assert status == 200 and retrained["trained"]
+    result = cli(served.project, "train-head")  # the next train-head: the model the app trained, with the relabel
+    assert result.returncode == 0 and "train_head: cache hit" in result.stderr
+    params = params_mod.load(served.project / "params.yaml")
+    with h5py.File(layout.cache_file(params, served.project), "r") as f:
+        labels = dict(zip(f["path"].asstr()[...].tolist(), f["label"].asstr()[...].tolist()))
+    assert labels["misty/really_tigger.png"] == "tigger"
+    assert (served.project / PLANTED).is_file()  # the photo itself never moved
+
+
+def test_the_label_page_order_and_retrain(served):
+    status, queue = served.json("/api/label")
+    assert status == 200 and queue["remaining"] == 10 and len(queue["photos"]) == 10
+    params = params_mod.load(served.project / "params.yaml")
+    with h5py.File(layout.cache_file(params, served.project), "r") as f:
+        splits = f["split"].asstr()[...]
+        shas = f["sha256"].asstr()[...]
+        x = f["features"][...].reshape(len(shas), -1)
+    pool, train = np.flatnonzero(splits == "unlabelled"), np.flatnonzero(splits == "train")
+    # the order the tool's own function gives from the cache and the served model's probabilities
+    _, health = served.json("/api/health")
+    rung, _ = ladder.chosen(params, served.project)
+    with rung.load(params, served.project) as trained:
+        proba, _ = trained.classifier.answer(x[pool].astype(np.float32))
+    expected, regime = active.order(x[pool], x[train], 3, proba, batch=3)
+    assert queue["regime"] == regime == "uncertain"  # 3+ labelled photos per class: uncertain ones, spread out
+    assert [p["sha256"] for p in queue["photos"]] == [shas[pool[i]] for i in expected]
+    margins = np.sort(proba, axis=1)[:, -1] - np.sort(proba, axis=1)[:, -2]
+    assert margins[expected[3:]].tolist() == sorted(margins[expected[3:]])  # after the first batch: by margin
+    first = queue["photos"][:2]
+    for photo in first:
+        label = photo["suggested"][0]["label"]
+        assert served.json("/api/decide", {"sha256": photo["sha256"], "action": "relabel", "label": label})[0] == 200
+    status, retrained = served.json("/api/retrain", {})
+    assert status == 200 and retrained["train_photos_after"] == retrained["train_photos_before"] + 2
+    assert {"val_accuracy_before", "val_accuracy_after", "seconds"} <= set(retrained)
+    status, again = served.json("/api/label")
+    assert again["remaining"] == 8 and not {p["sha256"] for p in first} & {p["sha256"] for p in again["photos"]}
+    assert served.json("/api/health")[1]["unlabelled"] == 8 and health["unlabelled"] == 10
+
+
+def test_report_cells_link_to_the_photos_they_count(served):
+    status, _, page = served.get("/report")
+    assert status == 200 and "data-true=" in page and "data-class=" in page
+    with open(served.project / "reports" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    wanted = sum(r["actual"] == "misty" and r["predicted"] == "misty" for r in rows)
+    status, _, photos = served.get("/photos?true=misty&predicted=misty")
+    assert status == 200 and photos.count("<figure>") == wanted > 0
+    assert served.get("/photos?cls=tigger")[0] == 200
+    static = (served.project / "reports" / "index.html").read_text()
+    assert "location.protocol" in static  # the links are added only when served: the file alone stays as it was
