@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from _server import Server
 from PIL import Image
 
 from pipeline import params as params_mod
@@ -17,7 +18,6 @@ from pipeline.data import corrections
 from pipeline.stages import ladder
 from pipeline.store import layout
 
-from _server import Server
 from conftest import CLASS_COLOURS, cli, make_dataset, make_image
 
 PLANTED = "photos/misty/really_tigger.png"  # a tigger-coloured photo filed under misty

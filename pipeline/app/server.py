@@ -89,6 +89,10 @@ def create_app(params: Params, base: Path, served: Served | None = None) -> Fast
             raise HTTPException(404, f"no asset {name}")
         return FileResponse(path, headers=safety.PAGE_HEADERS)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
     @app.get("/report", include_in_schema=False)
     def report():
         path = base / params.paths.reports_dir / "index.html"

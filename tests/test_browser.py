@@ -1,0 +1,110 @@
+"""The app's pages in a real browser: Debian's Chromium driven by Selenium through Debian's chromedriver.
+
+- the try page: upload a photo, read the label shown;
+- the review page: relabel the planted photo with a key press; corrections.csv has the row and the
+  next train-head uses it;
+- the label page: the order the API gives, a key press files a photo, the retrain button shows the
+  validation figure before and after.
+"""
+import csv
+import os
+import shutil
+
+import pytest
+
+from _server import Server
+from conftest import CLASS_COLOURS, cli, make_image
+from test_serve import PLANTED, write_project
+
+CHROMEDRIVER = shutil.which("chromedriver")
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMEDRIVER and CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver are missing in CI; .ci/run installs them (apt: chromium-driver)")
+        pytest.skip("Chromium or chromedriver is not installed (apt install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "SEVERE"})  # script errors, refused resources
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # no browser download: Debian's
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    project = write_project(tmp_path_factory.mktemp("browser"))
+    assert cli(project, "all").returncode == 0
+    server = Server(project)
+    yield server
+    server.stop()
+
+
+def wait(driver, condition, timeout=60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+def test_try_page_shows_the_label_of_an_uploaded_photo(browser, served, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    photo = make_image(tmp_path / "tigger_new.png", CLASS_COLOURS["tigger"], 97_000)
+    browser.get(served.url + "/")
+    browser.find_element(By.ID, "files").send_keys(str(photo))
+    card = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, ".card[data-answer]"))
+    assert card.get_attribute("data-answer") == "tigger"
+    assert card.find_element(By.CSS_SELECTOR, ".answer").text == "tigger"
+    bars = card.find_elements(By.CSS_SELECTOR, ".bar")
+    assert len(bars) == 3 and bars[0].find_element(By.CSS_SELECTOR, ".label").text == "tigger"
+    neighbours = card.find_elements(By.CSS_SELECTOR, ".neighbours img")
+    assert len(neighbours) == 3
+    wait(browser, lambda d: all(img.get_property("naturalWidth") > 0 for img in neighbours))
+    assert [e["message"] for e in browser.get_log("browser")] == []  # no script error, no refused resource
+
+
+def test_review_page_relabels_with_a_key_and_train_head_uses_it(browser, served):
+    from selenium.webdriver.common.by import By
+
+    browser.get(served.url + "/review")
+    wait(browser, lambda d: "misty/really_tigger.png" in d.find_element(By.ID, "finding").text)
+    finding = browser.find_element(By.ID, "finding")
+    assert "looks like tigger" in finding.text
+    browser.find_element(By.TAG_NAME, "body").send_keys("r")  # relabel as suggested
+    wait(browser, lambda d: "relabel tigger" in d.find_element(By.ID, "decided").text)
+    with open(served.project / "corrections.csv", newline="") as f:
+        assert {"path": PLANTED, "action": "relabel", "label": "tigger", "note": ""} in list(csv.DictReader(f))
+    result = cli(served.project, "train-head", "--with-upstream")  # as 'make train-head' runs it
+    assert result.returncode == 0 and "train_head: recomputing (data.corrections: none -> 1 rows" in result.stderr
+    assert "featurised" not in result.stderr and "0 new" in result.stderr  # no photo through the backbone
+
+
+def test_label_page_order_key_and_retrain_button(browser, served):
+    from selenium.webdriver.common.by import By
+
+    _, queue = served.json("/api/label")
+    browser.get(served.url + "/label")
+    current = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#current .finding[data-sha]"))
+    assert current.get_attribute("data-sha") == queue["photos"][0]["sha256"]  # the API's order, first photo first
+    shown_next = [f.get_attribute("data-sha") for f in browser.find_elements(By.CSS_SELECTOR, "#queue figure")]
+    assert shown_next == [p["sha256"] for p in queue["photos"][1:13]]
+    browser.find_element(By.TAG_NAME, "body").send_keys("3")  # files it under the third class
+    wait(browser, lambda d: d.find_element(By.ID, "labelled").text == "1")
+    made = {r["path"]: r for r in csv.DictReader(open(served.project / "corrections.csv", newline=""))}
+    labelled = [r for r in made.values() if r["path"].startswith("to_label/")]
+    assert [r["label"] for r in labelled] == ["tigger"]  # classes: misty, neither, tigger
+    browser.find_element(By.ID, "retrain").click()
+    result = wait(browser, lambda d: d.find_element(By.ID, "retrain-result").get_attribute("data-after"), 180)
+    text = browser.find_element(By.ID, "retrain-result").text
+    assert text.startswith("val accuracy ") and " → " in text and "train photos" in text
+    assert result not in (None, "")
+    _, after = served.json("/api/label")
+    assert after["remaining"] == queue["remaining"] - 1
