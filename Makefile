@@ -11,7 +11,7 @@ SET    ?=
 RUN    := $(PY) -m pipeline
 ARGS   := --params $(PARAMS) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup setup-ray demo all advise compare inspect predict export test bench clean-cache
+.PHONY: help setup setup-ray demo all advise compare inspect predict export serve test bench clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ predict: setup ## labels for new photos: make predict IMAGES="photo.jpg folder/"
 
 export: setup ## write the chosen model as .keras, SavedModel and TFLite (checked for parity)
 	$(RUN) export $(ARGS)
+
+serve: setup ## the local app (serve.host:serve.port, 127.0.0.1:8000): try photos, review findings, label, retrain
+	$(RUN) serve $(ARGS)
 
 test: setup ## run the test suite
 	$(PY) -m pytest -q

@@ -11,10 +11,10 @@ import os
 import shutil
 
 import pytest
-
 from _server import Server
-from conftest import CLASS_COLOURS, cli, make_image
 from test_serve import PLANTED, write_project
+
+from conftest import CLASS_COLOURS, cli, make_image
 
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = shutil.which("chromium")

@@ -60,6 +60,8 @@ class Served:
             rung, _ = ladder.chosen(self.params, self.base)
             self.rung = rung
             self.trained = rung.load(self.params, self.base)
+            self.input_positions = self.trained.inputs.position_of()  # sha256 -> row of the model's inputs
+            self.runner = None  # the backbone, opened at the first photo that is not in the cache
             self.classes = list(self.trained.classifier.classes)
             self.cache = layout.cache_file(self.params, self.base)
             self.root = self.base / self.params.data.root
@@ -112,8 +114,10 @@ class Served:
             for _, target, data in files:
                 target.write_bytes(data)
             try:
-                answers = predict._predict(self.params, self.base, self.trained, [t for _, t, _ in files], top_k,
-                                           keep_rows=bool(neighbours))
+                self.runner = self.runner or predict.open_runner(self.trained, self.params, self.base)
+                answers = predict.answer_files(self.params, self.base, self.trained, [t for _, t, _ in files], top_k,
+                                               keep_rows=bool(neighbours), runner=self.runner,
+                                               cached=self.input_positions)
             finally:
                 for _, target, _ in files:
                     target.unlink(missing_ok=True)

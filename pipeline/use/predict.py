@@ -64,21 +64,23 @@ def run(params: Params, base: str | Path, inputs, top_k: int | None = None) -> l
     rung, _ = ladder.chosen(params, base)
     with rung.load(params, base) as trained:
         log.info("predict: %s", ladder.describe_choice(params, rung))
-        return _predict(params, base, trained, inputs, top_k)
+        return answer_files(params, base, trained, inputs, top_k)
 
 
-def _predict(params: Params, base: Path, trained, inputs, top_k: int | None,
-             keep_rows: bool = False) -> list[Prediction]:
+def answer_files(params: Params, base: Path, trained, inputs, top_k: int | None = None, keep_rows: bool = False,
+                 runner=None, cached: dict[str, int] | None = None) -> list[Prediction]:
+    """Predictions of a loaded model for files or folders. A process that answers many calls (the app)
+    passes the backbone ``runner`` (``open_runner``) and the inputs' ``cached`` rows (``position_of``) it
+    keeps; ``keep_rows``: each prediction keeps its input row (``Prediction.row``)."""
     top_k = min(top_k or params.predict.top_k, len(trained.classes))
     files = expand(inputs)
     if not files:
         raise FileNotFoundError(f"no files under {', '.join(map(str, inputs))}")
     predictions = [Prediction(str(path)) for path in files]
     shas = [_identify(path, prediction) for path, prediction in zip(files, predictions)]
-    cached = trained.inputs.position_of()
+    cached = trained.inputs.position_of() if cached is None else cached
     f = features_params_of(trained.inputs.attrs)
     draft = runtime.draft_size(f)
-    runner = None
     for start in range(0, len(files), BATCH):
         chunk = range(start, min(len(files), start + BATCH))
         rows: dict[int, np.ndarray] = {}
@@ -89,7 +91,7 @@ def _predict(params: Params, base: Path, trained, inputs, top_k: int | None,
                 predictions[i].cached = True
         todo = [i for i in chunk if shas[i] is not None and i not in rows]
         if todo:
-            runner = runner or _runner(trained, params, base)
+            runner = runner or open_runner(trained, params, base)
             views = trained.inputs.views
             rows_of = runtime.featurise_files([files[i] for i in todo], runner, f, views, whole=True)
             for i, (row, error) in zip(todo, rows_of):
@@ -137,7 +139,7 @@ def _reduced_in_cache(path: Path, draft: int) -> bool:
         return False  # unreadable now: the cached row is all there is
 
 
-def _runner(trained, params: Params, base: Path):
+def open_runner(trained, params: Params, base: Path):
     """What turns a new photo into the model's input: the backbone up to the inputs' layer."""
     attrs = trained.inputs.attrs
     runner = runtime.open_backbone(features_params_of(attrs), layout.weights_dir(params, base), trained.inputs.layer)

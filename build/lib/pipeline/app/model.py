@@ -1,0 +1,224 @@
+"""What the app serves from: the chosen model, the photos of the cache by content hash, the neighbours.
+
+One ``Served`` per app. Its model answers one request at a time (a LiteRT interpreter is not shared
+between threads); ``retrain`` runs the features stage (labels and splits from the corrections: no
+photo goes through the backbone again unless it is new) and the chosen rung in this process, then
+swaps the model in. Memory: the model, plus for the neighbours the train photos' features as unit
+float16 vectors (2.5 KB a photo for Lite0), plus one request.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.app import active
+from pipeline.data import corrections
+from pipeline.data.decode import sniff
+from pipeline.params import Params
+from pipeline.stages import features, ladder
+from pipeline.store import layout, table
+from pipeline.use import predict
+
+log = logging.getLogger("pipeline.serve")
+SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif"}
+
+
+class BadPhoto(ValueError):
+    """An upload that is no photo this tool reads; the message is one line for the client."""
+
+
+@dataclass(frozen=True)
+class Photo:
+    sha256: str
+    path: str  # relative to data.root, as the cache holds it
+    label: str  # "" for a photo to label
+    split: str
+
+
+class Served:
+    def __init__(self, params: Params, base: Path):
+        self.params, self.base = params, Path(base)
+        self.lock = threading.RLock()  # the model, the index and the temporary folder: one request at a time
+        self.uploads = tempfile.TemporaryDirectory(prefix="photohead-uploads-")
+        self.trained = None
+        self.load()
+
+    # ----------------------------------------------------------------- loading
+    def load(self) -> None:
+        """(Re)open the chosen model and index the cache: photos by content hash, the train split's vectors."""
+        with self.lock:
+            if self.trained is not None:
+                self.trained.inputs.close()
+            rung, _ = ladder.chosen(self.params, self.base)
+            self.rung = rung
+            self.trained = rung.load(self.params, self.base)
+            self.input_positions = self.trained.inputs.position_of()  # sha256 -> row of the model's inputs
+            self.runner = None  # the backbone, opened at the first photo that is not in the cache
+            self.classes = list(self.trained.classifier.classes)
+            self.cache = layout.cache_file(self.params, self.base)
+            self.root = self.base / self.params.data.root
+            self.rows = table.read_index(self.cache)[0]  # (sha256, path, label, split), in file order
+            self.photos: dict[str, Photo] = {row[0]: Photo(*row) for row in self.rows}
+            self.position = {row[0]: i for i, row in enumerate(self.rows)}
+            self._index_train()
+            log.info("serve: %s, %d classes, %d photos in the cache", ladder.describe_choice(self.params, rung),
+                     len(self.classes), len(self.photos))
+
+    def _index_train(self) -> None:
+        """Unit vectors (float16) of the train photos' pooled features, centred on their mean, for neighbours."""
+        rows = self.rows
+        positions = np.array([i for i, row in enumerate(rows) if row[3] == "train"], np.int64)
+        self.train_sha = [rows[i][0] for i in positions]
+        self.train_label = np.array([rows[i][2] for i in positions])
+        with h5py.File(self.cache, "r") as f:
+            data = f["features"]
+            total = np.zeros(data.shape[1:], np.float64)
+            for start in range(0, len(positions), 4096):
+                total += data[positions[start:start + 4096]].reshape(-1, *data.shape[1:]).sum(axis=0)
+            self.centre = (total / max(len(positions), 1)).astype(np.float32).reshape(-1)
+            blocks = [active.unit(data[positions[start:start + 4096]].reshape(len(positions[start:start + 4096]), -1),
+                                  self.centre).astype(np.float16) for start in range(0, len(positions), 4096)]
+        width = self.centre.shape[0]
+        self.train_vectors = np.concatenate(blocks) if blocks else np.zeros((0, width), np.float16)
+
+    def health(self) -> dict:
+        t = self.trained
+        return {"status": "ok", "rung": self.rung.name, "stage": self.rung.stage, "model": t.folder.name,
+                "model_key": t.key, "backbone": self.params.features.backbone,
+                "features": layout.cache_file(self.params, self.base).name, "classes": self.classes,
+                "reject_label": self.params.reject.label, "val_accuracy": t.classifier.history.get("val_accuracy"),
+                "photos": sum(p.split != table.UNLABELLED for p in self.photos.values()),
+                "unlabelled": sum(p.split == table.UNLABELLED for p in self.photos.values())}
+
+    # ----------------------------------------------------------------- answers
+    def predict(self, uploads: list[tuple[str, bytes]], top_k: int | None = None,
+                neighbours: int = 0) -> list[dict]:
+        """``predict --format json`` for each (name, bytes), with ``neighbours`` nearest train photos."""
+        files, shas = [], []
+        for name, data in uploads:
+            kind = sniff(data[:32])
+            sha = hashlib.sha256(data).hexdigest()
+            shas.append(sha)
+            folder = Path(self.uploads.name)
+            target = folder / f"{sha}{SUFFIXES.get(kind, '.bin')}"
+            files.append((name, target, data))
+        with self.lock:
+            for _, target, data in files:
+                target.write_bytes(data)
+            try:
+                self.runner = self.runner or predict.open_runner(self.trained, self.params, self.base)
+                answers = predict.answer_files(self.params, self.base, self.trained, [t for _, t, _ in files], top_k,
+                                               keep_rows=bool(neighbours), runner=self.runner,
+                                               cached=self.input_positions)
+            finally:
+                for _, target, _ in files:
+                    target.unlink(missing_ok=True)
+            out = []
+            for (name, _, _), sha, answer in zip(files, shas, answers):
+                item = predict.as_json(answer)
+                item["path"] = name
+                if neighbours:
+                    item["sha256"] = sha
+                    item["neighbours"] = self.neighbours(answer.row, neighbours) if answer.row is not None else []
+                out.append(item)
+        return out
+
+    def neighbours(self, row: np.ndarray, k: int, label: str | None = None) -> list[dict]:
+        """The ``k`` train photos nearest ``row`` (pooled features; cosine of centred features)."""
+        if self.trained.inputs.layer != "pooled" or not len(self.train_vectors) or row is None:
+            return []
+        vector = active.unit(np.asarray(row, np.float32).reshape(1, -1), self.centre)[0]
+        similarity = self.train_vectors.astype(np.float32) @ vector if len(self.train_vectors) <= 65536 else \
+            np.concatenate([self.train_vectors[i:i + 65536].astype(np.float32) @ vector
+                            for i in range(0, len(self.train_vectors), 65536)])
+        if label is not None:
+            similarity = np.where(self.train_label == label, similarity, -np.inf)
+        best = np.argsort(-similarity, kind="stable")[:k]
+        return [{"sha256": self.train_sha[i], "label": self.train_label[i], "similarity": round(float(similarity[i]), 4)}
+                for i in best if np.isfinite(similarity[i])]
+
+    def cached_row(self, sha: str) -> np.ndarray | None:
+        """A photo's pooled features from the cache (None when it is not there)."""
+        i = self.position.get(sha)
+        if i is None:
+            return None
+        with h5py.File(self.cache, "r") as f:
+            return np.asarray(f["features"][i], np.float32).reshape(-1)
+
+    def file_of(self, sha: str) -> Path | None:
+        photo = self.photos.get(sha)
+        return None if photo is None else self.root / photo.path
+
+    # ----------------------------------------------------------------- decisions
+    def decide(self, sha: str, action: str, label: str = "") -> dict:
+        photo = self.photos.get(sha)
+        if photo is None:
+            raise KeyError(sha)
+        if action == "relabel" and label not in self.classes:
+            raise ValueError(f"label {label!r} is not a class ({', '.join(self.classes)})")
+        path = corrections.file_of(self.params.data, self.base)
+        if path is None:
+            raise ValueError("data.corrections is null: set it to a file to keep decisions")
+        name = corrections.key_of(self.root / photo.path, self.base)
+        decisions = corrections.record(path, [corrections.Correction(name, action, label if action == "relabel" else "")])
+        return {"path": name, "action": action, "label": label, "decisions": len(corrections.decided(decisions))}
+
+    def decisions(self) -> dict[str, corrections.Correction]:
+        """The decisions made, by content hash of the photo they name."""
+        made = corrections.decided(corrections.read(corrections.file_of(self.params.data, self.base)))
+        by_name = {corrections.key_of(self.root / p.path, self.base): p.sha256 for p in self.photos.values()}
+        return {by_name[name]: d for name, d in made.items() if name in by_name}
+
+    # ----------------------------------------------------------------- labelling
+    def to_label(self, limit: int = 60) -> dict:
+        """The unlabelled photos in the order that teaches the model most (``app.active``)."""
+        decided = self.decisions()
+        rows = self.rows
+        pool = [i for i, r in enumerate(rows) if r[3] == table.UNLABELLED and r[0] not in decided]
+        labelled = [i for i, r in enumerate(rows) if r[3] == "train"]
+        if not pool:
+            return {"regime": "none", "photos": [], "remaining": 0}
+        with h5py.File(self.cache, "r") as f:
+            data = f["features"]
+            x_pool = data[np.array(pool)].reshape(len(pool), -1).astype(np.float32)
+            x_labelled = data[np.array(labelled)].reshape(len(labelled), -1).astype(np.float32) if labelled else \
+                np.zeros((0, x_pool.shape[1]), np.float32)
+        with self.lock:
+            proba, scores = self.trained.classifier.answer(x_pool) if self.trained.inputs.layer == "pooled" else \
+                (None, None)
+        order, regime = active.order(x_pool, x_labelled, len(self.classes), proba, batch=len(self.classes))
+        photos = []
+        for j in order[:limit]:
+            item = {"sha256": rows[pool[j]][0], "path": rows[pool[j]][1]}
+            if proba is not None:
+                best = np.argsort(-proba[j])[:3]
+                item["suggested"] = [{"label": self.classes[c], "probability": round(float(proba[j][c]), 4)}
+                                     for c in best]
+            photos.append(item)
+        return {"regime": regime, "photos": photos, "remaining": len(pool)}
+
+    def retrain(self) -> dict:
+        """The features stage (no backbone for photos it has) and the chosen rung, here; then the new model."""
+        with self.lock:
+            before = self.trained.classifier.history.get("val_accuracy")
+            n_before = int(len(self.trained.inputs.rows("train")))
+            started = time.perf_counter()
+            features.run(self.params, self.base)
+            if self.rung.input_stage == "top-features":
+                features.run_top(self.params, self.base)
+            trained = self.rung.train(self.params, self.base)
+            trained.inputs.close()
+            seconds = time.perf_counter() - started
+            self.load()
+            return {"val_accuracy_before": before, "val_accuracy_after": self.trained.classifier.history.get(
+                        "val_accuracy"), "train_photos_before": n_before,
+                    "train_photos_after": int(len(self.trained.inputs.rows("train"))), "seconds": round(seconds, 2),
+                    "trained": trained.trained_now}

@@ -1,0 +1,45 @@
+// Shared by the app's pages: the API with this server's same-origin token, small DOM helpers.
+"use strict";
+const TOKEN = document.querySelector('meta[name="csrf"]').content;
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (options.method && options.method !== "GET") headers["X-CSRF-Token"] = TOKEN;
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  const body = await response.json().catch(() => ({ error: response.statusText }));
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const child of children) if (child != null) node.append(child);
+  return node;
+}
+
+function photoUrl(sha, size = 192) { return "/photo/" + sha + "?size=" + size; }
+
+function neighbourStrip(items) {
+  return el("div", { class: "strip" }, ...items.map(n => el("figure", {},
+    el("img", { src: photoUrl(n.sha256, 96), alt: n.label, title: "similarity " + n.similarity }),
+    el("figcaption", { text: n.label + " · " + n.similarity.toFixed(2) }))));
+}
+
+async function showModel() {
+  try {
+    const health = await api("/api/health");
+    const val = health.val_accuracy == null ? "" : ", val accuracy " + (100 * health.val_accuracy).toFixed(1) + "%";
+    document.getElementById("model").textContent =
+      health.rung + " model on " + health.backbone + ", " + health.classes.length + " classes" + val;
+    return health;
+  } catch (error) {
+    document.getElementById("model").textContent = "model unavailable: " + error.message;
+    return null;
+  }
+}

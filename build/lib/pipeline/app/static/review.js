@@ -1,0 +1,89 @@
+// The review page: inspect's findings one at a time; relabel, exclude or keep (POST /api/decide).
+"use strict";
+const KINDS = { label_issues: "Likely label errors", near_duplicates: "Near-duplicates", outliers: "Outliers" };
+let data = null, kind = "label_issues", index = 0;
+const box = document.getElementById("finding");
+
+async function load() {
+  data = await api("/api/review");
+  document.getElementById("decided").textContent = data.decided + " decision(s) so far.";
+  const tabs = document.getElementById("tabs");
+  tabs.replaceChildren(...Object.entries(KINDS).map(([k, name]) => el("button", {
+    class: k === kind ? "here" : "", "data-kind": k, text: name + " (" + data[k].length + ")",
+    onclick: () => { kind = k; index = 0; load(); } })));
+  show();
+}
+
+function current() { return data[kind][index]; }
+
+function show() {
+  const f = current();
+  if (!f) { box.replaceChildren(el("p", { text: "Nothing left to review here." })); return; }
+  const left = el("div", {}, el("img", { class: "big", src: photoUrl(f.sha256, 768), alt: f.path }),
+    el("p", { class: "note", text: f.path }));
+  const right = el("div", {});
+  if (f.kind === "label_issue") {
+    right.append(el("p", {}, "Filed as ", el("b", { text: f.given }), ", looks like ", el("b", { text: f.suggested }),
+      " (label quality " + f.score.toFixed(3) + ")."),
+      el("p", { class: "note", text: "Nearest training photos of " + f.given + ":" }), neighbourStrip(f.neighbours_given),
+      el("p", { class: "note", text: "Nearest training photos of " + f.suggested + ":" }), neighbourStrip(f.neighbours_suggested));
+  } else if (f.kind === "near_duplicate") {
+    right.append(el("p", {}, "Near-duplicate (similarity " + f.similarity.toFixed(3) + ") of:"),
+      el("img", { class: "big", src: photoUrl(f.other, 768), alt: f.other_path }), el("p", { class: "note", text: f.other_path }),
+      el("p", { text: (f.leak ? "They straddle splits (" + f.splits.join(" / ") + "): the test score is flattered. " : "") +
+        (f.labels_differ ? "Their labels differ: " + f.given + " / " + f.other_label + "." : "Same label: " + f.given + ".") }));
+  } else {
+    right.append(el("p", {}, "Filed as ", el("b", { text: f.given }), "; unlike any class (typicality " + f.score.toFixed(3) +
+      "); nearest other class: " + f.nearest_other_class + "."));
+  }
+  const actions = el("div", { class: "actions" });
+  if (f.suggested) actions.append(el("button", { class: "primary", "data-action": "relabel-suggested",
+    onclick: () => decide("relabel", f.suggested), text: "Relabel as " + f.suggested + " (R)" }));
+  data.classes.forEach((c, i) => { if (c !== f.given && c !== f.suggested && i < 9) actions.append(el("button", {
+    "data-action": "relabel-" + c, onclick: () => decide("relabel", c), text: "→ " + c + " (" + (i + 1) + ")" })); });
+  actions.append(el("button", { "data-action": "exclude", onclick: () => decide("exclude"), text: "Exclude (X)" }),
+    el("button", { "data-action": "keep", onclick: () => decide("keep"), text: "Keep as is (K)" }),
+    el("button", { "data-action": "next", onclick: next, text: "Next (N)" }));
+  box.replaceChildren(el("div", { class: "finding" }, left, right), actions,
+    el("p", { class: "note", text: (index + 1) + " of " + data[kind].length }));
+}
+
+function next() { index = Math.min(index + 1, data[kind].length); show(); }
+
+async function decide(action, label = "") {
+  const f = current();
+  if (!f) return;
+  try {
+    const done = await api("/api/decide", { method: "POST", headers: { "Content-Type": "application/json" },
+                                            body: JSON.stringify({ sha256: f.sha256, action, label }) });
+    data[kind].splice(index, 1);
+    document.getElementById("decided").textContent = done.decisions + " decision(s) so far; last: " + done.path + " " + action + (label ? " " + label : "") + ".";
+    show();
+  } catch (error) { box.append(el("p", { class: "error", text: error.message })); }
+}
+
+document.addEventListener("keydown", e => {
+  if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey) return;
+  const f = current(); if (!f) return;
+  const key = e.key.toLowerCase();
+  if (key === "r" && f.suggested) decide("relabel", f.suggested);
+  else if (key === "x") decide("exclude");
+  else if (key === "k") decide("keep");
+  else if (key === "n" || key === "arrowright") next();
+  else if (/^[1-9]$/.test(key) && data.classes[+key - 1]) decide("relabel", data.classes[+key - 1]);
+});
+
+document.getElementById("retrain").addEventListener("click", async () => {
+  const out = document.getElementById("retrain-result");
+  out.textContent = "retraining…";
+  try { const r = await api("/api/retrain", { method: "POST" }); out.textContent = describeRetrain(r); load(); showModel(); }
+  catch (error) { out.textContent = error.message; }
+});
+
+function describeRetrain(r) {
+  const pct = v => v == null ? "–" : (100 * v).toFixed(1) + "%";
+  return "val accuracy " + pct(r.val_accuracy_before) + " → " + pct(r.val_accuracy_after) + ", " +
+    r.train_photos_before + " → " + r.train_photos_after + " train photos (" + r.seconds + " s)";
+}
+showModel();
+load().catch(error => box.replaceChildren(el("p", { class: "error", text: error.message })));

@@ -1,0 +1,80 @@
+// The try page: photos in, answers out (POST /api/predict, the same answers as `predict --format json`).
+"use strict";
+const results = document.getElementById("results");
+const drop = document.getElementById("drop");
+const picker = document.getElementById("files");
+let health = null;
+
+function bars(answer) {
+  return answer.predictions.map(p => el("div", { class: "bar" },
+    el("span", { class: "label", text: p.label, title: p.label }),
+    el("div", { class: "track" }, (() => { const f = el("div", { class: "fill" }); f.style.width = (100 * p.probability).toFixed(1) + "%"; return f; })()),
+    el("span", { class: "p", text: (100 * p.probability).toFixed(1) + "%" })));
+}
+
+function card(file) {
+  const node = el("div", { class: "card", "data-name": file.name },
+    el("img", { class: "main", src: URL.createObjectURL(file), alt: file.name }),
+    el("div", { class: "answer", text: "…" }), el("div", { class: "note", text: file.name }));
+  results.prepend(node);
+  return node;
+}
+
+function fill(node, answer) {
+  const head = node.querySelector(".answer");
+  if (answer.error) { head.textContent = "cannot read this photo"; head.classList.add("unknown");
+    node.append(el("p", { class: "error", text: answer.error })); return; }
+  head.textContent = answer.answer;
+  node.dataset.answer = answer.answer;
+  if (!answer.accepted) {
+    head.classList.add("unknown");
+    node.append(el("p", { class: "note", text: "Unlike the training photos (score " + answer.score.toFixed(3) +
+      " > threshold " + answer.threshold.toFixed(3) + "): none of the classes. Closest labels:" }));
+  }
+  node.append(...bars(answer));
+  if (answer.neighbours && answer.neighbours.length) {
+    node.append(el("p", { class: "note", text: "Nearest training photos:" }),
+      el("div", { class: "neighbours" }, ...answer.neighbours.map(n => el("figure", {},
+        el("img", { src: photoUrl(n.sha256, 192), alt: n.label }),
+        el("figcaption", { text: n.label + " · " + n.similarity.toFixed(2) })))));
+  }
+}
+
+async function send(files) {
+  files = Array.from(files).filter(f => f.size > 0);
+  if (!files.length) return;
+  const nodes = files.map(card);
+  const form = new FormData();
+  files.forEach(f => form.append("file", f, f.name));
+  try {
+    const answers = await api("/api/predict?neighbours=3&top_k=" + Math.min(5, health ? health.classes.length : 3),
+                              { method: "POST", body: form });
+    answers.forEach((a, i) => fill(nodes[i], a));
+  } catch (error) {
+    nodes.forEach(n => fill(n, { error: error.message }));
+  }
+}
+
+drop.addEventListener("click", () => picker.click());
+drop.addEventListener("keydown", e => { if (e.key === "Enter" || e.key === " ") picker.click(); });
+picker.addEventListener("change", () => { send(picker.files); picker.value = ""; });
+["dragenter", "dragover"].forEach(t => drop.addEventListener(t, e => { e.preventDefault(); drop.classList.add("over"); }));
+["dragleave", "drop"].forEach(t => drop.addEventListener(t, e => { e.preventDefault(); drop.classList.remove("over"); }));
+drop.addEventListener("drop", e => send(e.dataTransfer.files));
+document.addEventListener("paste", e => send(Array.from(e.clipboardData.files)));
+
+document.getElementById("camera").addEventListener("click", async () => {
+  const note = document.getElementById("camera-note");
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({ video: true });
+    document.getElementById("video").srcObject = stream;
+    document.getElementById("webcam").hidden = false;
+  } catch (error) { note.textContent = "No webcam: " + error.message; }
+});
+document.getElementById("snap").addEventListener("click", () => {
+  const video = document.getElementById("video");
+  const canvas = el("canvas"); canvas.width = video.videoWidth; canvas.height = video.videoHeight;
+  canvas.getContext("2d").drawImage(video, 0, 0);
+  canvas.toBlob(blob => send([new File([blob], "webcam-" + Date.now() + ".jpg", { type: "image/jpeg" })]), "image/jpeg", 0.92);
+});
+showModel().then(h => { health = h; });

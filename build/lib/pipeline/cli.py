@@ -1,0 +1,183 @@
+"""Command line: ``python -m pipeline COMMAND [--params FILE] [--set section.key=value ...]``.
+
+The only module that touches argv, the params file and logging. The stage commands come from
+``pipeline/graph.py``; relative paths in the params file are relative to the file's own folder.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from pipeline import graph
+from pipeline import params as params_mod
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+COMMANDS = {  # commands that are not stages: name -> help
+    "all": "features, the rung train.strategy chooses, and evaluate (= evaluate --with-upstream)",
+    "advise": "recommend a rung of the ladder for this dataset, with the reasons",
+    "compare": "the trained rungs side by side on the test split",
+    "inspect": "likely label errors, near-duplicates (and leakage), outliers, from the feature cache",
+    "predict": "top-k labels for photos (files or folders) with the model train.strategy chooses",
+    "export": "write the chosen model as .keras, SavedModel and TFLite, after checking it answers like the pipeline",
+    "serve": "a local app: try photos, review inspect's findings, label photos, retrain (serve.host:serve.port)",
+    "clean-cache": "delete every cached artifact (the stages' cache folders, converted weights, file index)",
+}
+
+
+def _with_params(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override one parameter; may be repeated")
+
+
+def _parser() -> argparse.ArgumentParser:
+    prog = "photohead" if Path(sys.argv[0]).name == "photohead" else "python -m pipeline"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage in (*graph.STAGES, graph.TRAIN):
+        command = sub.add_parser(stage.name, help=stage.summary)
+        _with_params(command)
+        command.add_argument("--with-upstream", action="store_true",
+                             help="first run the stages it needs for these params (cache hits when up to date)")
+        if stage.gate:
+            command.add_argument("--if-chosen", action="store_true",
+                                 help="do nothing unless train.strategy needs this stage (as DVC runs it)")
+    for name, help_text in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        _with_params(command)
+        if name == "inspect":
+            command.add_argument("--corrections-template", action="store_true",
+                                 help="add an undecided row per finding to data.corrections, to fill in by hand")
+        if name == "predict":
+            command.add_argument("paths", nargs="+", metavar="PATH")
+            command.add_argument("--top-k", type=int, default=None, help="labels per photo (default: predict.top_k)")
+            command.add_argument("--format", choices=("table", "csv", "json"), default=None,
+                                 help="output format (default: predict.format)")
+    sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations (pipeline/graph.py)")
+    sub.add_parser("makefile", help="write stages.mk, the Make targets of the stages, from their declarations")
+    demo = sub.add_parser("demo-data", help="build the small demo dataset from scikit-image's photographs")
+    demo.add_argument("--out", default="data/demo")
+    init = sub.add_parser("init", help="write a params.yaml with every setting documented, for photos under --root")
+    init.add_argument("--root", default="data/demo", help="the folder of class folders (default: data/demo)")
+    init.add_argument("--params", default="params.yaml", help="where to write it (default: params.yaml)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted; every finished part is kept and the next run continues from it", file=sys.stderr)
+        return 130
+    except PipelineError as error:  # the project's own: bad input, a missing upstream result, a refused check
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # disk full, permissions, ...: the file and the reason, without a traceback
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _dispatch(args) -> int:
+    if args.command == "dvc-yaml":
+        Path("dvc.yaml").write_text(graph.render_dvc_yaml())
+        print("wrote dvc.yaml")
+        return 0
+    if args.command == "makefile":
+        Path("stages.mk").write_text(graph.render_makefile())
+        print("wrote stages.mk")
+        return 0
+    if args.command == "demo-data":
+        from pipeline.data import demo
+
+        print(f"demo dataset in {demo.build(args.out)}")
+        return 0
+    if args.command == "init":
+        target = Path(args.params)
+        if target.exists():
+            raise params_mod.ParamsError(f"{target} exists; edit it, or pass --params to write another file")
+        text = (Path(__file__).resolve().parent / "params.yaml").read_text(encoding="utf-8")
+        target.write_text(text.replace("  root: data/demo ", f"  root: {args.root} ", 1), encoding="utf-8")
+        print(f"wrote {target} (data.root: {args.root}); next: 'features', 'train-head', 'evaluate' or 'serve'")
+        return 0
+    params = params_mod.load(args.params, args.overrides)
+    base = Path(args.params).resolve().parent
+    if args.command in ("all", *graph.BY_NAME, graph.TRAIN.name):
+        return _run_stages(args, params, base)
+    if args.command == "predict":
+        from pipeline.use import predict
+
+        predictions = predict.run(params, base, args.paths, args.top_k)
+        print(predict.format_predictions(predictions, args.format or params.predict.format))
+        return 0 if any(p.labels for p in predictions) else 1
+    if args.command == "export":
+        from pipeline.use import export
+
+        result = export.run(params, base)
+        print(f"exported to {result.folder}: {', '.join(result.files)}")
+        return 0
+    if args.command == "advise":
+        from pipeline.data import scan
+        from pipeline.training import advise
+
+        print(advise.format_advice(advise.recommend(advise.summarise(scan.scan(params.data, base)))))
+        return 0
+    if args.command == "compare":
+        from pipeline.use import compare
+
+        print(compare.run(params, base))
+        return 0
+    if args.command == "inspect":
+        from pipeline.use import inspect
+
+        result = inspect.run(params, base)
+        print(result.text)
+        if args.corrections_template:
+            path, added = inspect.corrections_template(params, base, result)
+            print(f"added {added} undecided row(s) to {path}: fill in action (relabel, exclude or keep) and, to "
+                  "relabel, the label; the next run applies them")
+        return 0
+    if args.command == "serve":
+        from pipeline.app import server
+        from pipeline.stages import ladder
+
+        for stage in graph.chain(ladder.chosen(params, base)[0].stage, params, base):  # trained when missing
+            stage.entry(params, base)
+        server.serve(params, base)
+        return 0
+    if args.command == "clean-cache":
+        cache = base / params.paths.cache_dir
+        for folder in graph.cache_folders():
+            shutil.rmtree(cache / folder, ignore_errors=True)
+        print(f"removed {', '.join(graph.cache_folders())} under {cache}")
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")  # argparse accepts only the commands above
+
+
+def _run_stages(args, params, base: Path) -> int:
+    name = "evaluate" if args.command == "all" else args.command
+    stage = graph.stage(name)
+    if getattr(args, "if_chosen", False) and not stage.chosen(params, base):
+        for folder in stage.cache_folders:  # DVC expects the declared output to exist
+            (base / params.paths.cache_dir / folder).mkdir(parents=True, exist_ok=True)
+        from pipeline.stages import ladder
+
+        log.info("%s: not chosen, nothing to do (%s)", stage.name,
+                 ladder.describe_choice(params, ladder.chosen(params, base)[0]))
+        return 0
+    chain = graph.chain(name, params, base) if (args.command == "all" or args.with_upstream) else [stage]
+    for current in chain:
+        result = current.entry(params, base)
+        if current.name == "evaluate":
+            print(result.table)
+    return 0

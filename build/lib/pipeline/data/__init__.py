@@ -1,0 +1,1 @@
+"""Photos on disk: finding and splitting them (scan), decoding them (decode), resizing them (resize)."""

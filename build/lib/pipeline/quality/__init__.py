@@ -1,0 +1,1 @@
+"""What is wrong with the photos, from their cached features: near-duplicates, label issues, outliers."""

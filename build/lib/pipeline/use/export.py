@@ -1,0 +1,363 @@
+"""Command `export`: one self-contained model, in every format, proven to answer like the pipeline.
+
+The exported Keras model takes one RGB image of any size, ``(1, H, W, 3)`` uint8 (or a batch of
+same-sized images), and returns two outputs: calibrated class probabilities ``(N, n_classes)``
+and the rejection score ``(N,)`` (answer ``reject.label`` when it is above ``model.json``'s
+threshold). Inside: ``FitToSize`` (the features stage's own resize), the frozen part of the
+backbone with its normalisation, the classifier of the rung params choose (a logistic-regression
+head is folded into one Dense layer; the fine-tuned network is the whole model) and its guard
+(temperature, score: ``training.guard``).
+
+Files in ``export.dir`` (default ``models/``): ``model.keras``, ``saved_model/`` (signature
+``serve``), ``model.tflite`` (float32), optionally ``model_dynamic.tflite`` or
+``model_int8.tflite``, ``labels.txt`` and ``model.json``. They are written to a temporary folder
+and moved into place only after the parity check on the test split passed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import runtime
+from pipeline.data.decode import ImageError, decode_rgb
+from pipeline.errors import PipelineError
+from pipeline.fingerprint import replaced_folder
+from pipeline.params import Params, as_dict
+from pipeline.stages import ladder
+from pipeline.store import layout
+from pipeline.training.inputs import iterate
+from pipeline.use.predict import features_params_of
+
+log = logging.getLogger("pipeline.export")
+# Quantised formats: scores within this share of the threshold are borderline (either answer is fair)
+DECISION_BAND = 0.05
+FORMAT_VERSION = 2  # 2: two outputs (probabilities, score), rejection and calibration in model.json
+
+
+class ExportError(PipelineError, RuntimeError):
+    """An export that does not answer like the pipeline; nothing was written."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    folder: Path
+    files: dict  # name -> size in bytes
+    parity: dict  # format -> {"max_abs_diff" | "top1_agreement", "n_images"}
+
+
+def build_export_model(backbone, classifier_model, size: int, resize: str, views=("original",)):
+    """uint8 (N, H, W, 3) -> [probabilities (N, n_classes), score (N,)]: resize, [the frozen backbone on
+    each view, averaged,] the guarded classifier."""
+    from pipeline.training.layers import FitToSize, keras
+
+    image = keras.Input((None, None, 3), dtype="uint8", name="image")
+    x = FitToSize(size, resize, name="fit_to_size")(image)
+    if backbone is not None:  # None: the classifier takes the resized image itself (fine-tuned network)
+        activations = [backbone.model(x if view == "original" else keras.ops.flip(x, axis=2), training=False)
+                       for view in views]  # the views of runtime.VIEWS: original, hflip (mirrored left-right)
+        x = activations[0] if len(activations) == 1 else keras.layers.Average(name="views")(activations)
+    probabilities, score = classifier_model(x, training=False)
+    return keras.Model(image, [probabilities, score], name="classifier")
+
+
+def run(params: Params, base: str | Path = ".") -> ExportResult:
+    base = Path(base)
+    rung, _ = ladder.chosen(params, base)
+    with rung.load(params, base) as trained:
+        log.info("export: %s", ladder.describe_choice(params, rung))
+        return _export(params, base, rung, trained)
+
+
+def _export(params: Params, base: Path, rung, trained) -> ExportResult:
+    from pipeline.backbones import keras_models
+
+    inputs = trained.inputs
+    attrs = inputs.attrs
+    f = features_params_of(attrs)
+    size = runtime.input_size(f)
+    backbone = None
+    if inputs.layer != runtime.IMAGE:
+        backbone = keras_models.build(f.backbone, f.weights, inputs.layer, f.image_size,
+                                      layout.weights_dir(params, base))
+        if backbone.weights_sha256 != attrs["weights_sha256"]:
+            raise ExportError(f"the backbone's weights differ from those of {inputs.path.name}; "
+                              f"run 'make features' and 'make {rung.stage}' again")
+    model = build_export_model(backbone, trained.classifier.as_keras(inputs.shape), size, f.resize, inputs.views)
+
+    tolerance = params.export.tolerance
+    if attrs["dtype"] == "float16":
+        tolerance = max(tolerance, 2e-3)  # the reference itself went through float16 storage
+        log.info("export: float16 feature cache; parity tolerance widened to %g", tolerance)
+    target = base / params.export.dir
+    with replaced_folder(target) as tmp:  # moved into place only after parity held
+        files = _write_formats(model, tmp, params, base, trained, runtime.draft_size(f), size)
+        parity = _check_parity(tmp, model, _test_samples(params, base, trained, runtime.draft_size(f)), tolerance,
+                               params.export.min_top1_agreement, trained.guard)
+        _write_metadata(tmp, params, base, trained, size, f, parity)
+    sizes = {name: _size(target / name) for name in files}
+    for name, size_bytes in sizes.items():
+        log.info("export: %-22s %8.1f MB", name, size_bytes / 1e6)
+    return ExportResult(target, sizes, parity)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+@dataclass
+class _Sample:
+    path: str
+    pixels: np.ndarray  # (H, W, 3) uint8, decoded as the features stage does
+    reference: np.ndarray  # (n_classes,) the pipeline's probabilities from its own inputs
+    score: float  # the pipeline's rejection score
+
+
+def _test_samples(params: Params, base: Path, trained, draft: int):
+    """Yield the test photos that still have the bytes they were cached with, with the pipeline's answer;
+    a batch of test rows at a time (memory does not grow with the test split)."""
+    import hashlib
+
+    inputs = trained.inputs
+    root = base / params.data.root
+    changed = 0
+    for positions, x in iterate(inputs, "test", 32):
+        reference, scores = trained.classifier.answer(x)
+        for path, sha, probabilities, score in zip(inputs.paths(positions), inputs.sha256(positions), reference, scores):
+            file = root / path
+            try:
+                data = file.read_bytes()
+                if hashlib.sha256(data).hexdigest() != sha:
+                    changed += 1
+                    continue
+                yield _Sample(path, decode_rgb(io.BytesIO(data), draft), probabilities, float(score))
+            except (OSError, ImageError):
+                changed += 1
+    if changed:
+        log.warning("export: %d test image(s) changed or missing since 'make features'; checked the others", changed)
+
+
+def _write_formats(model, folder: Path, params: Params, base: Path, trained, draft: int, size: int) -> list[str]:
+    files = ["model.keras", "saved_model", "model.tflite"]
+    model.save(folder / "model.keras")
+    model.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
+    model.export(str(folder / "model.tflite"), format="litert", verbose=False)
+    quantize = params.export.quantize
+    if quantize != "none":
+        name = f"model_{quantize}.tflite"
+        (folder / name).write_bytes(_quantized(folder / "saved_model", quantize, params, base, trained, draft, size))
+        files.append(name)
+    (folder / "labels.txt").write_text("\n".join(trained.classes) + "\n")
+    return files + ["labels.txt", "model.json"]
+
+
+def _quantized(saved_model: Path, mode: str, params: Params, base: Path, trained, draft: int, size: int) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "int8":
+        train = trained.inputs.rows("train").positions
+        rng = np.random.default_rng(0)
+        chosen = np.sort(rng.choice(len(train), size=min(len(train), params.export.representative_images),
+                                    replace=False))
+        paths = trained.inputs.paths(train[chosen])
+        root = base / params.data.root
+
+        def representative():
+            first = True
+            for path in paths:
+                try:
+                    pixels = decode_rgb(root / path, draft)
+                except ImageError:
+                    continue
+                yield [pixels[None]]
+                if first:
+                    first = False
+                    for extreme in range_samples(pixels, size):
+                        yield [extreme[None]]
+
+        converter.representative_dataset = representative
+    return converter.convert()
+
+
+def range_samples(pixels: np.ndarray, size: int) -> list[np.ndarray]:
+    """Calibration samples that make every tensor of the model's resize reach its full range.
+
+    A full-integer model keeps each tensor's range from calibration. The resize's weights reach 1
+    only at some photo sizes (a side that is a multiple of the input size): calibrated on photos of
+    other sizes, a weight of 1 would be clipped (a photo made darker). So the calibration also sees
+    one photo at twice the input size, contrast-stretched to 0..255, and at half the input size
+    (the growing path)."""
+    from PIL import Image
+
+    low, high = pixels.min(), pixels.max()
+    stretched = ((pixels.astype(np.float32) - low) * (255.0 / max(1, high - low))).round().astype(np.uint8)
+    image = Image.fromarray(stretched)
+    return [np.asarray(image.resize((2 * size, 2 * size), Image.BOX)),
+            np.asarray(image.resize((max(1, size // 2),) * 2, Image.BOX))]
+
+
+def split_outputs(outputs) -> tuple[np.ndarray, float]:
+    """(probabilities (n_classes,), score) of one photo from an exported model's two outputs, in whatever
+    order or container a format returns them: the probabilities are the 2-D one, the score the 1-D one."""
+    arrays = [np.asarray(o) for o in (outputs.values() if isinstance(outputs, dict) else outputs)]
+    probabilities = next(a for a in arrays if a.ndim == 2)
+    score = next(a for a in arrays if a.ndim == 1)
+    return probabilities[0].astype(np.float64), float(score[0])
+
+
+class _Runners:
+    """Each exported format as a function: (1, H, W, 3) uint8 -> ((n_classes,) probabilities, score)."""
+
+    def __init__(self, folder: Path, live_model):
+        import keras
+        import tensorflow as tf
+
+        import pipeline.training.layers  # noqa: F401  (registers FitToSize and the guard's layers for loading)
+
+        self.formats = {"keras (in memory)": lambda x: split_outputs(live_model(x, training=False))}
+        reloaded = keras.saving.load_model(folder / "model.keras")
+        self.formats["model.keras"] = lambda x: split_outputs(reloaded(x, training=False))
+        serving = tf.saved_model.load(str(folder / "saved_model")).signatures["serve"]
+        self.formats["saved_model"] = lambda x: split_outputs(
+            {k: v.numpy() for k, v in serving(tf.constant(x)).items()})
+        for path in sorted(folder.glob("*.tflite")):
+            self.formats[path.name] = _tflite_runner(path)
+
+
+def tflite_interpreter(path: Path):
+    """LiteRT's interpreter (ai-edge-litert)."""
+    from pipeline.backbones.litert import interpreter
+
+    return interpreter(path)
+
+
+def _tflite_runner(path: Path):
+    interpreter = tflite_interpreter(path)
+    input_index = interpreter.get_input_details()[0]["index"]
+    shape = [None]
+
+    def run(x):
+        if shape[0] != x.shape:
+            interpreter.resize_tensor_input(input_index, x.shape)
+            interpreter.allocate_tensors()
+            shape[0] = x.shape
+        interpreter.set_tensor(input_index, x)
+        interpreter.invoke()
+        return split_outputs([interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()])
+
+    return run
+
+
+def _check_parity(folder: Path, model, samples, tolerance: float, min_agreement: float, guard) -> dict:
+    """Run every test photo through every format and compare with the pipeline's probabilities and scores:
+    float formats within ``tolerance``, quantised ones on the top-1 label and on the accept/reject decision."""
+    runners = _Runners(folder, model)
+    diffs: dict = {name: [] for name in runners.formats}
+    agree: dict = {name: [] for name in runners.formats}
+    score_diffs: dict = {name: [] for name in runners.formats}
+    decisions: dict = {name: [] for name in runners.formats}
+    seconds = dict.fromkeys(runners.formats, 0.0)
+    paths = []
+    for sample in samples:
+        paths.append(sample.path)
+        for name, runner in runners.formats.items():
+            started = time.perf_counter()
+            output, score = runner(sample.pixels[None])
+            seconds[name] += time.perf_counter() - started
+            diffs[name].append(float(np.abs(output - sample.reference).max()))
+            agree[name].append(bool(output.argmax() == sample.reference.argmax()))
+            score_diffs[name].append(abs(score - sample.score))
+            # a photo whose score is within DECISION_BAND of the threshold may fall either side after 8-bit
+            # rounding: counted apart (borderline), not as a disagreement
+            borderline = abs(sample.score - guard.threshold) <= DECISION_BAND * max(abs(guard.threshold), 1e-6)
+            decisions[name].append(None if borderline else
+                                   bool((score <= guard.threshold) == (sample.score <= guard.threshold)))
+    if not paths:
+        raise ExportError("no test images to check parity on; set data.test_fraction > 0")
+    report, failures = {}, []
+    for name in runners.formats:
+        diff, same = np.array(diffs[name]), np.array(agree[name])
+        score_diff = np.array(score_diffs[name])
+        decided = np.array([d is not False for d in decisions[name]])
+        clear = [d for d in decisions[name] if d is not None]
+        quantized = name.startswith(("model_dynamic", "model_int8"))
+        entry = {"n_images": len(paths), "max_abs_diff": float(diff.max()), "top1_agreement": float(same.mean()),
+                 "score_max_abs_diff": float(score_diff.max()),
+                 "decision_agreement": float(np.mean(clear)) if clear else 1.0,
+                 "borderline": len(paths) - len(clear),
+                 "seconds": seconds[name]}
+        report[name] = entry
+        if quantized:
+            ok = entry["top1_agreement"] >= min_agreement and entry["decision_agreement"] >= min_agreement
+        else:
+            ok = entry["max_abs_diff"] <= tolerance and entry["score_max_abs_diff"] <= tolerance
+        if quantized:
+            log.info("export: parity %-20s top-1 agreement %.2f%%, accept/reject agreement %.2f%% on %d test images "
+                     "(%d borderline)", name, 100 * entry["top1_agreement"], 100 * entry["decision_agreement"],
+                     len(paths), entry["borderline"])
+        else:
+            log.info("export: parity %-20s max |diff| %.2e, score %.2e on %d test images", name,
+                     entry["max_abs_diff"], entry["score_max_abs_diff"], len(paths))
+        if not ok:
+            if quantized:
+                worst = np.flatnonzero(~same | ~decided)[:3]
+                limit = (f"top-1 agreement {100 * entry['top1_agreement']:.1f}%, accept/reject agreement "
+                         f"{100 * entry['decision_agreement']:.1f}% (need {100 * min_agreement:g}%)")
+            else:
+                worst = np.argsort(-np.maximum(diff, score_diff))[:3]
+                limit = (f"max |diff| {entry['max_abs_diff']:.2g}, score {entry['score_max_abs_diff']:.2g} "
+                         f"(limit {tolerance:g})")
+            names = ", ".join(f"{paths[i]} ({max(diff[i], score_diff[i]):.2g})" for i in worst)
+            failures.append(f"{name}: {limit}; worst: {names}")
+    if failures:
+        raise ExportError("export does not answer like the pipeline, nothing written: " + " | ".join(failures))
+    return report
+
+
+def _write_metadata(folder: Path, params: Params, base: Path, trained, size: int, features_params, parity) -> None:
+    reports = base / params.paths.reports_dir
+    metrics = None
+    try:
+        run_info = json.loads((reports / "run.json").read_text())
+        if run_info.get("model", {}).get("key") == trained.key:  # only metrics of this very model
+            recorded = json.loads((reports / "metrics.json").read_text())
+            metrics = {k: recorded[k] for k in ("accuracy", "balanced_accuracy", "n_test")}
+    except (OSError, ValueError, KeyError):
+        pass
+    meta = trained.meta
+    attrs = trained.inputs.attrs
+    description = {
+        "format_version": FORMAT_VERSION,
+        "classes": trained.classes,
+        "input": {"shape": [None, None, None, 3], "dtype": "uint8", "color": "RGB, upright (EXIF applied)",
+                  "note": "one image of any size per call, or a batch of same-sized images"},
+        "outputs": {
+            "probabilities": {"shape": [None, len(trained.classes)], "dtype": "float32",
+                              "meaning": "calibrated class probabilities (temperature scaling), in labels.txt order"},
+            "score": {"shape": [None], "dtype": "float32",
+                      "meaning": "how unlike the training photos the image is; higher is less like them"},
+            "note": "tell them apart by rank: probabilities are 2-D, the score 1-D"},
+        "rejection": {"rule": trained.guard.rule, "label": trained.guard.label, "threshold": trained.guard.threshold,
+                      "score": trained.guard.score, "k": trained.guard.k, "keep": trained.guard.keep,
+                      "threshold_from": trained.guard.threshold_from, "bank_rows": trained.guard.bank_rows,
+                      "bank_kind": trained.guard.bank_kind},
+        "calibration": {"method": "temperature scaling", "temperature": trained.guard.temperature,
+                        "fitted_on": trained.guard.calibrated_on},
+        "preprocessing": {"resize": features_params.resize, "input_size": size,
+                          "method": "box filter by the integer factor side // size, then bilinear",
+                          "normalization": attrs["preprocessing"]},
+        "provenance": {"rung": trained.rung.name, "stage": trained.rung.stage, "backbone": attrs["backbone"],
+                       "weights": attrs["weights"], "weights_sha256": attrs["weights_sha256"],
+                       "layer": trained.inputs.layer, "features_key": attrs["key"], "model_key": trained.key,
+                       "model_params": meta["params"], "features_params": as_dict(features_params)},
+        "metrics": metrics,
+        "parity": parity,
+    }
+    (folder / "model.json").write_text(json.dumps(description, indent=2) + "\n")
