@@ -151,9 +151,10 @@ def _dispatch(args) -> int:
         from pipeline.app import server
         from pipeline.stages import ladder
 
+        sock = server.listen(params.serve)  # a port in use is said at once, before any training
         for stage in graph.chain(ladder.chosen(params, base)[0].stage, params, base):  # trained when missing
             stage.entry(params, base)
-        server.serve(params, base)
+        server.serve(params, base, sock)
         return 0
     if args.command == "clean-cache":
         cache = base / params.paths.cache_dir

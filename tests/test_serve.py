@@ -265,3 +265,18 @@ def test_report_cells_link_to_the_photos_they_count(served):
     assert served.get("/photos?cls=tigger")[0] == 200
     static = (served.project / "reports" / "index.html").read_text()
     assert "location.protocol" in static  # the links are added only when served: the file alone stays as it was
+
+
+def test_a_port_in_use_is_one_line_naming_the_setting(tmp_path):
+    import socket
+
+    project = write_project(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = cli(project, "serve", "--set", f"serve.port={port}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (f"error: serve: cannot listen on 127.0.0.1:{port} (Address "
+                                                      "already in use); set serve.port to a free port (0: any)")
+    assert not (project / "cache" / "features").exists()  # said before any work

@@ -272,21 +272,28 @@ def _escape(text: str) -> str:
     return html.escape(str(text), quote=True)
 
 
-def serve(params: Params, base: Path) -> None:
-    """Train what is missing (cache hits when up to date), then serve until interrupted."""
+def listen(serve_params):
+    """A socket listening on serve.host:serve.port, or an error naming the setting to change."""
     import socket
 
+    host, port = serve_params.host, serve_params.port
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)  # connections wait from now on, while the app starts
+    except OSError as error:
+        sock.close()
+        raise OSError(f"serve: cannot listen on {host}:{port} ({error.strerror}); set serve.port to a free port "
+                      "(0: any)") from None
+    return sock
+
+
+def serve(params: Params, base: Path, sock) -> None:
+    """Serve the app on ``sock`` (``listen``) until interrupted."""
     import uvicorn
 
     app = create_app(params, base)
-    sock = socket.socket(socket.AF_INET6 if ":" in params.serve.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((params.serve.host, params.serve.port))
-        sock.listen(128)  # connections wait from now on, while uvicorn starts
-    except OSError as error:
-        raise OSError(f"serve: cannot listen on {params.serve.host}:{params.serve.port} ({error.strerror}); "
-                      "set serve.port to a free port (0: any)") from None
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving on http://{shown}:{port}  (Ctrl+C stops)", flush=True)
