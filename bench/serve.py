@@ -11,7 +11,8 @@ one connection and POSTs raw photo bytes to ``/api/predict``, one photo per requ
   answer and top-k labels, probabilities within 1e-5; none may be lost or wrong;
 - the server's resident memory (``/proc/PID/status``: VmRSS, VmHWM) after each quarter of a first
   pass, then after each further pass of the same 1,000 photos (``--passes``): memory must not grow
-  with requests.
+  with requests;
+- Retrain after one relabel from the review page, as the app runs it (in its own process).
 Raw numbers: bench/results/serve.json.
 """
 from __future__ import annotations
@@ -91,6 +92,24 @@ def send_all(port: int, files: list[Path], clients: int, answers: dict, latencie
     return time.perf_counter() - started, errors
 
 
+def retrain_after_a_relabel(port: int) -> dict:
+    """Relabel the first label issue as suggested, as the review page does, then time Retrain (the features
+    stage, which finds every photo cached, and the head, in the app's process)."""
+    def call(method, path, payload=None, token=None):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        headers = {"Content-Type": "application/json", **({"X-CSRF-Token": token} if token else {})}
+        connection.request(method, path, json.dumps(payload).encode() if payload is not None else None, headers)
+        response = connection.getresponse()
+        return response.read().decode()
+
+    token = re.search(r'name="csrf" content="([^"]+)"', call("GET", "/review")).group(1)
+    issue = json.loads(call("GET", "/api/review"))["label_issues"][0]
+    call("POST", "/api/decide", {"sha256": issue["sha256"], "action": "relabel", "label": issue["suggested"]}, token)
+    started = time.perf_counter()
+    result = json.loads(call("POST", "/api/retrain", {}, token))
+    return {**result, "wall_seconds": time.perf_counter() - started}
+
+
 def main() -> None:
     import argparse
 
@@ -127,6 +146,8 @@ def main() -> None:
                 again, again_latencies = {}, []
                 later.append((again, *send_all(port, files, args.clients, again, again_latencies)))
                 memory[f"after pass {n} ({n * len(files)})"] = memory_mb(server.pid)
+            retrain = retrain_after_a_relabel(port)
+            memory["after a retrain"] = memory_mb(server.pid)
         finally:
             server.terminate()
             server.wait()
@@ -146,7 +167,7 @@ def main() -> None:
                                for a, t, _ in later],
               "answered": len(answers), "errors": errors + [e for _, _, errs in later for e in errs],
               "wrong": wrong, "memory_mb": memory,
-              "unknown_answers": sum(a["answer"] == "unknown" for a in answers.values())}
+              "unknown_answers": sum(a["answer"] == "unknown" for a in answers.values()), "retrain": retrain}
     out = ROOT / "bench" / "results" / "serve.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -155,7 +176,9 @@ def main() -> None:
     print(f"\n{len(files)} photos, {args.clients} clients: {result['requests_per_second']:.1f} requests/s; latency "
           f"p50 {result['latency_ms']['p50']:.0f} ms, p95 {result['latency_ms']['p95']:.0f} ms, p99 "
           f"{result['latency_ms']['p99']:.0f} ms; lost {lost}, wrong {len(wrong)}; memory (RSS MB) "
-          + ", ".join(f"{k}: {v['VmRSS']:.0f}" for k, v in memory.items()))
+          + ", ".join(f"{k}: {v['VmRSS']:.0f}" for k, v in memory.items())
+          + f"; retrain after a relabel {retrain['wall_seconds']:.2f} s (val accuracy {retrain['val_accuracy_before']} -> "
+            f"{retrain['val_accuracy_after']})")
 
 
 if __name__ == "__main__":

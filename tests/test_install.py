@@ -2,6 +2,7 @@
 serve from any folder that holds a params file, with the package's own files (pages, params template)."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -18,8 +19,15 @@ def installed(tmp_path_factory):
     """The wheel built from the working tree and installed (without its dependencies, which the test
     environment has) under a prefix of its own: a console script and a package that is not the clone."""
     folder = tmp_path_factory.mktemp("install")
+    source = folder / "source"  # what a clone holds (the build writes its build/ folder there, not here)
+    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split("\n")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(folder / "dist"), str(ROOT)], capture_output=True, text=True)
+                            str(folder / "dist"), str(source)], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((folder / "dist").glob("photohead-*.whl"))
     prefix = folder / "prefix"

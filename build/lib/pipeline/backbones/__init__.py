@@ -1,1 +1,0 @@
-"""Frozen pretrained networks: what exists (registry), Keras builders, weight readers, the LiteRT runtime."""

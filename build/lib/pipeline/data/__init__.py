@@ -1,1 +1,0 @@
-"""Photos on disk: finding and splitting them (scan), decoding them (decode), resizing them (resize)."""

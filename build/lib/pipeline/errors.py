@@ -1,7 +1,0 @@
-"""The project's own error type. Every error a user can act on derives from it; its message names
-the culprit (a key, a file, a stage) and what to do next, on one line. The CLI prints exactly these
-without a traceback; anything else is a bug and keeps its traceback."""
-
-
-class PipelineError(Exception):
-    """Bad input, a missing upstream result, or a check that refused: the message says what to do."""

@@ -1,1 +1,0 @@
-"""What is wrong with the photos, from their cached features: near-duplicates, label issues, outliers."""

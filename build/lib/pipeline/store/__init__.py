@@ -1,1 +1,0 @@
-"""The HDF5 feature cache: its format (table), work in progress (parts), reading it in batches (batches)."""
