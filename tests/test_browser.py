@@ -4,7 +4,9 @@
 - the review page: relabel the planted photo with a key press; corrections.csv has the row and the
   next train-head uses it;
 - the label page: the order the API gives, a key press files a photo, the retrain button shows the
-  validation figure before and after.
+  validation figure before and after;
+- the report served: its confusion cells and class rows link to the photos they count; opened from
+  disk, the same file has no links and nothing broken.
 """
 import csv
 import os
@@ -108,3 +110,25 @@ def test_label_page_order_key_and_retrain_button(browser, served):
     assert result not in (None, "")
     _, after = served.json("/api/label")
     assert after["remaining"] == queue["remaining"] - 1
+
+
+def test_served_report_links_its_cells_to_their_photos_and_the_file_stays_as_it_was(browser, served):
+    from selenium.webdriver.common.by import By
+
+    browser.get(served.url + "/report")
+    links = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "table.matrix a[href^='/photos?true=']"))
+    assert len(links) == 9  # every cell of the 3 x 3 matrix
+    rows = browser.find_elements(By.CSS_SELECTOR, "tr[data-class] a[href^='/photos?cls=']")
+    assert len(rows) == 3
+    cell = next(a for a in links if a.text != "0")
+    count = int(cell.text)
+    cell.click()
+    wait(browser, lambda d: "/photos?" in d.current_url)
+    figures = browser.find_elements(By.CSS_SELECTOR, "#gallery figure img")
+    assert len(figures) == count
+    wait(browser, lambda d: all(img.get_property("naturalWidth") > 0 for img in figures))
+    # the same page opened from disk: no server, no links, nothing broken
+    browser.get((served.project / "reports" / "index.html").as_uri())
+    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-images-loaded") != "pending")
+    assert browser.find_elements(By.CSS_SELECTOR, "table.matrix td[data-true]")
+    assert not browser.find_elements(By.CSS_SELECTOR, "table.matrix a")

@@ -165,13 +165,15 @@ def _write_forever(path):
 def test_sigkill_during_writes_leaves_the_file_whole(tmp_path):
     path = tmp_path / "corrections.csv"
     for attempt in range(5):
-        writer = multiprocessing.get_context("spawn").Process(target=_write_forever, args=(path,))
+        writer = multiprocessing.get_context("spawn").Process(target=_write_forever, args=(path,), daemon=True)
         writer.start()
-        deadline = time.monotonic() + 30
-        while len(corrections.read(path)) < 20 * (attempt + 1) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        os.kill(writer.pid, signal.SIGKILL)
-        writer.join()
+        try:
+            deadline = time.monotonic() + 30
+            while len(corrections.read(path)) < 20 * (attempt + 1) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            os.kill(writer.pid, signal.SIGKILL)  # also when reading failed: the writer never outlives the test
+            writer.join()
         text = path.read_text()
         assert text.startswith("path,action,label,note\n") and text.endswith("\n")
         rows = corrections.read(path)  # parses: every row whole
