@@ -12,6 +12,7 @@ The backbone is converted once from Keras (``model.export(format="litert")``) in
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -179,8 +180,10 @@ class LiteRTEngine:
         self.keras = None
 
 
+@functools.cache
 def keep_freed_memory() -> None:
-    """Ask glibc to serve large arrays from the heap instead of fresh mmaps.
+    """Ask glibc to serve large arrays from the heap instead of fresh mmaps (once per process: finding
+    libc runs ``ldconfig``, milliseconds that a server answering one photo at a time would pay each time).
 
     Every decoded image allocates a few arrays of about a megabyte; by default glibc maps each one
     anew and the first touch of every page faults. Raising the mmap threshold (and the trim
