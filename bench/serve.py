@@ -4,11 +4,9 @@
 
 The project: cat_breeds_web5 with the default params (EfficientNet-Lite0, head), trained first. The
 photos sent: the 1,000 of dogs_vs_cats_1k, none of them in the project's cache, so every request
-runs the backbone. Two servers, ``python -m pipeline serve`` as a user starts it: the default
-(``serve.batch: 32``: requests that arrive together share a backbone call) and ``serve.batch: 1``
-(one request at a time), sent the photos in alternating passes. Each client keeps one connection
-and POSTs raw photo bytes to ``/api/predict``, one photo per request.
-- requests/s of each pass (and the median per server), p50/p95/p99 latency over every request;
+runs the backbone. The server is ``python -m pipeline serve`` as a user starts it; each client keeps
+one connection and POSTs raw photo bytes to ``/api/predict``, one photo per request.
+- requests/s over the whole run, and p50/p95/p99 latency of the requests;
 - every answer compared with ``python -m pipeline predict --format json`` on the same files: the same
   answer and top-k labels, probabilities within 1e-5; none may be lost or wrong;
 - the server's resident memory (``/proc/PID/status``: VmRSS, VmHWM) after each quarter of a first
@@ -35,17 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from _photos import DATASETS, require  # noqa: E402
 
-DEFAULT_BATCH = 32  # serve.batch's default
-
 
 def memory_mb(pid: int) -> dict:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return {name: int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM")}
 
 
-def start(project: Path, env: dict, batch: int) -> tuple[subprocess.Popen, int]:
-    server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--set", "serve.port=0", "--set",
-                               f"serve.batch={batch}"], cwd=project,
+def start(project: Path, env: dict) -> tuple[subprocess.Popen, int]:
+    server = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--set", "serve.port=0"], cwd=project,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     while True:
         line = server.stdout.readline()
@@ -138,67 +133,49 @@ def main() -> None:
             out = subprocess.run([sys.executable, "-m", "pipeline", "predict", *map(str, files[start_at:start_at + 250]),
                                   "--format", "json"], cwd=project, env=env, check=True, capture_output=True, text=True)
             expected.update({a["path"]: a for a in json.loads(out.stdout)})
-        servers = {batch: start(project, env, batch) for batch in (1, DEFAULT_BATCH)}
-        runs = {batch: [] for batch in servers}  # per pass: (answers, seconds, errors, latencies)
-        memory = {}
+        server, port = start(project, env)
         try:
-            pid = servers[DEFAULT_BATCH][0].pid
-            memory["idle"] = memory_mb(pid)
+            memory = {"idle": memory_mb(server.pid)}
             quarter = len(files) // 4
-            for n in range(1, args.passes + 1):
-                for batch, (server, port) in servers.items():  # alternating: the machine's drift hits both alike
-                    checkpoints = {quarter * q: (lambda q=q: memory.__setitem__(f"after {quarter * q}", memory_mb(pid)))
-                                   for q in (1, 2, 3)} if n == 1 and batch == DEFAULT_BATCH else None
-                    answers, latencies = {}, []
-                    seconds, errors = send_all(port, files, args.clients, answers, latencies, checkpoints)
-                    runs[batch].append((answers, seconds, errors, latencies))
-                memory[f"after pass {n} ({n * len(files)})"] = memory_mb(pid)
-            retrain = retrain_after_a_relabel(servers[DEFAULT_BATCH][1])
-            memory["after a retrain"] = memory_mb(pid)
+            checkpoints = {quarter * q: (lambda q=q: memory.__setitem__(f"after {quarter * q}", memory_mb(server.pid)))
+                           for q in (1, 2, 3, 4)}
+            answers, latencies = {}, []
+            seconds, errors = send_all(port, files, args.clients, answers, latencies, checkpoints)
+            later = []
+            for n in range(2, args.passes + 1):
+                again, again_latencies = {}, []
+                later.append((again, *send_all(port, files, args.clients, again, again_latencies)))
+                memory[f"after pass {n} ({n * len(files)})"] = memory_mb(server.pid)
+            retrain = retrain_after_a_relabel(port)
+            memory["after a retrain"] = memory_mb(server.pid)
         finally:
-            for server, _ in servers.values():
-                server.terminate()
-                server.wait()
-    wrong, lost, errors = [], 0, []
-    for batch, passes in runs.items():
-        for answers, _, errs, _ in passes:
-            lost += len(files) - len(answers)
-            errors += errs
-            for name, got in answers.items():
-                want = expected[name]
-                same = got["answer"] == want["answer"] and [p["label"] for p in got["predictions"]] == \
-                    [p["label"] for p in want["predictions"]] and all(
-                        abs(a["probability"] - b["probability"]) <= 1e-5
-                        for a, b in zip(got["predictions"], want["predictions"]))
-                if not same:
-                    wrong.append((batch, name))
-
-    def summary(passes):
-        latencies = sorted(x for _, _, _, lat in passes for x in lat)
-        q = statistics.quantiles(latencies, n=100)
-        rates = [len(files) / seconds for _, seconds, _, _ in passes]
-        return {"requests_per_second": rates, "median_requests_per_second": statistics.median(rates),
-                "latency_ms": {"p50": 1000 * q[49], "p95": 1000 * q[94], "p99": 1000 * q[98]}}
-
-    result = {"command": f"bench/serve.py --clients {args.clients} --photos {len(files)} --passes {args.passes}",
-              "photos": len(files), "clients": args.clients, "passes": args.passes,
-              "batched": summary(runs[DEFAULT_BATCH]), "one_at_a_time": summary(runs[1]),
-              "requests": sum(len(a) for passes in runs.values() for a, _, _, _ in passes), "lost": lost,
-              "errors": errors, "wrong": wrong, "memory_mb": memory, "retrain": retrain,
-              "unknown_answers": sum(a["answer"] == "unknown" for a in runs[DEFAULT_BATCH][0][0].values())}
-    result["speedup_of_batching"] = (result["batched"]["median_requests_per_second"] /
-                                     result["one_at_a_time"]["median_requests_per_second"])
+            server.terminate()
+            server.wait()
+    wrong = []
+    for name, got in list(answers.items()) + [item for again, _, _ in later for item in again.items()]:
+        want = expected[name]
+        same = got["answer"] == want["answer"] and [p["label"] for p in got["predictions"]] == \
+            [p["label"] for p in want["predictions"]] and all(
+                abs(a["probability"] - b["probability"]) <= 1e-5 for a, b in zip(got["predictions"], want["predictions"]))
+        if not same:
+            wrong.append(name)
+    q = statistics.quantiles(sorted(latencies), n=100)
+    result = {"command": f"bench/serve.py --clients {args.clients} --photos {len(files)}", "photos": len(files),
+              "clients": args.clients, "seconds": seconds, "requests_per_second": len(files) / seconds,
+              "latency_ms": {"p50": 1000 * q[49], "p95": 1000 * q[94], "p99": 1000 * q[98]},
+              "later_passes": [{"seconds": t, "requests_per_second": len(files) / t, "answered": len(a)}
+                               for a, t, _ in later],
+              "answered": len(answers), "errors": errors + [e for _, _, errs in later for e in errs],
+              "wrong": wrong, "memory_mb": memory,
+              "unknown_answers": sum(a["answer"] == "unknown" for a in answers.values()), "retrain": retrain}
     out = ROOT / "bench" / "results" / "serve.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    b, o = result["batched"], result["one_at_a_time"]
-    print(f"\n{len(files)} photos x {args.passes} passes, {args.clients} clients: serve.batch {DEFAULT_BATCH} "
-          f"{b['median_requests_per_second']:.1f} requests/s (median), p50/p95/p99 {b['latency_ms']['p50']:.0f}/"
-          f"{b['latency_ms']['p95']:.0f}/{b['latency_ms']['p99']:.0f} ms; serve.batch 1 "
-          f"{o['median_requests_per_second']:.1f} requests/s, p50/p95/p99 {o['latency_ms']['p50']:.0f}/"
-          f"{o['latency_ms']['p95']:.0f}/{o['latency_ms']['p99']:.0f} ms; batching {result['speedup_of_batching']:.2f}x; "
-          f"lost {lost}, wrong {len(wrong)}, errors {len(errors)}; memory (RSS MB) "
+    lost = len(files) * args.passes - len(answers) - sum(len(a) for a, _, _ in later)
+    print(f"\n{len(files)} photos, {args.clients} clients: {result['requests_per_second']:.1f} requests/s; latency "
+          f"p50 {result['latency_ms']['p50']:.0f} ms, p95 {result['latency_ms']['p95']:.0f} ms, p99 "
+          f"{result['latency_ms']['p99']:.0f} ms; lost {lost}, wrong {len(wrong)}; memory (RSS MB) "
           + ", ".join(f"{k}: {v['VmRSS']:.0f}" for k, v in memory.items())
           + f"; retrain after a relabel {retrain['wall_seconds']:.2f} s (val accuracy {retrain['val_accuracy_before']} -> "
             f"{retrain['val_accuracy_after']})")

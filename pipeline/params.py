@@ -233,8 +233,6 @@ class ServeParams:
     port: int = Field(8000, ge=0, le=65535)  # 0: any free port (printed at start)
     max_upload_mb: float = Field(20.0, gt=0)  # larger request bodies get 413
     neighbours: int = Field(3, ge=0, le=20)  # nearest training photos shown beside each answer
-    # photos of requests that arrive at once answered in one backbone call (1: one request at a time)
-    batch: int = Field(32, ge=1)
     # Host headers accepted besides host:port, localhost and 127.0.0.1 (a name the app is reached by); any
     # other Host is refused, which stops DNS rebinding
     allowed_hosts: tuple[str, ...] = ()

@@ -13,7 +13,6 @@ import logging
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,23 +43,10 @@ class Photo:
     split: str
 
 
-@dataclass
-class _Job:
-    """One request's photos, waiting for the model."""
-
-    files: list  # (name, temporary file, sha256)
-    top_k: int | None
-    neighbours: int
-    result: list | BaseException | None = None
-
-
 class Served:
     def __init__(self, params: Params, base: Path):
         self.params, self.base = params, Path(base)
-        self.lock = threading.RLock()  # the model and the index: one user at a time
-        self.waiting: list[_Job] = []  # requests waiting for the model, answered together
-        self.waiting_lock = threading.Lock()
-        self.batch = params.serve.batch
+        self.lock = threading.RLock()  # the model, the index and the temporary folder: one request at a time
         self.uploads = tempfile.TemporaryDirectory(prefix="photohead-uploads-")
         self.trained = None
         self.load()
@@ -115,59 +101,35 @@ class Served:
     # ----------------------------------------------------------------- answers
     def predict(self, uploads: list[tuple[str, bytes]], top_k: int | None = None,
                 neighbours: int = 0) -> list[dict]:
-        """``predict --format json`` for each (name, bytes), with ``neighbours`` nearest train photos.
-
-        Requests that arrive while the model is busy wait together; whichever gets the model next answers
-        all of them (up to ``serve.batch`` photos) in one pass: one backbone call for the batch."""
-        job = _Job([], top_k, neighbours)
+        """``predict --format json`` for each (name, bytes), with ``neighbours`` nearest train photos."""
+        files, shas = [], []
         for name, data in uploads:
-            target = Path(self.uploads.name) / f"{uuid.uuid4().hex}{SUFFIXES.get(sniff(data[:32]), '.bin')}"
-            target.write_bytes(data)
-            job.files.append((name, target, hashlib.sha256(data).hexdigest()))
-        try:
-            with self.waiting_lock:
-                self.waiting.append(job)
-            while job.result is None:
-                with self.lock:
-                    with self.waiting_lock:
-                        jobs, taken = [], 0
-                        while self.waiting and (not jobs or taken + len(self.waiting[0].files) <= self.batch):
-                            jobs.append(self.waiting.pop(0))
-                            taken += len(jobs[-1].files)
-                    if jobs:
-                        self._answer(jobs)
-        finally:
-            for _, target, _ in job.files:
-                target.unlink(missing_ok=True)
-        if isinstance(job.result, BaseException):
-            raise job.result
-        return job.result
-
-    def _answer(self, jobs: list[_Job]) -> None:
-        """Answer every job's photos in one ``predict.answer_files`` call (under the model's lock)."""
-        try:
-            self.runner = self.runner or predict.open_runner(self.trained, self.params, self.base)
-            files = [target for job in jobs for _, target, _ in job.files]
-            answers = iter(predict.answer_files(self.params, self.base, self.trained, files, len(self.classes),
-                                                keep_rows=any(job.neighbours for job in jobs), runner=self.runner,
-                                                cached=self.input_positions))
-        except BaseException as error:  # every waiting request gets the error, none waits forever
-            for job in jobs:
-                job.result = error
-            return
-        for job in jobs:
-            k = min(job.top_k or self.params.predict.top_k, len(self.classes))
+            kind = sniff(data[:32])
+            sha = hashlib.sha256(data).hexdigest()
+            shas.append(sha)
+            folder = Path(self.uploads.name)
+            target = folder / f"{sha}{SUFFIXES.get(kind, '.bin')}"
+            files.append((name, target, data))
+        with self.lock:
+            for _, target, data in files:
+                target.write_bytes(data)
+            try:
+                self.runner = self.runner or predict.open_runner(self.trained, self.params, self.base)
+                answers = predict.answer_files(self.params, self.base, self.trained, [t for _, t, _ in files], top_k,
+                                               keep_rows=bool(neighbours), runner=self.runner,
+                                               cached=self.input_positions)
+            finally:
+                for _, target, _ in files:
+                    target.unlink(missing_ok=True)
             out = []
-            for name, _, sha in job.files:
-                answer = next(answers)
-                answer.labels, answer.probabilities = answer.labels[:k], answer.probabilities[:k]
+            for (name, _, _), sha, answer in zip(files, shas, answers):
                 item = predict.as_json(answer)
                 item["path"] = name
-                if job.neighbours:
+                if neighbours:
                     item["sha256"] = sha
-                    item["neighbours"] = self.neighbours(answer.row, job.neighbours) if answer.row is not None else []
+                    item["neighbours"] = self.neighbours(answer.row, neighbours) if answer.row is not None else []
                 out.append(item)
-            job.result = out
+        return out
 
     def neighbours(self, row: np.ndarray, k: int, label: str | None = None) -> list[dict]:
         """The ``k`` train photos nearest ``row`` (pooled features; cosine of centred features)."""
