@@ -36,7 +36,9 @@ from _photos import DATASETS, require  # noqa: E402
 
 def memory_mb(pid: int) -> dict:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {name: int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM")}
+    out = {name: int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM")}
+    out["threads"] = int(fields["Threads"])
+    return out
 
 
 def start(project: Path, env: dict) -> tuple[subprocess.Popen, int]:

@@ -293,6 +293,9 @@ def serve(params: Params, base: Path, sock) -> None:
     """Serve the app on ``sock`` (``listen``) until interrupted."""
     import uvicorn
 
+    from pipeline.backbones.litert import one_heap
+
+    one_heap()  # before the request threads start: memory stays flat however many requests come
     app = create_app(params, base)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
