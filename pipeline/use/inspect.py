@@ -214,7 +214,8 @@ def corrections_template(params: Params, base: str | Path, result: InspectResult
                                    f"label issue: filed as {q['given']}, looks like {q['suggested']} "
                                    f"(score {q['score']:.3f})") for q in result.label_issues]
     rows += [corrections.Correction(corrections.key_of(root / q["path_b"], base), "", "",
-                                    f"near-duplicate of {q['path_a']} (similarity {q['similarity']:.3f}"
+                                    f"near-duplicate of {corrections.key_of(root / q['path_a'], base)} "
+                                    f"(similarity {q['similarity']:.3f}"
                                     f"{', straddles splits' if q['leak'] else ''})") for q in result.near_duplicates]
     rows += [corrections.Correction(corrections.key_of(root / q["path"], base), "", "",
                                     f"outlier: unlike any class (filed as {q['label']}, nearest other class "
