@@ -108,7 +108,13 @@ def _dispatch(args) -> int:
             raise params_mod.ParamsError(f"{target} exists; edit it, or pass --params to write another file")
         text = (Path(__file__).resolve().parent / "params.yaml").read_text(encoding="utf-8")
         target.write_text(text.replace("  root: data/demo ", f"  root: {args.root} ", 1), encoding="utf-8")
-        print(f"wrote {target} (data.root: {args.root}); next: 'features', 'train-head', 'evaluate' or 'serve'")
+        from pipeline.data import corrections
+
+        decisions = target.parent / "corrections.csv"  # where the params' data.corrections points
+        if not decisions.exists():
+            decisions.write_text(corrections.render({}), encoding="utf-8")
+        print(f"wrote {target} (data.root: {args.root}) and {decisions.name}; next: 'features', 'train-head', "
+              "'evaluate' or 'serve'")
         return 0
     params = params_mod.load(args.params, args.overrides)
     base = Path(args.params).resolve().parent

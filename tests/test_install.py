@@ -67,6 +67,7 @@ def test_the_command_runs_the_stages_and_serve_from_any_folder(installed, tmp_pa
     assert where.startswith(str(site))  # the installed package, not the clone
     done = run(command, project, env, "init", "--root", "photos")
     assert done.returncode == 0 and (project / "params.yaml").is_file()
+    assert (project / "corrections.csv").read_text() == "path,action,label,note\n"  # a DVC dep must exist
     assert run(command, project, env, "init").returncode == 2  # never overwrites
     tiny = ["--set", "features.backbone=tiny"]
     done = run(command, project, env, "all", *tiny)
