@@ -86,7 +86,8 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default=None, help="keep the feature caches in this folder (default: a temporary one)")
+    parser.add_argument("--work", default=None,
+                        help="keep the feature caches in this folder (default: a temporary one)")
     parser.add_argument("--seeds", type=int, default=10)
     args = parser.parse_args()
     require(DATASETS)

@@ -132,8 +132,9 @@ def main() -> None:
                        check=True, capture_output=True)
         expected = {}
         for start_at in range(0, len(files), 250):  # predict as a user runs it, on the same files
-            out = subprocess.run([sys.executable, "-m", "pipeline", "predict", *map(str, files[start_at:start_at + 250]),
-                                  "--format", "json"], cwd=project, env=env, check=True, capture_output=True, text=True)
+            chunk = [str(f) for f in files[start_at:start_at + 250]]
+            out = subprocess.run([sys.executable, "-m", "pipeline", "predict", *chunk, "--format", "json"], cwd=project,
+                                 env=env, check=True, capture_output=True, text=True)
             expected.update({a["path"]: a for a in json.loads(out.stdout)})
         server, port = start(project, env)
         try:
@@ -158,7 +159,8 @@ def main() -> None:
         want = expected[name]
         same = got["answer"] == want["answer"] and [p["label"] for p in got["predictions"]] == \
             [p["label"] for p in want["predictions"]] and all(
-                abs(a["probability"] - b["probability"]) <= 1e-5 for a, b in zip(got["predictions"], want["predictions"]))
+                abs(a["probability"] - b["probability"]) <= 1e-5
+                for a, b in zip(got["predictions"], want["predictions"]))
         if not same:
             wrong.append(name)
     q = statistics.quantiles(sorted(latencies), n=100)
@@ -179,8 +181,8 @@ def main() -> None:
           f"p50 {result['latency_ms']['p50']:.0f} ms, p95 {result['latency_ms']['p95']:.0f} ms, p99 "
           f"{result['latency_ms']['p99']:.0f} ms; lost {lost}, wrong {len(wrong)}; memory (RSS MB) "
           + ", ".join(f"{k}: {v['VmRSS']:.0f}" for k, v in memory.items())
-          + f"; retrain after a relabel {retrain['wall_seconds']:.2f} s (val accuracy {retrain['val_accuracy_before']} -> "
-            f"{retrain['val_accuracy_after']})")
+          + f"; retrain after a relabel {retrain['wall_seconds']:.2f} s (val accuracy "
+            f"{retrain['val_accuracy_before']} -> {retrain['val_accuracy_after']})")
 
 
 if __name__ == "__main__":

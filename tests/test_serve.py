@@ -77,7 +77,8 @@ def test_the_api_answers_as_predict_does(served, tmp_path):
                                      "POST")
     raw = json.loads(text)
     assert status == 200 and without_path(raw) == without_path(answers[1:2])
-    assert len(raw[0]["neighbours"]) == 3 and all(re.fullmatch(r"[0-9a-f]{64}", n["sha256"]) for n in raw[0]["neighbours"])
+    assert len(raw[0]["neighbours"]) == 3
+    assert all(re.fullmatch(r"[0-9a-f]{64}", n["sha256"]) for n in raw[0]["neighbours"])
     assert raw[0]["neighbours"][0]["label"] == "neither"  # a neither-coloured photo is nearest neither photos
     status, _, body = served.request(f"/photo/{raw[0]['neighbours'][0]['sha256']}?size=96")
     assert status == 200 and body  # the neighbour's thumbnail, by content hash

@@ -142,8 +142,8 @@ class Served:
         if label is not None:
             similarity = np.where(self.train_label == label, similarity, -np.inf)
         best = np.argsort(-similarity, kind="stable")[:k]
-        return [{"sha256": self.train_sha[i], "label": self.train_label[i], "similarity": round(float(similarity[i]), 4)}
-                for i in best if np.isfinite(similarity[i])]
+        return [{"sha256": self.train_sha[i], "label": str(self.train_label[i]),
+                 "similarity": round(float(similarity[i]), 4)} for i in best if np.isfinite(similarity[i])]
 
     def cached_row(self, sha: str) -> np.ndarray | None:
         """A photo's pooled features from the cache (None when it is not there)."""
@@ -168,7 +168,8 @@ class Served:
         if path is None:
             raise ValueError("data.corrections is null: set it to a file to keep decisions")
         name = corrections.key_of(self.root / photo.path, self.base)
-        decisions = corrections.record(path, [corrections.Correction(name, action, label if action == "relabel" else "")])
+        decision = corrections.Correction(name, action, label if action == "relabel" else "")
+        decisions = corrections.record(path, [decision])
         return {"path": name, "action": action, "label": label, "decisions": len(corrections.decided(decisions))}
 
     def decisions(self) -> dict[str, corrections.Correction]:

@@ -262,8 +262,8 @@ def _findings(params: Params, base: Path, served: Served) -> dict:
     outliers = [{"kind": "outlier", "sha256": sha_of.get(q["path"]), "path": q["path"], "given": q["label"],
                  "score": round(q["score"], 4), "nearest_other_class": q["nearest_other_class"]}
                 for q in result.outliers]
-    keep = lambda items: [f for f in items if f["sha256"]]  # noqa: E731 (photos gone since the cache was made)
-    return {"label_issues": keep(issues), "near_duplicates": keep(pairs), "outliers": keep(outliers)}
+    found = {"label_issues": issues, "near_duplicates": pairs, "outliers": outliers}
+    return {kind: [f for f in items if f["sha256"]] for kind, items in found.items()}  # photos still in the cache
 
 
 def _escape(text: str) -> str:
