@@ -13,7 +13,9 @@ one connection and POSTs raw photo bytes to ``/api/predict``, one photo per requ
   pass, then after each further pass of the same 1,000 photos (``--passes``): memory must not grow
   with requests;
 - Retrain after one relabel from the review page, as the app runs it (in its own process).
-Raw numbers: bench/results/serve.json.
+With ``--cache-sizes 1000 4000``, instead: the app's memory against the number of photos in its
+cache (bench/scale.py's copies of both shared sets), idle and after 200 requests.
+Raw numbers: bench/results/serve.json (serve_sizes.json).
 """
 from __future__ import annotations
 
@@ -53,8 +55,10 @@ def start(project: Path, env: dict) -> tuple[subprocess.Popen, int]:
             return server, int(found.group(1))
 
 
-def send_all(port: int, files: list[Path], clients: int, answers: dict, latencies: list, checkpoints=None):
-    """Send every file once, ``clients`` at a time; ``checkpoints``: {count: callback} run when reached."""
+def send_all(port: int, files: list[Path], clients: int, answers: dict, latencies: list, checkpoints=None,
+             tail: bytes = b""):
+    """Send every file once, ``clients`` at a time; ``checkpoints``: {count: callback} run when reached;
+    ``tail``: bytes appended to each photo (the same pixels, another sha256: never in a cache)."""
     queue = list(enumerate(files))
     lock = threading.Lock()
     done = [0]
@@ -67,7 +71,7 @@ def send_all(port: int, files: list[Path], clients: int, answers: dict, latencie
                 if not queue:
                     break
                 i, path = queue.pop(0)
-            body = path.read_bytes()
+            body = path.read_bytes() + tail
             started = time.perf_counter()
             connection.request("POST", f"/api/predict?name={path.name}", body, {"Content-Type": "image/jpeg"})
             response = connection.getresponse()
@@ -112,6 +116,39 @@ def retrain_after_a_relabel(port: int) -> dict:
     return {**result, "wall_seconds": time.perf_counter() - started}
 
 
+def memory_by_cache_size(args) -> None:
+    from scale import make_photos  # copies of both shared sets, as bench/scale.py makes them
+
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    files = sorted(p for p in (DATASETS / "dogs_vs_cats_1k").rglob("*") if p.is_file())[:200]
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        for n in args.cache_sizes:
+            project = work / f"cache_{n}"
+            if not (project / "photos").is_dir():
+                make_photos(project / "photos", n)
+            (project / "params.yaml").write_text(json.dumps({"data": {"root": "photos"}}))
+            subprocess.run([sys.executable, "-m", "pipeline", "train-head", "--with-upstream"], cwd=project, env=env,
+                           check=True, capture_output=True)
+            server, port = start(project, env)
+            try:
+                idle = memory_mb(server.pid)
+                answers, latencies = {}, []
+                send_all(port, files, args.clients, answers, latencies, tail=b"sent-by-bench")  # through the backbone
+                rows[n] = {"idle": idle, "after 200 requests": memory_mb(server.pid), "answered": len(answers)}
+            finally:
+                server.terminate()
+                server.wait()
+            print(n, json.dumps(rows[n]), flush=True)
+    out = ROOT / "bench" / "results" / "serve_sizes.json"
+    out.write_text(json.dumps({"command": f"bench/serve.py --cache-sizes {' '.join(map(str, args.cache_sizes))}",
+                               "sizes": rows}, indent=2))
+    print("| photos in the cache | RSS idle | RSS after 200 requests |\n|---|---|---|")
+    for n, row in rows.items():
+        print(f"| {n:,} | {row['idle']['VmRSS']:.0f} MB | {row['after 200 requests']['VmRSS']:.0f} MB |")
+
+
 def main() -> None:
     import argparse
 
@@ -120,8 +157,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--photos", type=int, default=1000)
     parser.add_argument("--passes", type=int, default=4, help="passes over the photos (memory after each)")
+    parser.add_argument("--cache-sizes", type=int, nargs="*", default=None,
+                        help="measure the app's memory against the photos in its cache instead")
     args = parser.parse_args()
     require(DATASETS)
+    if args.cache_sizes:
+        return memory_by_cache_size(args)
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     files = sorted(p for p in (DATASETS / "dogs_vs_cats_1k").rglob("*") if p.is_file())[:args.photos]
     with tempfile.TemporaryDirectory() as tmp:
