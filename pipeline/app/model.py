@@ -68,6 +68,9 @@ class Served:
             self.rows = table.read_index(self.cache)[0]  # (sha256, path, label, split), in file order
             self.photos: dict[str, Photo] = {row[0]: Photo(*row) for row in self.rows}
             self.position = {row[0]: i for i, row in enumerate(self.rows)}
+            self.sha_of_path = {row[1]: row[0] for row in self.rows}  # paths relative to data.root
+            # each photo's name in the corrections file (relative to the params file's folder)
+            self.sha_of_name = {corrections.key_of(self.root / row[1], self.base): row[0] for row in self.rows}
             self._index_train()
             log.info("serve: %s, %d classes, %d photos in the cache", ladder.describe_choice(self.params, rung),
                      len(self.classes), len(self.photos))
@@ -145,13 +148,14 @@ class Served:
         return [{"sha256": self.train_sha[i], "label": str(self.train_label[i]),
                  "similarity": round(float(similarity[i]), 4)} for i in best if np.isfinite(similarity[i])]
 
-    def cached_row(self, sha: str) -> np.ndarray | None:
-        """A photo's pooled features from the cache (None when it is not there)."""
-        i = self.position.get(sha)
-        if i is None:
-            return None
+    def cached_rows(self, shas: list[str]) -> dict[str, np.ndarray]:
+        """{sha256: pooled features} of the photos of ``shas`` that the cache holds, read in one pass."""
+        found = sorted((self.position[sha], sha) for sha in set(shas) if sha in self.position)
+        if not found:
+            return {}
         with h5py.File(self.cache, "r") as f:
-            return np.asarray(f["features"][i], np.float32).reshape(-1)
+            block = f["features"][[i for i, _ in found]]
+        return {sha: np.asarray(row, np.float32).reshape(-1) for (_, sha), row in zip(found, block)}
 
     def file_of(self, sha: str) -> Path | None:
         photo = self.photos.get(sha)
@@ -175,8 +179,7 @@ class Served:
     def decisions(self) -> dict[str, corrections.Correction]:
         """The decisions made, by content hash of the photo they name."""
         made = corrections.decided(corrections.read(corrections.file_of(self.params.data, self.base)))
-        by_name = {corrections.key_of(self.root / p.path, self.base): p.sha256 for p in self.photos.values()}
-        return {by_name[name]: d for name, d in made.items() if name in by_name}
+        return {self.sha_of_name[name]: d for name, d in made.items() if name in self.sha_of_name}
 
     # ----------------------------------------------------------------- labelling
     def to_label(self, limit: int = 60) -> dict:

@@ -16,7 +16,6 @@ requests carry this server's token and come from its origin (CSRF), request bodi
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import re
 import secrets
@@ -33,7 +32,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from pipeline.app import safety
 from pipeline.app.model import Served
 from pipeline.data.corrections import ACTIONS
-from pipeline.data.decode import ImageError, check_header
+from pipeline.data.decode import ImageError, thumbnail_jpeg
 from pipeline.params import Params
 
 log = logging.getLogger("pipeline.serve")
@@ -111,7 +110,7 @@ def create_app(params: Params, base: Path, served: Served | None = None) -> Fast
             chosen = [r for r in rows if (true is None or r["actual"] == true) and
                       (predicted is None or r["predicted"] == predicted)]
             title = f"Test photos of {true or 'any class'} predicted as {predicted or 'anything'}"
-        by_path = {p.path: p.sha256 for p in served.photos.values()}
+        by_path = served.sha_of_path
         cards = "".join(
             f"<figure><img loading=lazy src='/photo/{by_path[r['path']]}?size=192' alt=''><figcaption>"
             f"{_escape(r['path'])}<br>true <b>{_escape(r['actual'])}</b>, predicted <b>{_escape(r['predicted'])}</b>"
@@ -219,17 +218,8 @@ async def _uploads(request: Request) -> list[tuple[str, bytes]]:
 
 
 def _thumbnail(path: Path, size: int) -> bytes:
-    from PIL import Image, ImageOps
-
     try:
-        with Image.open(path) as image:
-            check_header(image)
-            image.draft("RGB", (size, size))
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            image.thumbnail((size, size))
-            out = io.BytesIO()
-            image.save(out, "JPEG", quality=85)
-            return out.getvalue()
+        return thumbnail_jpeg(path, size, quality=85)
     except (OSError, ImageError, ValueError) as error:
         raise HTTPException(400, f"cannot show the photo: {' '.join(str(error).split())}") from None
 
@@ -246,11 +236,12 @@ def _findings(params: Params, base: Path, served: Served) -> dict:
     from pipeline.use import inspect
 
     result = inspect.run(params, base)
-    sha_of = {p.path: p.sha256 for p in served.photos.values()}
+    sha_of = served.sha_of_path
+    rows = served.cached_rows([sha_of[q["path"]] for q in result.label_issues if q["path"] in sha_of])
     issues = []
     for q in result.label_issues:
         sha = sha_of.get(q["path"])
-        row = served.cached_row(sha) if sha else None
+        row = rows.get(sha)
         issues.append({"kind": "label_issue", "sha256": sha, "path": q["path"], "given": q["given"],
                        "suggested": q["suggested"], "score": round(q["score"], 4),
                        "neighbours_given": served.neighbours(row, 4, q["given"]),

@@ -125,3 +125,18 @@ def _without_name(message: str, path) -> str:
     """Pillow names the file in some messages: the reason alone reads the same for a path and for bytes."""
     message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", message)
     return message.replace(f"'{path}'", "the file").replace(str(path), "the file")
+
+
+def thumbnail_jpeg(path, side: int, quality: int = 80) -> bytes:
+    """The photo upright, fitted into ``side`` x ``side``, as JPEG bytes (decoded at a reduced DCT scale
+    where it can be). ImageError, OSError or ValueError when it cannot be read."""
+    import io
+
+    with Image.open(path) as image:
+        check_header(image)
+        image.draft("RGB", (side, side))
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        image.thumbnail((side, side))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=quality)
+        return buffer.getvalue()

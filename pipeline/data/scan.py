@@ -121,16 +121,10 @@ def scan(params: DataParams, base_dir: str | Path = ".", index_path: Path | None
     index = FileIndex(index_path)
     for file, label, forced in candidates:
         relative = file.relative_to(root).as_posix()
-        try:
-            sha, image_format, size = index.identify(file, relative)
-        except OSError as error:
-            skipped.append(Skipped(relative, f"cannot read: {error.strerror or error}"))
+        identified = _identify(index, file, relative, skipped)
+        if identified is None:
             continue
-        if image_format is None:
-            if file.suffix.lower() in IMAGE_SUFFIXES or not size:
-                reason = "empty file" if not size else "not an image (unrecognised content)"
-                skipped.append(Skipped(relative, reason))
-            continue  # other non-image files (notes, .DS_Store, ...) are ignored quietly
+        sha, image_format = identified
         if csv_splits is not None:
             forced = csv_splits.get(relative)
             if forced is None:
@@ -170,6 +164,21 @@ def scan(params: DataParams, base_dir: str | Path = ".", index_path: Path | None
     return Dataset(root, classes, records, sorted(skipped, key=lambda s: s.path), mode, index.reads, pool, decisions)
 
 
+def _identify(index: FileIndex, file: Path, relative: str, skipped: list[Skipped]) -> tuple[str, str] | None:
+    """(sha256, image format) of an image file; None for one that is skipped (recorded with the reason) or,
+    for other files (notes, .DS_Store, ...), ignored quietly."""
+    try:
+        sha, image_format, size = index.identify(file, relative)
+    except OSError as error:
+        skipped.append(Skipped(relative, f"cannot read: {error.strerror or error}"))
+        return None
+    if image_format is None:
+        if file.suffix.lower() in IMAGE_SUFFIXES or not size:
+            skipped.append(Skipped(relative, "empty file" if not size else "not an image (unrecognised content)"))
+        return None
+    return sha, image_format
+
+
 def _unlabelled(params: DataParams, base: Path, root: Path, index: FileIndex, labelled: set[str],
                 skipped: list[Skipped]) -> list[ImageRecord]:
     """The photos of data.unlabelled (paths relative to the data root), one per content, none that is
@@ -182,15 +191,10 @@ def _unlabelled(params: DataParams, base: Path, root: Path, index: FileIndex, la
     by_sha: dict[str, list[tuple[str, str]]] = {}
     for file in _walk_files(folder):
         relative = Path(os.path.relpath(file, root)).as_posix()
-        try:
-            sha, image_format, size = index.identify(file, relative)
-        except OSError as error:
-            skipped.append(Skipped(relative, f"cannot read: {error.strerror or error}"))
+        identified = _identify(index, file, relative, skipped)
+        if identified is None:
             continue
-        if image_format is None:
-            if file.suffix.lower() in IMAGE_SUFFIXES or not size:
-                skipped.append(Skipped(relative, "empty file" if not size else "not an image (unrecognised content)"))
-            continue
+        sha, image_format = identified
         if sha not in labelled:
             by_sha.setdefault(sha, []).append((relative, image_format))
     pool = []

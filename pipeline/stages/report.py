@@ -210,21 +210,13 @@ def _reliability_figure(plt, bins: dict, numbers: dict) -> bytes:
 
 
 def _thumbnail(path: Path, side: int = THUMBNAIL) -> str | None:
-    from PIL import Image, ImageOps
-
-    from pipeline.data.decode import ImageError, check_header
+    from pipeline.data.decode import ImageError, thumbnail_jpeg
 
     try:
-        with Image.open(path) as image:
-            check_header(image)
-            image.draft("RGB", (side, side))
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            image.thumbnail((side, side))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=80)
+        jpeg = thumbnail_jpeg(path, side)
     except (OSError, ValueError, ImageError):
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
 def _figure(uri: str | None, alt: str, caption: str) -> str:
