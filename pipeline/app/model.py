@@ -13,7 +13,6 @@ import logging
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -29,18 +28,6 @@ from pipeline.use import predict
 
 log = logging.getLogger("pipeline.serve")
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif"}
-
-
-class BadPhoto(ValueError):
-    """An upload that is no photo this tool reads; the message is one line for the client."""
-
-
-@dataclass(frozen=True)
-class Photo:
-    sha256: str
-    path: str  # relative to data.root, as the cache holds it
-    label: str  # "" for a photo to label
-    split: str
 
 
 class Served:
@@ -66,14 +53,13 @@ class Served:
             self.cache = layout.cache_file(self.params, self.base)
             self.root = self.base / self.params.data.root
             self.rows = table.read_index(self.cache)[0]  # (sha256, path, label, split), in file order
-            self.photos: dict[str, Photo] = {row[0]: Photo(*row) for row in self.rows}
-            self.position = {row[0]: i for i, row in enumerate(self.rows)}
+            self.position = {row[0]: i for i, row in enumerate(self.rows)}  # sha256 -> row
             self.sha_of_path = {row[1]: row[0] for row in self.rows}  # paths relative to data.root
             # each photo's name in the corrections file (relative to the params file's folder)
             self.sha_of_name = {corrections.key_of(self.root / row[1], self.base): row[0] for row in self.rows}
             self._index_train()
             log.info("serve: %s, %d classes, %d photos in the cache", ladder.describe_choice(self.params, rung),
-                     len(self.classes), len(self.photos))
+                     len(self.classes), len(self.rows))
 
     def _index_train(self) -> None:
         """Unit vectors (float16) of the train photos' pooled features, centred on their mean, for neighbours."""
@@ -98,8 +84,8 @@ class Served:
                 "model_key": t.key, "backbone": self.params.features.backbone,
                 "features": layout.cache_file(self.params, self.base).name, "classes": self.classes,
                 "reject_label": self.params.reject.label, "val_accuracy": t.classifier.history.get("val_accuracy"),
-                "photos": sum(p.split != table.UNLABELLED for p in self.photos.values()),
-                "unlabelled": sum(p.split == table.UNLABELLED for p in self.photos.values())}
+                "photos": sum(row[3] != table.UNLABELLED for row in self.rows),
+                "unlabelled": sum(row[3] == table.UNLABELLED for row in self.rows)}
 
     # ----------------------------------------------------------------- answers
     def predict(self, uploads: list[tuple[str, bytes]], top_k: int | None = None,
@@ -158,20 +144,19 @@ class Served:
         return {sha: np.asarray(row, np.float32).reshape(-1) for (_, sha), row in zip(found, block)}
 
     def file_of(self, sha: str) -> Path | None:
-        photo = self.photos.get(sha)
-        return None if photo is None else self.root / photo.path
+        i = self.position.get(sha)
+        return None if i is None else self.root / self.rows[i][1]
 
     # ----------------------------------------------------------------- decisions
     def decide(self, sha: str, action: str, label: str = "") -> dict:
-        photo = self.photos.get(sha)
-        if photo is None:
+        if sha not in self.position:
             raise KeyError(sha)
         if action == "relabel" and label not in self.classes:
             raise ValueError(f"label {label!r} is not a class ({', '.join(self.classes)})")
         path = corrections.file_of(self.params.data, self.base)
         if path is None:
             raise ValueError("data.corrections is null: set it to a file to keep decisions")
-        name = corrections.key_of(self.root / photo.path, self.base)
+        name = corrections.key_of(self.root / self.rows[self.position[sha]][1], self.base)
         decision = corrections.Correction(name, action, label if action == "relabel" else "")
         decisions = corrections.record(path, [decision])
         return {"path": name, "action": action, "label": label, "decisions": len(corrections.decided(decisions))}
