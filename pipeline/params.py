@@ -118,12 +118,13 @@ class FeaturesParams:
 
 @dataclass(frozen=True, config=_CONFIG)
 class TrainHeadParams:
-    # logreg (scikit-learn), softmax (Keras), ncm (nearest class mean, no training), knn (k nearest photos vote)
+    # logreg (logistic regression), softmax (Keras), ncm (nearest class mean, no training), knn (k nearest photos vote)
     model: Literal["logreg", "softmax", "ncm", "knn"] = "logreg"
     class_weight: Literal["balanced", "none"] = "balanced"
     seed: int = 0
-    # logreg: scikit-learn LogisticRegression on standardised features. C: auto chooses it from C_grid on the
-    # val split along a warm-started path (k-fold CV on train when val has fewer than 20 photos); or a number
+    # logreg: scikit-learn's LogisticRegression objective on standardised features (training.logistic). C: auto
+    # chooses it from C_grid on the val split along a warm-started path (k-fold CV on train when val has fewer
+    # than 20 photos); or a number
     C: float | Literal["auto"] = _meta("auto", model="logreg")
     search_C: bool = _meta(False, model="logreg")  # pick C from C_grid by k-fold CV on the train split (slower)
     C_grid: tuple[float, ...] = _meta((0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0, 31.6, 100.0),

@@ -77,23 +77,32 @@ def test_logreg_train_head_never_imports_tensorflow(featurised):
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_the_cli_imports_scikit_learn_only_in_the_stages_that_fit_a_head(featurised):
-    """About a second of every process: ``python -m pipeline features`` (a cache hit here) and ``--help``
-    start without scikit-learn; ``train-head`` imports it."""
+def test_a_head_rerun_imports_no_scikit_learn_with_enough_val_photos(tmp_path, featurised):
+    """About a second of every process: ``--help``, ``features`` (a cache hit here) and ``train-head``
+    (C chosen on 20 or more val photos, calibrated on them) run without scikit-learn. With fewer val photos
+    the k-fold splits come from scikit-learn: the probe sees it there."""
     code = ("import runpy, sys\n"
             "sys.argv = ['pipeline', *sys.argv[1:]]\n"
             "try:\n    runpy.run_module('pipeline', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
             "print('SKLEARN', 'sklearn' in sys.modules)\n")
-    (featurised / "params.yaml").write_text("features: {backbone: tiny}\ndata: {root: photos, train_fraction: 0.6, "
-                                          "val_fraction: 0.2, test_fraction: 0.2}\n")
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
+    settings = "features: {backbone: tiny}\ndata: {root: photos, train_fraction: 0.6, val_fraction: 0.2, test_fraction: 0.2}\n"
+    many = tmp_path / "many"
+    make_dataset(many / "photos", per_class=60)
     seen = {}
-    for command in ("--help", "features", "train-head"):
-        out = subprocess.run([sys.executable, "-c", code, command], cwd=featurised, capture_output=True, text=True,
-                             env=env)
-        seen[command] = out.stdout.strip().splitlines()[-1]
-    assert seen == {"--help": "SKLEARN False", "features": "SKLEARN False", "train-head": "SKLEARN True"}, seen
+    for project in (many, featurised):
+        (project / "params.yaml").write_text(settings)
+        for command in ("--help", "features", "train-head"):
+            out = subprocess.run([sys.executable, "-c", code, command], cwd=project, capture_output=True, text=True,
+                                 env=env)
+            assert "SKLEARN" in out.stdout, out.stderr
+            seen[project.name, command] = out.stdout.strip().splitlines()[-1]
+    n_val = feature_store.read_table(layout.cache_file(make_params(many), many)).splits.tolist().count("val")
+    assert n_val >= 20
+    assert seen == {("many", "--help"): "SKLEARN False", ("many", "features"): "SKLEARN False",
+                    ("many", "train-head"): "SKLEARN False", (featurised.name, "--help"): "SKLEARN False",
+                    (featurised.name, "features"): "SKLEARN False", (featurised.name, "train-head"): "SKLEARN True"}
 
 
 def test_softmax_head_learns_and_streams_the_cache(featurised, monkeypatch):
@@ -138,22 +147,25 @@ def test_softmax_stops_early_on_the_validation_split(tmp_path, monkeypatch):
 
 
 def test_search_c_uses_only_the_train_split_and_picks_the_best(featurised, monkeypatch):
-    from sklearn import model_selection
+    from pipeline.training import logistic
 
     seen = []
-    real_fit = model_selection.GridSearchCV.fit
+    real_fit = logistic.fit
 
-    def fit(self, x, y, **kwargs):
+    def fit(x, y, *args, **kwargs):
         seen.append(len(y))
-        return real_fit(self, x, y, **kwargs)
+        return real_fit(x, y, *args, **kwargs)
 
-    monkeypatch.setattr(model_selection.GridSearchCV, "fit", fit)
+    monkeypatch.setattr(logistic, "fit", fit)
     grid = [1e-4, 0.01, 1.0]
     result = run(featurised, train_head={"search_C": True, "C_grid": grid, "cv_folds": 3})
-    # the head's own search sees the train split; the calibration's out-of-fold refits (val is small here)
-    # see parts of it: never a val or test photo
-    assert seen[0] == result.meta["n_train"] and all(n < result.meta["n_train"] for n in seen[1:])
-    # the same cross-validation, computed independently on the train split: same scores, best C chosen
+    # the folds of the search, the final fit on the whole train split, the calibration's out-of-fold refits
+    # (val is small here): never a val or test photo
+    n_train, searched = result.meta["n_train"], 3 * len(grid)
+    assert all(n < n_train for n in seen[:searched]) and seen[searched] == n_train
+    assert len(seen) > searched + 1 and all(n < n_train for n in seen[searched + 1:])
+    # the same cross-validation with scikit-learn's own pipeline, computed independently: same scores
+    from sklearn import model_selection
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -167,7 +179,7 @@ def test_search_c_uses_only_the_train_split_and_picks_the_best(featurised, monke
                 for c in grid]
     scores = result.classifier.history["cv_balanced_accuracy"]
     assert [scores[repr(c)] for c in grid] == pytest.approx(expected)
-    assert result.classifier.history["chosen_C"] == grid[int(np.argmax(expected))]
+    assert scores[repr(result.classifier.history["chosen_C"])] == pytest.approx(max(expected))
 
 
 def real_cross_val(model, x, y, folds) -> float:

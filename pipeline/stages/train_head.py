@@ -22,7 +22,7 @@ from pipeline.training.contract import FitJob, Rung
 from pipeline.training.inputs import CachedInputs
 
 # Bump when a head trained with the same params and features would come out different.
-VERSION = 3
+VERSION = 4
 OUT_OF_FOLD = 5  # folds for out-of-fold logits when the val split is too small to calibrate on
 
 
@@ -41,7 +41,7 @@ def face(head, classes: list[str], history: dict):
 
 
 def fit(inputs: CachedInputs, job: FitJob):
-    from pipeline.training.heads import Head  # scikit-learn: imported by the stages that fit a head, not by all
+    from pipeline.training.heads import Head  # SciPy: imported by the stages that fit a head, not by all
 
     p, train = job.params.train_head, job.train
     head = Head.from_params(p)
@@ -61,27 +61,23 @@ def fit(inputs: CachedInputs, job: FitJob):
 def out_of_fold(inputs: CachedInputs, job: FitJob, classifier) -> tuple[np.ndarray, np.ndarray]:
     """(N, K) logits of each train photo from the same head fitted on the other folds, and the labels. The
     settings the fitted head chose for itself (logreg's C) are kept, not chosen again in every fold."""
-    from sklearn.base import clone
-    from sklearn.model_selection import StratifiedKFold
-
-    from pipeline.training.heads import Head, HeadError
+    from pipeline.training.heads import Head, HeadError, folds
 
     train = job.train
     x, y = inputs.read(train.positions), train.labels
-    folds = min(OUT_OF_FOLD, int(np.min(np.bincount(y))))
-    if folds < 2:
-        raise HeadError("calibration needs at least 2 train photos per class when the val split has fewer than 20; "
-                        "add photos or raise data.val_fraction")
+    splits = folds(y, OUT_OF_FOLD, job.params.train_head.seed,
+                   "calibration needs at least 2 train photos per class when the val split has fewer than 20; "
+                   "add photos or raise data.val_fraction")
     head = Head.from_params(job.params.train_head)
     if "C" in head.get_params() and "chosen_C" in classifier.history:
         head.set_params(C=classifier.history["chosen_C"], search_C=False)
     logits = np.zeros((len(y), len(inputs.classes)))
-    for fit_rows, held_rows in StratifiedKFold(folds, shuffle=True, random_state=job.params.train_head.seed).split(x, y):
-        fold_head = clone(head).fit(x[fit_rows], y[fit_rows])
+    for fit_rows, held_rows in splits:
+        fold_head = head.clone().fit(x[fit_rows], y[fit_rows])
         if fold_head.n_classes_ < len(inputs.classes):
             raise HeadError("a fold lost a class; add photos or raise data.val_fraction")
         logits[held_rows] = fold_head.decision_function(x[held_rows])
-    job.log(f"out-of-fold logits from {folds} folds of the train split")
+    job.log(f"out-of-fold logits from {len(splits)} folds of the train split")
     return logits, y
 
 

@@ -1,7 +1,8 @@
-"""The heads of the first rung, one class each, behind scikit-learn's estimator contract.
+"""The heads of the first rung, one class each, following scikit-learn's estimator conventions.
 
-``__init__`` only stores hyperparameters (``get_params`` / ``set_params`` come from
-``BaseEstimator``), ``fit(X, y)`` returns ``self``, learned state ends in ``_``:
+``__init__`` only stores hyperparameters (``get_params`` / ``set_params`` / ``clone`` read its
+signature, so ``sklearn.base.clone`` works on a head too), ``fit(X, y)`` returns ``self``, learned state
+ends in ``_``:
 
     fit(X, y)                X: (N, D) float32 features, y: (N,) class numbers 0..K-1
     decision_function(X)     (N, K) float64 logits; ``predict_proba`` is their softmax
@@ -11,19 +12,24 @@
 ``HEADS`` maps ``train_head.model`` to its class; a new head is one class here and one line there
 (plus its hyperparameters in ``TrainHeadParams``, marked with ``model="..."``).
 
-- ``logreg``: StandardScaler + LogisticRegression (optionally C by cross-validation on train);
+- ``logreg``: standardised features and a logistic regression (``training.logistic``: scikit-learn's
+  objective and solver, without the second it takes to import scikit-learn); C chosen on val by default;
 - ``softmax``: a Keras Dense softmax layer (optionally after new hidden layers), trained with Adam;
   its rung streams it from the cache a batch at a time (``fit_inputs``);
 - ``ncm``: nearest class mean on centred, L2-normalised features (SimpleShot): no training, a mean
   per class; adding photos costs their features and a mean;
 - ``knn``: the k nearest training photos by cosine similarity vote (add-half smoothing).
+
+Fitting and loading a logreg, ncm or knn head imports neither scikit-learn nor TensorFlow.
 """
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
-from sklearn.base import BaseEstimator
 
 from pipeline.errors import PipelineError
+from pipeline.training import logistic
 from pipeline.training.classifiers import normalise, softmax
 
 NCM_SCALE = 10.0  # logits = -scale * squared distance to a class mean; calibration rescales them anyway
@@ -51,10 +57,47 @@ def _centred_unit(x, mean: np.ndarray):
     return layers.UnitNormalization(name="unit")(centred)
 
 
-class Head(BaseEstimator):
-    """What every head shares: flattened inputs, probabilities as the softmax of the logits."""
+def folds(y: np.ndarray, wanted: int, seed: int, error: str) -> list:
+    """Stratified, shuffled k-fold (train rows, held-out rows), k at most the smallest class's photos;
+    ``error`` when that is fewer than 2."""
+    from sklearn.model_selection import StratifiedKFold  # only with few val photos, or search_C
 
-    kind = "sklearn"  # how the classifier is saved (classifiers.KINDS)
+    k = min(wanted, int(np.min(np.bincount(y))))
+    if k < 2:
+        raise HeadError(error)
+    return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+
+class Head:
+    """What every head shares: hyperparameters as ``__init__``'s arguments, flattened inputs, probabilities
+    as the softmax of the logits."""
+
+    kind = "sklearn"  # how the classifier is saved (classifiers.KINDS): pickled by joblib
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        if cls.__init__ is object.__init__:
+            return []
+        return sorted(name for name, p in inspect.signature(cls.__init__).parameters.items()
+                      if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params) -> "Head":
+        unknown = sorted(set(params) - set(self._get_param_names()))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no hyperparameter {', '.join(unknown)}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def clone(self) -> "Head":
+        """The same hyperparameters, unfitted."""
+        return type(self)(**self.get_params())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
 
     def embed(self, X) -> np.ndarray:
         return np.asarray(X, np.float32).reshape(len(X), -1)
@@ -78,9 +121,11 @@ PATH_TOL = 1e-3  # lbfgs tolerance along the path (the final fit at the chosen C
 
 
 class LogRegHead(Head):
-    """StandardScaler + LogisticRegression. ``C="auto"``: C from ``C_grid``, the best balanced accuracy on
-    the val split (ties: the lower log loss) along a warm-started path, each fit starting from the last;
-    with fewer than ``MIN_VAL_FOR_C`` val photos, by k-fold CV on train. ``search_C``: by k-fold CV."""
+    """Standardised features and a logistic regression (``training.logistic``). ``C="auto"``: C from
+    ``C_grid``, the best balanced accuracy on the val split (ties: the lower log loss) along a warm-started
+    path, each fit starting from the last; with fewer than ``MIN_VAL_FOR_C`` val photos, by k-fold CV on
+    train. ``search_C``: by k-fold CV on train over the whole grid, each fold's path to scikit-learn's
+    tolerance."""
 
     def __init__(self, C="auto", class_weight="balanced", max_iter=2000, search_C=False,
                  C_grid=(0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0, 31.6, 100.0), cv_folds=5, seed=0):
@@ -88,114 +133,100 @@ class LogRegHead(Head):
         self.search_C, self.C_grid, self.cv_folds, self.seed = search_C, C_grid, cv_folds, seed
 
     def fit(self, X, y, log=None, X_val=None, y_val=None):
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import GridSearchCV, StratifiedKFold
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         X = self.embed(X)
+        y = np.asarray(y)
         self.history_: dict = {}
-        C = self.C
-        if C == "auto" and not self.search_C:
-            C = self._auto_C(X, y, X_val, y_val, log)
-        model = make_pipeline(StandardScaler(), LogisticRegression(
-            C=1.0 if C == "auto" else C, class_weight="balanced" if self.class_weight == "balanced" else None,
-            max_iter=self.max_iter))
-        start = getattr(self, "_path_weights", {}).pop(C, None)
-        if start is not None:  # the path's fit at this C on the same rows: the final fit starts from it
-            model[-1].set_params(warm_start=True)
-            model[-1].coef_, model[-1].intercept_ = start
-        self._path_weights = {}
+        self.mean_, self.scale_ = logistic.standardise(X)
+        C, start = self.C, None
         if self.search_C:
-            folds = min(self.cv_folds, int(np.min(np.bincount(y))))
-            if folds < 2:
-                raise HeadError("train_head.search_C needs at least 2 train images per class")
-            grid = GridSearchCV(model, {"logisticregression__C": list(self.C_grid)}, scoring="balanced_accuracy",
-                                cv=StratifiedKFold(folds, shuffle=True, random_state=self.seed), n_jobs=1)
-            grid.fit(X, y)
-            model = grid.best_estimator_
-            self.history_["cv_folds"] = folds
-            self.history_["cv_balanced_accuracy"] = {
-                repr(c): float(s) for c, s in zip(self.C_grid, grid.cv_results_["mean_test_score"])}
-            self.history_["chosen_C"] = float(grid.best_params_["logisticregression__C"])
-            if log is not None:
-                log(f"C={self.history_['chosen_C']:g} chosen by {folds}-fold CV on train")
-        else:
-            model.fit(X, y)
-        self.pipeline_ = model
+            C = self._cv_C(X, y, log)
+        elif C == "auto":
+            C, start = self._auto_C(X, y, X_val, y_val, log)
+        try:
+            self.fitted_ = logistic.fit(self._standard(X), y, float(C), balanced=self.class_weight == "balanced",
+                                        max_iter=self.max_iter, start=start)
+        except ValueError as error:
+            raise HeadError(f"train_head: {error}") from None
+        self.history_["iterations"] = self.fitted_.n_iter
         self.n_classes_ = int(y.max()) + 1
         return self
 
-    def _auto_C(self, X, y, X_val, y_val, log) -> float:
-        """C from ``C_grid``: on val along a warm-started path, or by k-fold CV on train when val is small."""
-        from sklearn.model_selection import StratifiedKFold
+    def _standard(self, X) -> np.ndarray:
+        return (np.asarray(X, np.float64) - self.mean_) / self.scale_
 
-        if X_val is not None and len(y_val) >= MIN_VAL_FOR_C:
-            scores = self._path_scores(X, y, self.embed(X_val), y_val, patience=PATH_PATIENCE)
-            how = f"on {len(y_val)} val photos"
-        else:
-            folds = min(self.cv_folds, int(np.min(np.bincount(y))))
-            if folds < 2:
-                self.history_["chosen_C_by"] = "none: fewer than 2 train photos in a class; C = 1"
-                return 1.0
-            per_fold = [self._path_scores(X[a], y[a], X[b], y[b]) for a, b in
-                        StratifiedKFold(folds, shuffle=True, random_state=self.seed).split(X, y)]
-            scores = [tuple(np.mean([fold[i][j] for fold in per_fold]) for j in range(2)) for i in range(len(self.C_grid))]
-            how = f"by {folds}-fold CV on train ({0 if y_val is None else len(y_val)} val photos)"
+    def _choose(self, scores: list, how: str, log) -> float:
+        """The C of the best (balanced accuracy, -log loss) among the Cs tried; recorded in ``history_``."""
         tried = [i for i in range(len(self.C_grid)) if scores[i] is not None]
         best = max(tried, key=lambda i: (round(scores[i][0], 6), -scores[i][1]))
         chosen = float(self.C_grid[best])
-        self.history_.update({"chosen_C": chosen, "chosen_C_by": how, "C_path": {
-            repr(c): {"balanced_accuracy": float(s[0]), "log_loss": float(s[1])}
-            for c, s in zip(self.C_grid, scores) if s is not None}})
+        self.history_.update({"chosen_C": chosen, "chosen_C_by": how})
         if log is not None:
             log(f"C={chosen:g} chosen {how} (balanced accuracy {scores[best][0]:.4f})")
         return chosen
 
-    def _path_scores(self, X, y, X_val, y_val, patience: int | None = None) -> list:
-        """(balanced accuracy, log loss) on (X_val, y_val) of a fit on (X, y) at each C of ``C_grid``, in
-        increasing C, each fit starting from the previous one's weights. ``patience``: stop once that many
-        Cs in a row did not beat the best so far (the larger Cs are the slow fits; theirs are None)."""
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.metrics import balanced_accuracy_score, log_loss
-        from sklearn.preprocessing import StandardScaler
+    def _cv_scores(self, X, y, tol: float, error: str) -> tuple[list, int]:
+        """Each C's (balanced accuracy, log loss) averaged over stratified k-fold CV on (X, y)."""
+        splits = folds(y, self.cv_folds, self.seed, error)
+        per_fold = [self._path_scores(X[a], y[a], X[b], y[b], tol=tol)[0] for a, b in splits]
+        return [tuple(np.mean([fold[i][j] for fold in per_fold]) for j in range(2))
+                for i in range(len(self.C_grid))], len(splits)
 
-        scaler = StandardScaler().fit(X)
-        x, x_val = scaler.transform(X), scaler.transform(X_val)
-        # a looser tolerance than the final fit's: the path only ranks the Cs (it halves the path's time, and
-        # chose the same C on the bench sets)
-        regression = LogisticRegression(class_weight="balanced" if self.class_weight == "balanced" else None,
-                                        max_iter=self.max_iter, warm_start=True, tol=PATH_TOL)
-        labels = np.arange(int(y.max()) + 1)
-        out, best, since = {}, None, 0
-        self._path_weights = {}
+    def _cv_C(self, X, y, log) -> float:
+        scores, k = self._cv_scores(X, y, logistic.TOL, "train_head.search_C needs at least 2 train photos per "
+                                    "class; add photos or set train_head.search_C: false")
+        self.history_["cv_folds"] = k
+        self.history_["cv_balanced_accuracy"] = {repr(c): float(s[0]) for c, s in zip(self.C_grid, scores)}
+        return self._choose(scores, f"by {k}-fold CV on train", log)
+
+    def _auto_C(self, X, y, X_val, y_val, log) -> tuple[float, logistic.Fitted | None]:
+        """C from ``C_grid`` (on val along a warm-started path, or by k-fold CV on train when val is small),
+        and the path's fit at that C on the whole train split (a start for the final fit) when there is one."""
+        if X_val is not None and len(y_val) >= MIN_VAL_FOR_C:
+            scores, fits = self._path_scores(X, y, self.embed(X_val), np.asarray(y_val), tol=PATH_TOL,
+                                             patience=PATH_PATIENCE)
+            how = f"on {len(y_val)} val photos"
+        else:
+            fits = {}
+            try:
+                scores, k = self._cv_scores(X, y, PATH_TOL, "fewer than 2 train photos in a class")
+            except HeadError:
+                self.history_["chosen_C_by"] = "none: fewer than 2 train photos in a class; C = 1"
+                return 1.0, None
+            how = f"by {k}-fold CV on train ({0 if y_val is None else len(y_val)} val photos)"
+        chosen = self._choose(scores, how, log)
+        self.history_["C_path"] = {repr(c): {"balanced_accuracy": float(s[0]), "log_loss": float(s[1])}
+                                   for c, s in zip(self.C_grid, scores) if s is not None}
+        return chosen, fits.get(chosen)
+
+    def _path_scores(self, X, y, X_val, y_val, tol: float, patience: int | None = None) -> tuple[list, dict]:
+        """(balanced accuracy, log loss) on (X_val, y_val) of a fit on (X, y) at each C of ``C_grid``, in
+        increasing C, each fit starting from the previous one's weights; and those fits by C. ``patience``:
+        stop once that many Cs in a row did not beat the best so far (the larger Cs are the slow fits; their
+        scores are None)."""
+        mean, scale = logistic.standardise(X)
+        x, x_val = (np.asarray(X, np.float64) - mean) / scale, (np.asarray(X_val, np.float64) - mean) / scale
+        balanced = self.class_weight == "balanced"
+        out, fits, best, since, fitted = {}, {}, None, 0, None
         for c in sorted(self.C_grid):
-            regression.set_params(C=c).fit(x, y)
-            if patience is not None:  # fitted on the whole train split: a start for the final fit
-                self._path_weights[c] = (regression.coef_.copy(), regression.intercept_.copy())
-            p = regression.predict_proba(x_val)
-            out[c] = (balanced_accuracy_score(y_val, regression.classes_[p.argmax(axis=1)]),
-                      log_loss(y_val, p, labels=labels))
+            fitted = fits[c] = logistic.fit(x, y, c, balanced=balanced, tol=tol, max_iter=self.max_iter, start=fitted)
+            p = softmax(logistic.logits(fitted, x_val))
+            out[c] = (logistic.balanced_accuracy(y_val, p.argmax(axis=1)), logistic.log_loss(y_val, p))
             key = (round(out[c][0], 6), -out[c][1])
             best, since = (key, 0) if best is None or key > best else (best, since + 1)
             if patience is not None and since >= patience:
                 break
-        return [out.get(c) for c in self.C_grid]
+        return [out.get(c) for c in self.C_grid], fits
 
     def _linear(self) -> tuple[np.ndarray, np.ndarray]:
-        """The scaler and the regression as one affine map: (kernel (D, K), bias (K,)), float64, columns in
-        class order (a binary regression's one column becomes [0, z]: the same softmax)."""
-        scaler = self.pipeline_.named_steps["standardscaler"]
-        regression = self.pipeline_.named_steps["logisticregression"]
-        coef, intercept = regression.coef_.astype(np.float64), regression.intercept_.astype(np.float64)
+        """The standardisation and the regression as one affine map: (kernel (D, K), bias (K,)), float64
+        (a binary regression's one row becomes the columns [0, z]: the same softmax)."""
+        coef, intercept = self.fitted_.coef, self.fitted_.intercept
         if coef.shape[0] == 1:
             coef = np.vstack([np.zeros_like(coef), coef])
             intercept = np.array([0.0, intercept[0]])
-        scale = scaler.scale_.astype(np.float64)
-        kernel = (coef / scale).T
-        bias = intercept - (scaler.mean_ / scale) @ coef.T
-        order = np.argsort(regression.classes_)  # classes_ are 0..K-1, sorted: identity, kept for safety
-        return kernel[:, order], bias[order]
+        kernel = (coef / self.scale_).T
+        bias = intercept - (self.mean_ / self.scale_) @ coef.T
+        return kernel, bias
 
     def decision_function(self, X) -> np.ndarray:
         kernel, bias = self._linear()
