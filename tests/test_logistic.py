@@ -15,12 +15,12 @@ from pipeline.training.heads import HeadError, LogRegHead
 from conftest import ROOT
 
 
-def overlapping(classes: int, n_per_class=(80, 40, 25, 60), dim=40, seed=0):
+def overlapping(classes: int, n_per_class=(80, 40, 25, 60), dim=40, seed=0, noise=1.5):
     """Classes that overlap (so C matters), of unequal sizes (so the class weights matter)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1.0, (classes, dim))
     y = np.concatenate([np.full(n_per_class[k % len(n_per_class)], k) for k in range(classes)])
-    x = centres[y] + rng.normal(0, 1.5, (len(y), dim)) * rng.uniform(0.2, 3.0, dim)  # columns of unequal scale
+    x = centres[y] + rng.normal(0, noise, (len(y), dim)) * rng.uniform(0.2, 3.0, dim)  # columns of unequal scale
     return x.astype(np.float32), y
 
 
@@ -114,3 +114,24 @@ def test_fitting_and_loading_a_head_imports_no_scikit_learn(tmp_path):
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_search_C_scores_are_scikit_learns_cross_validation():
+    """train_head.search_C's fold scores against scikit-learn's own cross-validation of its own regression,
+    on data where the Cs score differently."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+
+    x, y = overlapping(3, seed=4, noise=5.0)
+    grid = (0.001, 0.01, 0.1, 1.0)
+    head = LogRegHead(search_C=True, C_grid=grid, cv_folds=3).fit(x, y)
+    folds = StratifiedKFold(3, shuffle=True, random_state=0)
+    expected = [float(np.mean(cross_val_score(
+        make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000)), x, y,
+        cv=folds, scoring="balanced_accuracy"))) for c in grid]
+    assert max(expected) - min(expected) > 0.03  # the data tells the Cs apart
+    got = head.history_["cv_balanced_accuracy"]
+    # the folds' fits stop at tol 1e-4 from other starts (warm against cold): a photo on a class boundary may
+    # fall either way, and one held-out photo of the smallest class is 0.014 here
+    assert [got[repr(c)] for c in grid] == pytest.approx(expected, abs=0.02)
+    assert got[repr(head.history_["chosen_C"])] == max(got.values())
