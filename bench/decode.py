@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from _photos import DATASETS, make_phone_dataset, make_phone_images, require  # noqa: E402
+from _photos import DATASETS, make_phone_dataset, make_phone_images, require, seeded_split  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.stages import features  # noqa: E402
@@ -134,17 +134,13 @@ def featurise(root: Path, work: Path, decode: str):
 
 
 def accuracy(tables: dict, seeds: int) -> dict:
-    from sklearn.model_selection import train_test_split
-
     whole, labels = tables["full"][0], tables["full"][1]
     classes = sorted(set(labels))
     y = np.array([classes.index(c) for c in labels])
     per_seed = {decode: [] for decode in tables}
     fixed = {decode: [] for decode in tables}
     for seed in range(seeds):
-        index = np.arange(len(y))
-        train, test = train_test_split(index, test_size=0.5, stratify=y, random_state=seed)
-        train, val = train_test_split(train, test_size=0.2, stratify=y[train], random_state=seed)
+        train, val, test = seeded_split(y, seed)
         chosen = None
         for decode, (x, _, _) in tables.items():  # "full" first: its C is the fixed one
             head = LogRegHead(C="auto").fit(x[train], y[train], X_val=x[val], y_val=y[val])

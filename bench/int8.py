@@ -15,7 +15,9 @@ Accuracy (test top-1 of the default head, ``C: auto``, hash split) on dogs_vs_ca
 cat_breeds_web5 and the 7-class set, with features from: float32; int8 calibrated on the generic
 photos (the default); int8 calibrated as before on the dataset's own first 200 train photos
 (by content hash), converted per dataset; and on its first 32 train photos. Conversion seconds
-(Keras build, calibration, conversion, check) beside each.
+(Keras build, calibration, conversion, check) beside each. Then, with the same features, the same head
+over --seeds stratified 40/10/50 splits of each set (half of it test photos, so that one photo is a
+fraction of a point), paired against the calibration on the set's own 200 photos.
 Raw numbers: bench/results/int8.json.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from _photos import DATASETS, require  # noqa: E402
+from _photos import DATASETS, require, seeded_split  # noqa: E402
 from _run import run_measured  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
@@ -143,10 +145,37 @@ def accuracy(t) -> float:
     return float(np.mean(head.predict(t.features[split["test"]]) == y[split["test"]]))
 
 
+REFERENCE = "int8, own 200 train photos"  # the calibration int8 had before: the one to keep within 0.5 points of
+
+
+def seeded(tables: dict, seeds: int) -> dict:
+    """Test top-1 of the default head trained and tested on each calibration's own features, over ``seeds``
+    stratified 40/10/50 splits of the set (half of it test photos), and its difference to ``REFERENCE``'s
+    on the same split, in points: mean, sd and standard error of the mean."""
+    labels = next(iter(tables.values())).labels
+    assert all(list(t.paths) == list(next(iter(tables.values())).paths) for t in tables.values())  # same rows
+    classes = sorted(set(labels))
+    y = np.array([classes.index(c) for c in labels])
+    scores = {label: [] for label in tables}
+    for seed in range(seeds):
+        train, val, test = seeded_split(y, seed)
+        for label, t in tables.items():
+            head = LogRegHead(C="auto").fit(t.features[train], y[train], X_val=t.features[val], y_val=y[val])
+            scores[label].append(float(np.mean(head.predict(t.features[test]) == y[test])))
+    out = {"seeds": seeds, "test_photos": int(len(test))}
+    for label, values in scores.items():
+        delta = 100 * (np.array(values) - np.array(scores[REFERENCE]))
+        out[label] = {"mean": float(np.mean(values)), "delta_mean_points": float(delta.mean()),
+                      "delta_sd_points": float(delta.std(ddof=1)),
+                      "delta_se_points": float(delta.std(ddof=1) / np.sqrt(seeds))}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--seeds", type=int, default=20, help="splits of each set for the paired accuracy")
     args = parser.parse_args()
     require(DATASETS)
     results: dict = {"command": "bench/int8.py", "accuracy": {}}
@@ -157,16 +186,18 @@ def main() -> None:
             results["speed"] = speed(seven, work, args.repeats)
         for name, root in (("dogs_vs_cats_1k", DATASETS / SETS[0]), ("cat_breeds_web5", DATASETS / SETS[1]),
                            ("7 classes (both sets)", seven)):
-            row = {}
+            row, tables = {}, {}
             for label, precision, calibration in (("float32", "float32", None), ("int8, generic (default)", "int8", None),
                                                   ("int8, own 200 train photos", "int8", own_photos(200)),
                                                   ("int8, own 32 train photos", "int8", own_photos(32))):
                 folder = Path(tempfile.mkdtemp(dir=work))
                 t, seconds = table(root, folder, precision, calibration)
                 row[label] = {"accuracy": accuracy(t), "conversion_seconds": seconds, "test": int(np.sum(t.splits == "test"))}
+                tables[label] = t
                 shutil.rmtree(folder)
             results["accuracy"][name] = row
-            print(name, json.dumps(row), flush=True)
+            results.setdefault("seeded", {})[name] = seeded(tables, args.seeds)
+            print(name, json.dumps(row), json.dumps(results["seeded"][name]), flush=True)
     out = ROOT / "bench" / "results" / "int8.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
@@ -182,6 +213,15 @@ def main() -> None:
     for name, row in results["accuracy"].items():
         cells = " | ".join(f"{r['accuracy']:.4f} ({r['conversion_seconds']:.0f} s)" for r in row.values())
         print(f"| {name} | {row['float32']['test']} | {cells} |")
+    print(f"\nOver {args.seeds} stratified 40/10/50 splits: mean test top-1, and the difference to {REFERENCE} in "
+          "points, mean ± sd (se)")
+    labels = [k for k in next(iter(results["seeded"].values())) if k not in ("seeds", "test_photos")]
+    print("| set | test photos | " + " | ".join(labels) + " |")
+    print("|---|---|" + "---|" * len(labels))
+    for name, r in results["seeded"].items():
+        cells = " | ".join(f"{v['mean']:.4f}, {v['delta_mean_points']:+.2f} ± {v['delta_sd_points']:.2f} "
+                           f"({v['delta_se_points']:.2f})" for k, v in r.items() if k not in ("seeds", "test_photos"))
+        print(f"| {name} | {r['test_photos']} | {cells} |")
 
 
 if __name__ == "__main__":
