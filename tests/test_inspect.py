@@ -196,3 +196,42 @@ def test_the_blocked_pair_search_equals_every_pair_compared(monkeypatch):
     expected = {(i, j) for i in range(len(raw)) for j in range(i + 1, len(raw)) if similarity[i, j] >= 0.95}
     assert (9, 10) in expected and len(expected) >= 5  # the planted copies, one pair inside the last block
     assert {(min(i, j), max(i, j)) for i, j, _ in near_duplicates.pairs(vectors, 0.95)} == expected
+
+
+def test_one_process_finds_the_same_label_issues_without_forking(tmp_path, monkeypatch):
+    """The app runs inspect on a request thread: a fork there copies locks other threads hold, and cleanlab's
+    worker pool hung the review page. With ``processes=1`` no pool starts, and the findings are the same;
+    the app's review asks for that."""
+    import multiprocessing
+
+    from pipeline.app import server
+
+    make_dataset(tmp_path / "photos", per_class=20, classes=("misty", "tigger"))
+    for i in range(3):
+        make_image(tmp_path / "photos" / "misty" / f"really_tigger_{i}.png", CLASS_COLOURS["tigger"], 80_000 + i)
+    params = make_params(tmp_path)
+    features.run(params, tmp_path)
+    pools = []
+    real_pool = multiprocessing.Pool
+
+    def pool(*args, **kwargs):
+        pools.append(args)
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(multiprocessing, "Pool", pool)
+    forked = inspect.run(params, tmp_path, processes=2).label_issues
+    assert pools  # the check sees a pool when one starts
+    pools.clear()
+    alone = inspect.run(params, tmp_path, processes=1).label_issues
+    assert not pools and alone == forked
+
+    asked = {}
+
+    def spy(params, base, processes=None):
+        asked["processes"] = processes
+        raise RuntimeError("spied")
+
+    monkeypatch.setattr(inspect, "run", spy)
+    with pytest.raises(RuntimeError, match="spied"):
+        server._findings(params, tmp_path, None)
+    assert asked == {"processes": 1}

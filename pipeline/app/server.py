@@ -235,7 +235,7 @@ def _findings(params: Params, base: Path, served: Served) -> dict:
     """inspect's findings (run on the cache), by content hash, with neighbours of the photos in question."""
     from pipeline.use import inspect
 
-    result = inspect.run(params, base)
+    result = inspect.run(params, base, processes=1)  # no fork from a process with request threads
     sha_of = served.sha_of_path
     rows = served.cached_rows([sha_of[q["path"]] for q in result.label_issues if q["path"] in sha_of])
     issues = []

@@ -74,7 +74,10 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, classes: list[str], 
     return probabilities, used
 
 
-def run(params: Params, base: str | Path = ".") -> InspectResult:
+def run(params: Params, base: str | Path = ".", processes: int | None = None) -> InspectResult:
+    """The findings on the cached features. ``processes``: cleanlab's worker processes for the label issues
+    (None: one per core; the same findings either way). A process serving requests on threads passes 1:
+    its forked workers inherit locks other threads held at the fork, and one hung the app's review page."""
     from cleanlab.filter import find_label_issues
     from cleanlab.outlier import OutOfDistribution
     from cleanlab.rank import get_label_quality_scores
@@ -97,7 +100,7 @@ def run(params: Params, base: str | Path = ".") -> InspectResult:
     vectors = near_duplicates.unit_vectors(x)
 
     probabilities, folds = out_of_fold_probabilities(x, y, classes, p.folds, p.C)
-    flagged = find_label_issues(y, probabilities, return_indices_ranked_by="self_confidence")
+    flagged = find_label_issues(y, probabilities, return_indices_ranked_by="self_confidence", n_jobs=processes)
     quality = get_label_quality_scores(y, probabilities, method="self_confidence")
     label_issues = [{"path": rows.paths[i], "given": classes[y[i]], "suggested": classes[int(np.argmax(probabilities[i]))],
                      "score": float(quality[i]), "split": rows.splits[i]} for i in flagged]
