@@ -137,13 +137,14 @@ class LogRegHead(Head):
         y = np.asarray(y)
         self.history_: dict = {}
         self.mean_, self.scale_ = logistic.standardise(X)
+        x = self._standard(X)
         C, start = self.C, None
         if self.search_C:
             C = self._cv_C(X, y, log)
         elif C == "auto":
-            C, start = self._auto_C(X, y, X_val, y_val, log)
+            C, start = self._auto_C(X, x, y, X_val, y_val, log)
         try:
-            self.fitted_ = logistic.fit(self._standard(X), y, float(C), balanced=self.class_weight == "balanced",
+            self.fitted_ = logistic.fit(x, y, float(C), balanced=self.class_weight == "balanced",
                                         max_iter=self.max_iter, start=start)
         except ValueError as error:
             raise HeadError(f"train_head: {error}") from None
@@ -166,8 +167,10 @@ class LogRegHead(Head):
 
     def _cv_scores(self, X, y, tol: float, error: str) -> tuple[list, int]:
         """Each C's (balanced accuracy, log loss) averaged over stratified k-fold CV on (X, y)."""
-        splits = folds(y, self.cv_folds, self.seed, error)
-        per_fold = [self._path_scores(X[a], y[a], X[b], y[b], tol=tol)[0] for a, b in splits]
+        splits, per_fold = folds(y, self.cv_folds, self.seed, error), []
+        for a, b in splits:  # each fold standardised on its own train rows
+            mean, scale = logistic.standardise(X[a])
+            per_fold.append(self._path_scores((X[a] - mean) / scale, y[a], (X[b] - mean) / scale, y[b], tol=tol)[0])
         return [tuple(np.mean([fold[i][j] for fold in per_fold]) for j in range(2))
                 for i in range(len(self.C_grid))], len(splits)
 
@@ -178,12 +181,13 @@ class LogRegHead(Head):
         self.history_["cv_balanced_accuracy"] = {repr(c): float(s[0]) for c, s in zip(self.C_grid, scores)}
         return self._choose(scores, f"by {k}-fold CV on train", log)
 
-    def _auto_C(self, X, y, X_val, y_val, log) -> tuple[float, logistic.Fitted | None]:
+    def _auto_C(self, X, x, y, X_val, y_val, log) -> tuple[float, logistic.Fitted | None]:
         """C from ``C_grid`` (on val along a warm-started path, or by k-fold CV on train when val is small),
-        and the path's fit at that C on the whole train split (a start for the final fit) when there is one."""
+        and the path's fit at that C on the whole train split (a start for the final fit) when there is one.
+        ``x``: ``X`` standardised."""
         if X_val is not None and len(y_val) >= MIN_VAL_FOR_C:
-            scores, fits = self._path_scores(X, y, self.embed(X_val), np.asarray(y_val), tol=PATH_TOL,
-                                             patience=PATH_PATIENCE)
+            scores, fits = self._path_scores(x, y, self._standard(self.embed(X_val)), np.asarray(y_val),
+                                             tol=PATH_TOL, patience=PATH_PATIENCE)
             how = f"on {len(y_val)} val photos"
         else:
             fits = {}
@@ -198,13 +202,11 @@ class LogRegHead(Head):
                                    for c, s in zip(self.C_grid, scores) if s is not None}
         return chosen, fits.get(chosen)
 
-    def _path_scores(self, X, y, X_val, y_val, tol: float, patience: int | None = None) -> tuple[list, dict]:
-        """(balanced accuracy, log loss) on (X_val, y_val) of a fit on (X, y) at each C of ``C_grid``, in
-        increasing C, each fit starting from the previous one's weights; and those fits by C. ``patience``:
-        stop once that many Cs in a row did not beat the best so far (the larger Cs are the slow fits; their
-        scores are None)."""
-        mean, scale = logistic.standardise(X)
-        x, x_val = (np.asarray(X, np.float64) - mean) / scale, (np.asarray(X_val, np.float64) - mean) / scale
+    def _path_scores(self, x, y, x_val, y_val, tol: float, patience: int | None = None) -> tuple[list, dict]:
+        """(balanced accuracy, log loss) on (x_val, y_val) of a fit on (x, y) (both standardised on the fit's
+        rows) at each C of ``C_grid``, in increasing C, each fit starting from the previous one's weights; and
+        those fits by C. ``patience``: stop once that many Cs in a row did not beat the best so far (the larger
+        Cs are the slow fits; their scores are None)."""
         balanced = self.class_weight == "balanced"
         out, fits, best, since, fitted = {}, {}, None, 0, None
         for c in sorted(self.C_grid):

@@ -60,8 +60,8 @@ def fit(x: np.ndarray, y: np.ndarray, C: float, balanced: bool = True, tol: floa
     if np.count_nonzero(np.bincount(y)) < 2:
         raise ValueError("logistic regression needs photos of at least 2 classes")
     weights = sample_weights(y, balanced)
+    l2 = 1.0 / (C * weights.sum())
     weights = weights / weights.sum()  # the loss's 1 / sum w
-    l2 = 1.0 / (C * np.sum(sample_weights(y, balanced)))
     binary = n_classes == 2
     rows = 1 if binary else n_classes
     target = (y == 1).astype(np.float64) if binary else np.eye(n_classes)[y]
