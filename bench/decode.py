@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _photos import DATASETS, make_phone_dataset, make_phone_images, require, seeded_split  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
+from pipeline.project import open_project
 from pipeline.stages import features  # noqa: E402
 from pipeline.store import table as feature_store  # noqa: E402
 from pipeline.training.heads import LogRegHead  # noqa: E402
@@ -127,7 +128,7 @@ def featurise(root: Path, work: Path, decode: str):
            "paths": {"cache_dir": str(work / "cache"), "reports_dir": str(work / "reports")}}
     params = params_mod.build(raw, "bench")
     started = time.perf_counter()
-    result = features.run(params, work)
+    result = features.run(open_project(params, work))
     table = feature_store.read_table(result.path)
     order = np.argsort(table.sha256)
     return table.features[order], table.labels[order], time.perf_counter() - started
@@ -176,7 +177,8 @@ def app_agreement(root: Path, work: Path) -> dict:
     import h5py
 
     cache = next((work / "cache" / "features").glob("*.h5"))
-    with h5py.File(cache, "r") as f:
+    labelling = next(cache.with_suffix(".labels").glob("*.h5"))  # the one setting of the data params run here
+    with h5py.File(labelling, "r") as f:
         paths = f["path"].asstr()[...][f["split"].asstr()[...] == "test"]
     listing = project / "test_photos"
     listing.mkdir(exist_ok=True)

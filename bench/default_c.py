@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _photos import DATASETS, require  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
+from pipeline.project import open_project
 from pipeline.stages import features  # noqa: E402
 from pipeline.store import layout  # noqa: E402
 from pipeline.store import table as feature_store  # noqa: E402
@@ -44,7 +45,7 @@ def featurise(root: Path, work: Path, views=("original",)):
     raw = {"data": {"root": str(root)}, "features": {"views": list(views)},
            "paths": {"cache_dir": str(work / "cache"), "reports_dir": str(work / "reports")}}
     params = params_mod.build(raw, "bench")
-    features.run(params, work)
+    features.run(open_project(params, work))
     table = feature_store.read_table(layout.cache_file(params, work))
     if len(views) > 1:  # the mean of the views, as the heads see it
         import h5py

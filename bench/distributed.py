@@ -43,7 +43,7 @@ MERGE = r"""
 import json, sys, time, hashlib, os
 from pathlib import Path
 import numpy as np
-from pipeline.stages import features
+from pipeline.featurise import merge
 from pipeline.store import parts as parts_mod
 n, folder = int(sys.argv[1]), Path(sys.argv[2])
 rng = np.random.default_rng(0)
@@ -59,10 +59,9 @@ import resource
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 started = time.perf_counter()
 parts = parts_mod.read(parts_dir, "k")
-rows = [(sha, f"class{i % 7}/{sha[:12]}.jpg", f"class{i % 7}", "train") for i, sha in enumerate(shas)]
-sources = features._Sources(folder / "cache.h5", {}, parts, (1280,))
+sources = merge.Sources(folder / "cache.h5", merge.Existing(), parts, (1280,))
 attrs = {"key": "k", "views": ["original"]}
-features._merge(folder / "cache.h5", rows, (1280,), "float32", attrs, [], sources)
+merge.merge(folder / "cache.h5", shas, (1280,), "float32", attrs, [], sources)
 parts.remove()
 merged = time.perf_counter() - started
 print(json.dumps({"rows": n, "commit_seconds": committed, "merge_seconds": merged,

@@ -42,6 +42,7 @@ from _run import run_measured  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
 from pipeline import runtime  # noqa: E402
+from pipeline.project import open_project
 from pipeline.stages import features  # noqa: E402
 from pipeline.training.heads import LogRegHead  # noqa: E402
 
@@ -127,7 +128,7 @@ def table(root: Path, work: Path, precision: str, calibration=None) -> tuple:
         to_input = runtime.resizer(params.features, runtime.input_size(params.features))
         runner.predict(np.stack([to_input(p) for p in generic.photos(8, seed=1)]))  # checks and keeps it
         converted = time.perf_counter() - started
-        result = features.run(params, work)
+        result = features.run(open_project(params, work))
     finally:
         runtime.calibration_images = real
     from pipeline.store import table as feature_store

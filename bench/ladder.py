@@ -32,6 +32,7 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 from _photos import require  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
+from pipeline.project import open_project
 from pipeline.stages import evaluate, features, finetune, train_head, train_top  # noqa: E402
 from pipeline.store import layout
 from pipeline.store import table as feature_store  # noqa: E402
@@ -65,11 +66,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         params = params_mod.build({"data": {"root": str(root)}}, "bench")
-        pooled = features.run(params, base)
+        pooled = features.run(open_project(params, base))
         out["cache"]["pooled (float32)"] = pooled.path.stat().st_size / pooled.n_rows / 1e3
         for cut in args.cut_points:
             p = params_mod.build({"data": {"root": str(root)}, "train_top": {"cut_point": cut}}, "bench")
-            result = features.run_top(p, base)
+            result = features.run_top(open_project(p, base))
             shape = feature_store.read_attrs(result.path)["feature_shape"]
             out["cache"][f"{cut} {tuple(shape)} (float16, gzip)"] = result.path.stat().st_size / result.n_rows / 1e3
 
@@ -117,7 +118,7 @@ def main() -> None:
         for label, (overrides, rung) in setups.items():
             p = params_mod.build({"data": {"root": str(root)}, "train": {"strategy": rung}, **overrides}, "bench")
             model = stages[rung](p, base).classifier
-            result = evaluate.run(p, base)
+            result = evaluate.run(open_project(p, base))
             assert result.run["rung"] == rung
             metrics = result.metrics
             out["rungs"][label] = {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],

@@ -41,6 +41,7 @@ from _photos import DATASETS, require  # noqa: E402
 from quality import strangers  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
+from pipeline.project import open_project
 from pipeline.stages import features  # noqa: E402
 from pipeline.store import layout  # noqa: E402
 from pipeline.store import table as feature_store  # noqa: E402
@@ -55,7 +56,7 @@ def featurise(root: Path, work: Path) -> feature_store.FeatureTable:
     """The pooled features of every photo under ``root`` (class folders), by the features stage."""
     params = params_mod.build({"data": {"root": str(root)}, "paths": {"cache_dir": str(work / "cache"),
                                                                       "reports_dir": str(work / "reports")}}, "bench")
-    features.run(params, work)
+    features.run(open_project(params, work))
     return feature_store.read_table(layout.cache_file(params, work))
 
 

@@ -39,6 +39,7 @@ from pipeline import params as params_mod  # noqa: E402
 from pipeline import runtime
 from pipeline.data.decode import decode_rgb  # noqa: E402
 from pipeline.data.resize import fit_to_size  # noqa: E402
+from pipeline.project import open_project
 from pipeline.stages import features  # noqa: E402
 from pipeline.store import table  # noqa: E402
 
@@ -60,7 +61,7 @@ def head_for(root: Path, work: Path):
     from sklearn.preprocessing import StandardScaler
 
     params = params_mod.build({"data": {"root": str(root)}, "paths": {"cache_dir": str(work / "cache")}}, "bench")
-    result = features.run(params, work)
+    result = features.run(open_project(params, work))
     rows = table.read_table(result.path)
     train = rows.splits == "train"
     head = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000))

@@ -30,7 +30,9 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 from _photos import require  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
+from pipeline.project import open_project
 from pipeline.stages import features  # noqa: E402
+from pipeline.store import labels as feature_labels
 
 
 def logreg():
@@ -48,14 +50,17 @@ def scores(y_true, y_pred) -> dict:
             "n_test": int(len(y_true))}
 
 
-def load(path: Path):
-    with h5py.File(path) as f:
-        views = {name: f[name][...].astype(np.float32) for name in ("features", "features_hflip") if name in f}
-        return views, f["label"].asstr()[...], f["split"].asstr()[...]
+def load(result):
+    """Each view's features of the labelled photos of a features run, with their labels and splits."""
+    labelling = feature_labels.read(result.labels)
+    with h5py.File(result.path) as f:
+        rows = feature_labels.positions_in(labelling, f["sha256"].asstr()[...], result.path).tolist()
+        views = {name: f[name][rows].astype(np.float32) for name in ("features", "features_hflip") if name in f}
+    return views, labelling.labels, labelling.splits
 
 
-def evaluate(path: Path) -> dict:
-    views, labels, splits = load(path)
+def evaluate(result) -> dict:
+    views, labels, splits = load(result)
     train, test = splits == "train", splits == "test"
     out = {}
     original = views["features"]
@@ -101,8 +106,7 @@ def main() -> None:
                 if name.endswith("per class") and label == "int8":
                     continue
                 params = params_mod.build({"data": data, "features": dict(extra)}, "bench")
-                path = features.run(params, base).path
-                row[label] = evaluate(path)
+                row[label] = evaluate(features.run(open_project(params, base)))
             results[name] = row
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "precision_views.json").write_text(json.dumps(results, indent=2))

@@ -38,6 +38,7 @@ import h5py  # noqa: E402
 from _photos import require  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
+from pipeline.project import open_project
 from pipeline.stages import features  # noqa: E402
 from pipeline.store import (
     layout,
@@ -135,7 +136,7 @@ def one_run(safe: bool, weights: Path) -> tuple[float, float]:
             _in_memory_parts(patches)
         try:
             started = time.perf_counter()
-            features.run(params, project)
+            features.run(open_project(params, project))
             if safe:  # the checksum pass the next run makes over this cache
                 table.verify_features(layout.cache_file(params, project))
             elapsed = time.perf_counter() - started
@@ -211,7 +212,7 @@ def main() -> None:
     require(DATASET)
     with tempfile.TemporaryDirectory() as tmp:
         warm = Path(tmp)
-        features.run(params_mod.build({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(DATASET)}}, "bench"), warm)  # converts once
+        features.run(open_project(params_mod.build({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(DATASET)}}, "bench"), warm))  # converts once
         weights = warm / "cache" / "weights"
         one_run(True, weights)  # warm-up: file system cache
         on, off, inside = [], [], []

@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline import graph
 from pipeline import params as params_mod
 from pipeline.errors import PipelineError
+from pipeline.project import open_project
 
 log = logging.getLogger("pipeline")
 
@@ -117,39 +118,46 @@ def _dispatch(args) -> int:
               "'evaluate' or 'serve'")
         return 0
     params = params_mod.load(args.params, args.overrides)
-    base = Path(args.params).resolve().parent
+    project = open_project(params, Path(args.params).resolve().parent)  # resolved once, passed down
     if args.command in ("all", *graph.BY_NAME, graph.TRAIN.name):
-        return _run_stages(args, params, base)
+        return _run_stages(args, project)
+    return _use(args, project)
+
+
+def _use(args, project) -> int:
+    """The commands that use what the stages made."""
+    params = project.params
     if args.command == "predict":
         from pipeline.use import predict
 
-        predictions = predict.run(params, base, args.paths, args.top_k)
+        predictions = predict.run(project, args.paths, args.top_k)
         print(predict.format_predictions(predictions, args.format or params.predict.format))
         return 0 if any(p.labels for p in predictions) else 1
     if args.command == "export":
         from pipeline.use import export
 
-        result = export.run(params, base)
+        result = export.run(project)
         print(f"exported to {result.folder}: {', '.join(result.files)}")
         return 0
     if args.command == "advise":
         from pipeline.data import scan
         from pipeline.training import advise
 
-        print(advise.format_advice(advise.recommend(advise.summarise(scan.scan(params.data, base)))))
+        advice = project.advice or advise.recommend(advise.summarise(scan.scan(params.data, project.base)))
+        print(advise.format_advice(advice))
         return 0
     if args.command == "compare":
         from pipeline.use import compare
 
-        print(compare.run(params, base))
+        print(compare.run(project))
         return 0
     if args.command == "inspect":
         from pipeline.use import inspect
 
-        result = inspect.run(params, base)
+        result = inspect.run(project)
         print(result.text)
         if args.corrections_template:
-            path, added = inspect.corrections_template(params, base, result)
+            path, added = inspect.corrections_template(project, result)
             print(f"added {added} undecided row(s) to {path}: fill in action (relabel, exclude or keep) and, to "
                   "relabel, the label; the next run applies them")
         return 0
@@ -158,12 +166,11 @@ def _dispatch(args) -> int:
         from pipeline.stages import ladder
 
         sock = server.listen(params.serve)  # a port in use is said at once, before any training
-        for stage in graph.chain(ladder.chosen(params, base)[0].stage, params, base):  # trained when missing
-            stage.entry(params, base)
-        server.serve(params, base, sock)
+        graph.run(ladder.chosen(project).stage, project)  # trained when missing
+        server.serve(project, sock)
         return 0
     if args.command == "clean-cache":
-        cache = base / params.paths.cache_dir
+        cache = project.cache_dir
         for folder in graph.cache_folders():
             shutil.rmtree(cache / folder, ignore_errors=True)
         print(f"removed {', '.join(graph.cache_folders())} under {cache}")
@@ -171,20 +178,17 @@ def _dispatch(args) -> int:
     raise AssertionError(f"unhandled command {args.command}")  # argparse accepts only the commands above
 
 
-def _run_stages(args, params, base: Path) -> int:
+def _run_stages(args, project) -> int:
     name = "evaluate" if args.command == "all" else args.command
     stage = graph.stage(name)
-    if getattr(args, "if_chosen", False) and not stage.chosen(params, base):
+    if getattr(args, "if_chosen", False) and not stage.chosen(project):
         for folder in stage.cache_folders:  # DVC expects the declared output to exist
-            (base / params.paths.cache_dir / folder).mkdir(parents=True, exist_ok=True)
+            (project.cache_dir / folder).mkdir(parents=True, exist_ok=True)
         from pipeline.stages import ladder
 
-        log.info("%s: not chosen, nothing to do (%s)", stage.name,
-                 ladder.describe_choice(params, ladder.chosen(params, base)[0]))
+        log.info("%s: not chosen, nothing to do (%s)", stage.name, ladder.describe_choice(project))
         return 0
-    chain = graph.chain(name, params, base) if (args.command == "all" or args.with_upstream) else [stage]
-    for current in chain:
-        result = current.entry(params, base)
-        if current.name == "evaluate":
-            print(result.table)
+    results = graph.run(name, project, with_upstream=args.command == "all" or args.with_upstream)
+    if name == "evaluate":
+        print(results[-1].table)
     return 0

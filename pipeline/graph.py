@@ -22,7 +22,8 @@ from typing import Callable
 
 import yaml
 
-from pipeline.params import SECTIONS, FeaturesParams, Params, key_field_names
+from pipeline.params import SECTIONS, FeaturesParams, key_field_names
+from pipeline.project import Project
 from pipeline.stages import evaluate, features, ladder
 from pipeline.store import layout
 from pipeline.training.contract import Rung
@@ -35,7 +36,7 @@ PACKAGE = Path(__file__).resolve().parent
 @dataclass(frozen=True)
 class Stage:
     name: str  # Make target, CLI command, DVC stage
-    entry: Callable  # (params, base) -> result
+    entry: Callable  # (project) -> result
     summary: str  # one line, for --help and make help
     reads: tuple[str, ...]  # params: a whole section ("data") or one key ("train_top.cut_point")
     upstream: tuple[str, ...] = ()  # stages whose outputs it reads (all that it may read)
@@ -43,22 +44,22 @@ class Stage:
     deps: tuple[str, ...] = ()  # other inputs than upstream outputs (the photos)
     metrics: tuple[str, ...] = ()
     plots: tuple[dict, ...] = ()
-    gate: Callable | None = None  # (params, base) -> True when train.strategy needs this stage
-    needs: Callable | None = None  # (params, base) -> the upstream stages these params need (default: all)
+    gate: Callable | None = None  # (project) -> True when train.strategy needs this stage
+    needs: Callable | None = None  # (project) -> the upstream stages these params need (default: all)
     cache_folders: tuple[str, ...] = field(default=())  # under paths.cache_dir, removed by clean-cache
 
-    def chosen(self, params: Params, base: Path) -> bool:
-        return self.gate is None or self.gate(params, base)
+    def chosen(self, project: Project) -> bool:
+        return self.gate is None or self.gate(project)
 
 
 def _rung_stage(rung: Rung, reads: tuple[str, ...], deps: tuple[str, ...] = ()) -> Stage:
     return Stage(rung.stage, rung.train, rung.summary, (*reads, "train.strategy"), (rung.input_stage,),
                  (f"{CACHE}/{rung.section}",), deps,
-                 gate=lambda params, base: ladder.chosen(params, base)[0] is rung, cache_folders=(rung.section,))
+                 gate=lambda project: project.rung_name == rung.name, cache_folders=(rung.section,))
 
 
-def _top_features_needed(params: Params, base: Path) -> bool:
-    return ladder.chosen(params, base)[0].input_stage == "top-features"
+def _top_features_needed(project: Project) -> bool:
+    return ladder.chosen(project).input_stage == "top-features"
 
 
 # every rung fits its guard (calibration, rejection) for the reject params
@@ -81,26 +82,32 @@ STAGES: tuple[Stage, ...] = (
           tuple(f"{REPORTS}/{name}" for name in ("index.html", "run.json", "misclassified.csv", "history.jsonl")),
           metrics=(f"{REPORTS}/metrics.json",),
           plots=({f"{REPORTS}/predictions.csv": {"template": "confusion", "x": "actual", "y": "predicted"}},),
-          needs=lambda params, base: (ladder.chosen(params, base)[0].stage,)),
+          needs=lambda project: (ladder.chosen(project).stage,)),
 )
 BY_NAME = {stage.name: stage for stage in STAGES}
 # Commands that run stages but are not one: ``make train`` trains the chosen rung.
-TRAIN = Stage("train", lambda params, base: ladder.chosen(params, base)[0].train(params, base),
+TRAIN = Stage("train", lambda project: ladder.chosen(project).train(project),
               "train the rung train.strategy chooses (auto: the one 'make advise' recommends)", ("train.strategy",),
               tuple(r.stage for r in ladder.RUNGS.values()),
-              needs=lambda params, base: (ladder.chosen(params, base)[0].stage,))
+              needs=lambda project: (ladder.chosen(project).stage,))
+
+
+def run(name: str, project: Project, with_upstream: bool = True) -> list:
+    """Run stage ``name`` (and first the stages it needs, when ``with_upstream``): the one runner of stages,
+    for the CLI and the app alike. Returns each stage's result, upstream first."""
+    return [current.entry(project) for current in (chain(name, project) if with_upstream else [stage(name)])]
 
 
 def stage(name: str) -> Stage:
     return TRAIN if name == TRAIN.name else BY_NAME[name]
 
 
-def chain(name: str, params: Params, base: Path) -> list[Stage]:
+def chain(name: str, project: Project) -> list[Stage]:
     """``name`` and the stages it needs for these params, upstream first, each once."""
     order: list[Stage] = []
 
     def visit(current: Stage) -> None:
-        needed = current.needs(params, base) if current.needs else current.upstream
+        needed = current.needs(project) if current.needs else current.upstream
         for upstream in needed:
             visit(BY_NAME[upstream])
         if current not in order:

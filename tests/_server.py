@@ -59,6 +59,9 @@ class Server:
         else:
             headers = {"Content-Type": "application/json", **({"X-CSRF-Token": self.token} if token else {}), **headers}
             status, _, body = self.request(path, json.dumps(payload).encode(), headers, "POST")
+        if status >= 500:  # the server's traceback, not only "Internal Server Error"
+            time.sleep(0.2)
+            raise AssertionError(f"{path}: {status} {body}\n{''.join(self.stderr)[-3000:]}")
         return status, json.loads(body)
 
     def upload(self, path: str, files: list[tuple[str, bytes]]):

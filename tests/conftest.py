@@ -56,6 +56,22 @@ def make_params(tmp: Path, **sections) -> params_mod.Params:
     return params_mod.build(raw, "test params")
 
 
+def table_of(result):
+    """The labelled rows of a features run (``FeaturesResult``) with their features, read back."""
+    from pipeline.store import labels
+
+    return labels.read_table(result.path, result.labels)
+
+
+def cached_table(params: params_mod.Params, base: Path):
+    """The labelled rows of the pooled cache under ``params`` (its labelling for these params)."""
+    from pipeline.project import open_project
+    from pipeline.store import labels
+
+    project = open_project(params, base)
+    return labels.read_table(project.features_file(), project.labels_file())
+
+
 @pytest.fixture
 def project(tmp_path) -> Path:
     """A project folder with ``photos/`` holding three classes of 12 images."""
@@ -74,7 +90,7 @@ class CountingBackbone:
 
     def __init__(self, monkeypatch):
         from pipeline import runtime
-        from pipeline.stages import features
+        from pipeline.featurise import update
 
         self.builds = 0
         self.images = 0
@@ -98,7 +114,7 @@ class CountingBackbone:
             object.__setattr__(runner, "predict", counting_predict)
             return runner
 
-        real_calibrated = features._calibrated
+        real_calibrated = update.grouping.calibrated
 
         def calibrated(*args, **kwargs):
             self.calibrating = True
@@ -108,7 +124,7 @@ class CountingBackbone:
                 self.calibrating = False
 
         monkeypatch.setattr(runtime, "open_backbone", open_backbone)
-        monkeypatch.setattr(features, "_calibrated", calibrated)
+        monkeypatch.setattr(update.grouping, "calibrated", calibrated)
 
 
 def cli(cwd, *args, timeout=300, env=None):

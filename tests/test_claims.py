@@ -11,12 +11,12 @@ import pytest
 from pipeline import runtime
 from pipeline.backbones import litert
 from pipeline.data import scan as dataset
+from pipeline.project import open_project
 from pipeline.stages import features, train_head
 from pipeline.store import layout
-from pipeline.store import table as feature_store
 from pipeline.training import heads
 
-from conftest import CLASS_COLOURS, make_dataset, make_image, make_params
+from conftest import CLASS_COLOURS, cached_table, make_dataset, make_image, make_params
 
 
 def test_an_int8_backbone_calibrated_on_a_degenerate_set_is_refused_with_the_real_threshold(project, monkeypatch):
@@ -32,7 +32,7 @@ def test_an_int8_backbone_calibrated_on_a_degenerate_set_is_refused_with_the_rea
     params = make_params(project, features={"precision": "int8"}, paths={"weights_dir": "cache/weights"})
     with pytest.raises(litert.BackboneError, match=r"^the int8 backbone's features differ from the float ones "
                                                    r"\(cosine similarity -?[0-9.]+ < 0.95 on a check photo\)"):
-        features.run(params, project)
+        features.run(open_project(params, project))
     assert not list((project / "cache" / "weights").glob("*-int8-*.tflite"))  # not kept
     assert not list((project / "cache" / "features").glob("*.h5"))  # nothing in the cache
     assert not list((project / "cache" / "features").glob("*.parts/*"))
@@ -42,7 +42,7 @@ def test_heads_train_on_the_mean_of_the_views(project, monkeypatch):
     """The rows a head is fitted on are the mean of the cached original and mirrored features, read here
     straight from the file: a head trained on the original view alone fails this."""
     params = make_params(project, features={"views": ["original", "hflip"]})
-    features.run(params, project)
+    features.run(open_project(params, project))
     seen = {}
     real_fit = heads.LogRegHead.fit
 
@@ -51,11 +51,11 @@ def test_heads_train_on_the_mean_of_the_views(project, monkeypatch):
         return real_fit(self, X, y, log=log)
 
     monkeypatch.setattr(heads.LogRegHead, "fit", spy)
-    trained = train_head.run(params, project)
+    trained = train_head.run(open_project(params, project))
     with h5py.File(layout.cache_file(params, project), "r") as f:
         names = [n for n in f if n.startswith("features")]
         assert len(names) == 2, names  # the original and the mirrored view, stored apart
-        train = np.flatnonzero(f["split"].asstr()[...] == "train")
+        train = trained.inputs.rows("train").positions  # the rows the labelling of these params puts in train
         original, mirrored = (f[n][train.tolist()] for n in sorted(names))
     assert not np.allclose(original, mirrored)  # the views differ, so the mean is not either of them
     np.testing.assert_allclose(seen["X"], (original + mirrored) / 2, rtol=1e-6)
@@ -73,8 +73,8 @@ def test_the_softmax_head_keeps_its_best_epoch(tmp_path):
         make_image(tmp_path / "photos" / "test" / "misty" / f"{i}.png", CLASS_COLOURS["misty"], 70_000 + i)
     params = make_params(tmp_path, train_head={"model": "softmax", "learning_rate": 0.05, "epochs": 40,
                                                "patience": 5, "l2": 0.0, "dropout": 0.0})
-    features.run(params, tmp_path)
-    trained = train_head.run(params, tmp_path)
+    features.run(open_project(params, tmp_path))
+    trained = train_head.run(open_project(params, tmp_path))
     val_loss = trained.classifier.history["epochs"]["val_loss"]
     best = int(np.argmin(val_loss))
     assert best < len(val_loss) - 1 and val_loss[-1] > val_loss[best] + 0.05  # it rose after the best epoch
@@ -149,16 +149,16 @@ def test_near_duplicates_are_grouped_into_one_split(tmp_path):
             if i < 8:
                 image.resize((80, 60)).save(tmp_path / "photos" / name / f"{i:02d}_copy.jpg", quality=85)
     grouped = make_params(tmp_path, data={"group_near_duplicates": True})
-    features.run(grouped, tmp_path)
-    table = feature_store.read_table(layout.cache_file(grouped, tmp_path))
+    features.run(open_project(grouped, tmp_path))
+    table = cached_table(grouped, tmp_path)
     split_of = dict(zip(table.paths, table.splits))
     pairs = [(p, p.replace("_copy.jpg", ".png")) for p in split_of if p.endswith("_copy.jpg")]
     assert len(pairs) == 24
     assert all(split_of[a] == split_of[b] for a, b in pairs)
     # without grouping the hash split puts some pairs apart (else the check above proves nothing)
     ungrouped = make_params(tmp_path)
-    features.run(ungrouped, tmp_path)
-    table = feature_store.read_table(layout.cache_file(ungrouped, tmp_path))
+    features.run(open_project(ungrouped, tmp_path))
+    table = cached_table(ungrouped, tmp_path)
     split_of = dict(zip(table.paths, table.splits))
     assert any(split_of[a] != split_of[b] for a, b in pairs)
 
@@ -175,9 +175,9 @@ def test_class_weight_balanced_is_scikit_learns_on_the_default_path(tmp_path):
         make_image(tmp_path / "photos" / "misty" / f"more_{i}.png", CLASS_COLOURS["tigger"], 90_000 + i)
     params = make_params(tmp_path, train_head={"C": 1.0})
     assert params.train_head.class_weight == "balanced"  # the default
-    features.run(params, tmp_path)
-    trained = train_head.run(params, tmp_path)
-    table = feature_store.read_table(layout.cache_file(params, tmp_path))
+    features.run(open_project(params, tmp_path))
+    trained = train_head.run(open_project(params, tmp_path))
+    table = cached_table(params, tmp_path)
     train = table.splits == "train"
     x, y = table.features[train], np.array([trained.classes.index(c) for c in table.labels[train]])
     assert np.bincount(y)[0] > 2 * np.bincount(y)[1]

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from pipeline.data import corrections, scan
+from pipeline.project import open_project
 from pipeline.stages import features, train_head
 from pipeline.use import inspect
 
@@ -46,41 +47,42 @@ def test_the_scan_applies_relabel_exclude_and_keep_and_never_touches_a_photo(pro
 
 def test_a_relabel_retrains_the_head_alone_and_says_why(project, monkeypatch, caplog):
     params = make_params(project)
-    features.run(params, project)
-    first = train_head.run(params, project)
+    features.run(open_project(params, project))
+    first = train_head.run(open_project(params, project))
     counting = CountingBackbone(monkeypatch)
     corrections.record(project / "corrections.csv", [corrections.Correction("photos/misty/misty_00.png", "relabel",
                                                                             "tigger")])
     caplog.set_level("INFO")
-    result = features.run(params, project)
+    result = features.run(open_project(params, project))
     assert counting.images == 0 and result.n_new == 0  # no photo through the backbone again
-    second = train_head.run(params, project)
+    second = train_head.run(open_project(params, project))
     assert second.key != first.key and second.trained_now
     assert "data.corrections: none -> 1 rows" in caplog.text  # the recomputing line names the corrections
-    labels = {path: label for path, label in zip(*_column(result.path, "path", "label"))}
+    labels = {path: label for path, label in zip(*_column(result, "path", "label"))}
     assert labels["misty/misty_00.png"] == "tigger"
     assert counting.images == 0
 
 
-def _column(path, *names):
+def _column(result, *names):
+    """Columns of the labelling a features run wrote for its params."""
     import h5py
 
-    with h5py.File(path, "r") as f:
+    with h5py.File(result.labels, "r") as f:
         return [f[name].asstr()[...].tolist() for name in names]
 
 
 def test_an_excluded_photo_leaves_every_split_and_a_keep_changes_no_key(project):
     params = make_params(project)
-    features.run(params, project)
-    first = train_head.run(params, project)
+    features.run(open_project(params, project))
+    first = train_head.run(open_project(params, project))
     corrections.record(project / "corrections.csv", [corrections.Correction("photos/neither/neither_05.png", "keep")])
-    features.run(params, project)
-    assert train_head.run(params, project).key == first.key  # keep: nothing to retrain
+    features.run(open_project(params, project))
+    assert train_head.run(open_project(params, project)).key == first.key  # keep: nothing to retrain
     corrections.record(project / "corrections.csv", [corrections.Correction("photos/neither/neither_05.png",
                                                                             "exclude")])
-    result = features.run(params, project)
-    assert "neither/neither_05.png" not in _column(result.path, "path")[0]
-    assert train_head.run(params, project).key != first.key
+    result = features.run(open_project(params, project))
+    assert "neither/neither_05.png" not in _column(result, "path")[0]
+    assert train_head.run(open_project(params, project)).key != first.key
     skipped = (project / "reports" / "skipped.csv").read_text()
     assert "neither/neither_05.png,excluded in corrections.csv" in skipped
 
@@ -90,27 +92,27 @@ def test_unlabelled_photos_are_cached_retrain_nothing_and_join_train_when_labell
     for i in range(4):
         make_image(pool / f"new_{i}.png", CLASS_COLOURS["tigger"], 70_000 + i)
     params = make_params(project)
-    features.run(params, project)
-    first = train_head.run(params, project)
+    features.run(open_project(params, project))
+    first = train_head.run(open_project(params, project))
     n_train = len(first.inputs.rows("train"))
     params = make_params(project, data={"unlabelled": "to_label"})
     untouched = snapshot(pool)
-    result = features.run(params, project)
+    result = features.run(open_project(params, project))
     assert result.n_new == 4  # featurised like the rest
-    paths, splits, labels = _column(result.path, "path", "split", "label")
+    paths, splits, labels = _column(result, "path", "split", "label")
     pooled = {p: (s, lab) for p, s, lab in zip(paths, splits, labels) if p.startswith("../to_label/")}
     assert pooled == {f"../to_label/new_{i}.png": ("unlabelled", "") for i in range(4)}
-    assert train_head.run(params, project).key == first.key  # photos to label change no model
-    assert inspect.run(params, project).summary["photos"] == 36  # nor what inspect checks
+    assert train_head.run(open_project(params, project)).key == first.key  # photos to label change no model
+    assert inspect.run(open_project(params, project)).summary["photos"] == 36  # nor what inspect checks
 
     counting = CountingBackbone(monkeypatch)
     corrections.record(project / "corrections.csv", [corrections.Correction("to_label/new_1.png", "relabel", "tigger")])
-    result = features.run(params, project)
+    result = features.run(open_project(params, project))
     assert counting.images == 0  # labelling a photo runs no backbone
-    paths, splits, labels = _column(result.path, "path", "split", "label")
+    paths, splits, labels = _column(result, "path", "split", "label")
     row = paths.index("../to_label/new_1.png")
     assert (splits[row], labels[row]) == ("train", "tigger")  # labelled photos teach: they join train
-    trained = train_head.run(params, project)
+    trained = train_head.run(open_project(params, project))
     assert trained.key != first.key
     assert len(trained.inputs.rows("train")) == n_train + 1
     assert snapshot(pool) == untouched  # labelled in the file, not by moving the photo
@@ -186,25 +188,25 @@ def test_inspect_writes_a_template_that_the_scan_ignores_until_filled(tmp_path):
     for i in range(3):
         make_image(tmp_path / "photos" / "misty" / f"really_tigger_{i}.png", CLASS_COLOURS["tigger"], 80_000 + i)
     params = make_params(tmp_path)
-    features.run(params, tmp_path)
-    first = train_head.run(params, tmp_path)
-    path, added = inspect.corrections_template(params, tmp_path, inspect.run(params, tmp_path))
+    features.run(open_project(params, tmp_path))
+    first = train_head.run(open_project(params, tmp_path))
+    path, added = inspect.corrections_template(open_project(params, tmp_path), inspect.run(open_project(params, tmp_path)))
     rows = corrections.read(path)
     assert added == len(rows) > 0
     planted = rows["photos/misty/really_tigger_0.png"]
     assert (planted.action, planted.label) == ("", "tigger") and planted.note.startswith("label issue")
-    features.run(params, tmp_path)
-    assert train_head.run(params, tmp_path).key == first.key  # undecided rows change nothing
+    features.run(open_project(params, tmp_path))
+    assert train_head.run(open_project(params, tmp_path)).key == first.key  # undecided rows change nothing
     # fill one in by hand, as a user would in a spreadsheet
     text = path.read_text().replace("photos/misty/really_tigger_0.png,,tigger", "photos/misty/really_tigger_0.png,"
                                     "relabel,tigger")
     path.write_text(text)
     assert corrections.read(path)["photos/misty/really_tigger_0.png"].action == "relabel"
-    result = features.run(params, tmp_path)
-    assert train_head.run(params, tmp_path).key != first.key
-    paths, labels = _column(result.path, "path", "label")
+    result = features.run(open_project(params, tmp_path))
+    assert train_head.run(open_project(params, tmp_path)).key != first.key
+    paths, labels = _column(result, "path", "label")
     assert labels[paths.index("misty/really_tigger_0.png")] == "tigger"
-    inspect.corrections_template(params, tmp_path, inspect.run(params, tmp_path))
+    inspect.corrections_template(open_project(params, tmp_path), inspect.run(open_project(params, tmp_path)))
     assert corrections.read(path)["photos/misty/really_tigger_0.png"].action == "relabel"  # decisions kept
 
 

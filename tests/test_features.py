@@ -4,24 +4,25 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline.project import open_project
 from pipeline.stages import features
 from pipeline.stages.features import BadDataError
 from pipeline.store import layout
 from pipeline.store import parts as parts_mod
 from pipeline.store import table as feature_store
 
-from conftest import CLASS_COLOURS, make_image, make_params
+from conftest import CLASS_COLOURS, cached_table, make_image, make_params, table_of
 from conftest import CountingBackbone as CountingBuild
 
 
 def run(project, **sections):
-    return features.run(make_params(project, **sections), project)
+    return features.run(open_project(make_params(project, **sections), project))
 
 
 def test_first_run_writes_every_image_with_provenance(project):
     result = run(project)
     assert result.n_rows == 36 and result.n_new == 36
-    table = feature_store.read_table(result.path)
+    table = table_of(result)
     assert table.features.shape == (36, 16)
     assert sorted(set(table.labels)) == ["misty", "neither", "tigger"]
     assert set(table.splits) <= {"train", "val", "test"}
@@ -45,7 +46,7 @@ def test_second_run_does_no_backbone_work(project, monkeypatch, caplog):
 
 def test_incremental_add_change_remove(project, monkeypatch):
     first = run(project)
-    before = feature_store.read_table(first.path)
+    before = table_of(first)
     photos = project / "photos"
     make_image(photos / "misty" / "added.png", CLASS_COLOURS["misty"], 7001)
     make_image(photos / "tigger" / "tigger_00.png", CLASS_COLOURS["tigger"], 7002)  # changed content
@@ -54,7 +55,7 @@ def test_incremental_add_change_remove(project, monkeypatch):
     result = run(project)
     assert counter.images == 2  # only the added and the changed image
     assert (result.n_new, result.n_removed, result.n_rows) == (2, 2, 36)
-    after = feature_store.read_table(result.path)
+    after = table_of(result)
     assert "neither/neither_05.png" not in set(after.paths)
     # rows that did not change keep exactly their features
     old = dict(zip(before.sha256, before.features))
@@ -64,11 +65,11 @@ def test_incremental_add_change_remove(project, monkeypatch):
 
 
 def test_features_are_deterministic_and_float16_storage(project):
-    a = feature_store.read_table(run(project).path)
+    a = table_of(run(project))
     half = run(project, features={"dtype": "float16"})
     with h5py.File(half.path) as f:
         assert f["features"].dtype == np.float16
-    b = feature_store.read_table(half.path)
+    b = table_of(half)
     np.testing.assert_allclose(a.features, b.features, rtol=2e-3, atol=1e-3)
     assert half.path != run(project).path  # a cache per storage type
 
@@ -96,10 +97,10 @@ def test_version_bump_is_a_new_cache(project, monkeypatch):
 
 
 def test_changing_split_fractions_rewrites_splits_without_backbone_work(project, monkeypatch):
-    first = feature_store.read_table(run(project).path)
+    first = table_of(run(project))
     counter = CountingBuild(monkeypatch)
     result = run(project, data={"train_fraction": 0.2, "val_fraction": 0.2, "test_fraction": 0.6})
-    second = feature_store.read_table(result.path)
+    second = table_of(result)
     assert counter.builds == 0
     assert (second.splits == "test").sum() > (first.splits == "test").sum()
     assert first.attrs["content_hash"] != second.attrs["content_hash"]
@@ -127,7 +128,7 @@ def test_too_many_bad_images_fail_after_keeping_the_good_ones(project):
         (project / "photos" / "tigger" / f"broken_{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 50)
     with pytest.raises(BadDataError, match=r"10 of 46 images .* are unusable .*max_bad_fraction"):
         run(project)
-    assert feature_store.read_table(layout.cache_file(make_params(project), project)).features.shape[0] == 36
+    assert cached_table(make_params(project), project).features.shape[0] == 36
 
 
 def test_interrupted_run_keeps_committed_parts(project, monkeypatch):
@@ -163,10 +164,14 @@ def test_damaged_cache_is_set_aside_and_rebuilt(project, caplog):
 
 def test_rows_edited_by_hand_are_detected(project):
     first = run(project)
-    with h5py.File(first.path, "r+") as f:
+    with h5py.File(first.labels, "r+") as f:
         f["label"][0] = "tigger" if f["label"][0] != b"tigger" else "misty"
     with pytest.raises(feature_store.CacheError, match="content hash"):
-        feature_store.read_table(first.path)
+        table_of(first)
+    with h5py.File(first.path, "r+") as f:
+        f["sha256"][0] = "0" * 64
+    with pytest.raises(feature_store.CacheError, match="content hash"):
+        feature_store.read_index(first.path)
 
 
 def test_a_second_writer_is_refused(project):
@@ -181,20 +186,20 @@ def test_a_second_writer_is_refused(project):
 
 def test_top_features_are_a_cache_of_their_own_outside_the_pooled_folder(project, monkeypatch, caplog):
     params = make_params(project, train_top={"cut_point": "block0"})
-    pooled = features.run(params, project)
+    pooled = features.run(open_project(params, project))
     caplog.set_level("INFO")
-    top = features.run_top(params, project)
+    top = features.run_top(open_project(params, project))
     assert top.path.parent == project / "cache" / "top_features" and pooled.path.parent == project / "cache" / "features"
     assert "top-features: recomputing (no cache for these settings yet)" in caplog.text
     with __import__("h5py").File(top.path) as f:
         assert f["features"].dtype == np.float16 and f["features"].shape == (36, 16, 16, 8)
     counter = CountingBuild(monkeypatch)
     caplog.clear()
-    features.run_top(make_params(project, train_top={"cut_point": "block1"}), project)
+    features.run_top(open_project(make_params(project, train_top={"cut_point": "block1"}), project))
     assert "top-features: recomputing (train_top.cut_point: block0 -> block1)" in caplog.text
     assert counter.images == 36
-    features.run_top(params, project)
-    features.run(params, project)
+    features.run_top(open_project(params, project))
+    features.run(open_project(params, project))
     assert counter.builds == 1  # back to block0, and the pooled cache: both hits
 
 

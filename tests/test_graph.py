@@ -8,6 +8,7 @@ import yaml
 
 from pipeline import cli as cli_mod
 from pipeline import graph
+from pipeline.project import open_project
 from pipeline.stages import features, ladder, train_head
 
 from conftest import ROOT, cli, make_dataset, make_params
@@ -46,8 +47,8 @@ def test_dvc_stages_read_exactly_their_params():
 
 def test_clean_cache_removes_the_declared_folders(project):
     params = make_params(project)
-    features.run(params, project)
-    train_head.run(params, project)
+    features.run(open_project(params, project))
+    train_head.run(open_project(params, project))
     (project / "params.yaml").write_text(json.dumps({"data": {"root": "photos", "train_fraction": 0.6,
                                                               "val_fraction": 0.2, "test_fraction": 0.2},
                                                      "features": {"backbone": "tiny"}}))
@@ -57,11 +58,11 @@ def test_clean_cache_removes_the_declared_folders(project):
 
 
 def test_the_chain_follows_the_strategy(project):
-    head = [s.name for s in graph.chain("evaluate", make_params(project), project)]
+    head = [s.name for s in graph.chain("evaluate", open_project(make_params(project), project))]
     assert head == ["features", "train-head", "evaluate"]
-    top = [s.name for s in graph.chain("evaluate", make_params(project, train={"strategy": "top"}), project)]
+    top = [s.name for s in graph.chain("evaluate", open_project(make_params(project, train={"strategy": "top"}), project))]
     assert top == ["top-features", "train-top", "evaluate"]
-    named = [s.name for s in graph.chain("train-top", make_params(project), project)]
+    named = [s.name for s in graph.chain("train-top", open_project(make_params(project), project))]
     assert named == ["top-features", "train-top"]  # asked by name: it runs whatever the strategy
 
 
@@ -113,8 +114,8 @@ LAYERS = (
     ("pipeline.graph",),
     ("pipeline.use",),  # commands that use a trained model: predict, export, compare, inspect
     ("pipeline.stages",),  # the stages and the rung registry
-    ("pipeline.training",),  # the rung contract, heads, guard, fitting
-    ("pipeline.runtime", "pipeline.ray_engine"),  # photos in, activations out
+    ("pipeline.training", "pipeline.project"),  # the rung contract, heads, guard, fitting; the project they take
+    ("pipeline.featurise", "pipeline.runtime", "pipeline.ray_engine"),  # photos in, activations out
     ("pipeline.quality",),
     ("pipeline.store",),  # the cache: layout, tables, parts, batches
     ("pipeline.backbones",),

@@ -6,6 +6,7 @@ import pytest
 from sklearn.base import clone
 
 from pipeline.params import ParamsError
+from pipeline.project import open_project
 from pipeline.stages import evaluate, features, train_head
 from pipeline.training import guard as guard_mod
 from pipeline.training.classifiers import HeadClassifier, normalise
@@ -184,15 +185,15 @@ def larger_project(tmp_path):
 @pytest.mark.parametrize("model", ["logreg", "ncm", "knn"])
 def test_predict_answers_unknown_for_photos_unlike_the_training_photos(larger_project, model):
     params = make_params(larger_project, train_head={"model": model})
-    features.run(params, larger_project)
-    trained = train_head.run(params, larger_project)
+    features.run(open_project(params, larger_project))
+    trained = train_head.run(open_project(params, larger_project))
     assert trained.guard.threshold_from == "val" and trained.guard.calibrated_on == "val"
-    results = predict.run(params, larger_project, [odd_photos(larger_project / "odd")])
+    results = predict.run(open_project(params, larger_project), [odd_photos(larger_project / "odd")])
     assert [r.answer for r in results] == ["unknown"] * 6
     assert all(r.score > r.threshold for r in results)
     known = [make_image(larger_project / "new" / f"{name}.png", colour, 77_000 + i)
              for i, (name, colour) in enumerate(CLASS_COLOURS.items())]
-    answers = {r.path.split("/")[-1]: r.answer for r in predict.run(params, larger_project, known)}
+    answers = {r.path.split("/")[-1]: r.answer for r in predict.run(open_project(params, larger_project), known)}
     assert answers == {"misty.png": "misty", "tigger.png": "tigger", "neither.png": "neither"}
     table = predict.format_predictions(results, "table")
     assert "unknown (score" in table and "closest:" in table
@@ -203,9 +204,9 @@ def test_predict_answers_unknown_for_photos_unlike_the_training_photos(larger_pr
 
 def test_evaluate_reports_rejection_and_calibration(larger_project):
     params = make_params(larger_project)
-    features.run(params, larger_project)
-    train_head.run(params, larger_project)
-    result = evaluate.run(params, larger_project)
+    features.run(open_project(params, larger_project))
+    train_head.run(open_project(params, larger_project))
+    result = evaluate.run(open_project(params, larger_project))
     r, c = result.metrics["rejection"], result.metrics["calibration"]
     assert 0 <= r["rejected_share"] <= 0.5 and r["keep"] == 0.95
     assert set(c) == {"temperature", "ece_before", "ece_after", "brier_before", "brier_after"}
@@ -221,11 +222,11 @@ def test_evaluate_reports_rejection_and_calibration(larger_project):
 
 def test_changing_reject_keep_refits_only_the_guard(larger_project, caplog):
     params = make_params(larger_project)
-    features.run(params, larger_project)
-    first = train_head.run(params, larger_project)
+    features.run(open_project(params, larger_project))
+    first = train_head.run(open_project(params, larger_project))
     caplog.clear()
     with caplog.at_level("INFO"):
-        second = train_head.run(make_params(larger_project, reject={"keep": 0.8}), larger_project)
+        second = train_head.run(open_project(make_params(larger_project, reject={"keep": 0.8}), larger_project))
     assert second.folder == first.folder and not second.trained_now
     assert "cache hit" in caplog.text and "recomputing" not in caplog.text
     assert second.guard.threshold < first.guard.threshold
@@ -233,9 +234,9 @@ def test_changing_reject_keep_refits_only_the_guard(larger_project, caplog):
 
 def test_with_a_tiny_val_split_calibration_is_out_of_fold_and_said(project, caplog):
     params = make_params(project)  # 12 photos a class: 7 val photos in all
-    features.run(params, project)
+    features.run(open_project(params, project))
     with caplog.at_level("INFO"):
-        trained = train_head.run(params, project)
+        trained = train_head.run(open_project(params, project))
     assert trained.guard.calibrated_on == "out-of-fold" and trained.guard.threshold_from == "out-of-fold"
     assert "fewer than 20" in caplog.text and "out-of-fold" in caplog.text
 
@@ -255,7 +256,7 @@ def test_a_class_named_like_the_rejection_answer_is_refused(tmp_path, folder, la
         make_image(tmp_path / "photos" / folder / f"{i}.png", (128, 128, 128), 500 + i)
     params = make_params(tmp_path, reject={"label": label})
     with pytest.raises(TrainingError, match=key) as error:
-        features.run(params, tmp_path)
+        features.run(open_project(params, tmp_path))
     assert f"named {folder!r}" in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "cache" / "features").exists() or not any((tmp_path / "cache" / "features").glob("*.h5"))
 
@@ -263,9 +264,9 @@ def test_a_class_named_like_the_rejection_answer_is_refused(tmp_path, folder, la
 @pytest.mark.parametrize("model", ["ncm", "knn"])
 def test_heads_without_training_export_with_parity(larger_project, model):
     params = make_params(larger_project, train_head={"model": model})
-    features.run(params, larger_project)
-    train_head.run(params, larger_project)
-    result = export.run(params, larger_project)
+    features.run(open_project(params, larger_project))
+    train_head.run(open_project(params, larger_project))
+    result = export.run(open_project(params, larger_project))
     for name in ("model.keras", "saved_model", "model.tflite"):
         assert result.parity[name]["max_abs_diff"] <= 1e-4 and result.parity[name]["score_max_abs_diff"] <= 1e-4
     meta = json.loads((result.folder / "model.json").read_text())
@@ -274,8 +275,8 @@ def test_heads_without_training_export_with_parity(larger_project, model):
 
 def test_predict_and_evaluate_give_the_calibrated_probabilities(larger_project):
     params = make_params(larger_project)
-    features.run(params, larger_project)
-    trained = train_head.run(params, larger_project)
+    features.run(open_project(params, larger_project))
+    trained = train_head.run(open_project(params, larger_project))
     temperature = trained.guard.temperature
     assert abs(temperature - 1) > 0.05  # calibration changes these numbers: the comparison means something
     inputs = trained.inputs
@@ -283,11 +284,11 @@ def test_predict_and_evaluate_give_the_calibrated_probabilities(larger_project):
     x = inputs.read(rows.positions)
     expected = guard_mod.softmax(trained.classifier.classifier.logits(x) / temperature)
     paths = inputs.paths(rows.positions)
-    got = predict.run(params, larger_project, [larger_project / "photos" / p for p in paths], top_k=3)
+    got = predict.run(open_project(params, larger_project), [larger_project / "photos" / p for p in paths], top_k=3)
     for row, prediction in zip(expected, got):
         by_label = dict(zip(prediction.labels, prediction.probabilities))
         assert [by_label[c] for c in trained.classes] == pytest.approx(row.tolist(), abs=1e-6)
-    result = evaluate.run(params, larger_project)
+    result = evaluate.run(open_project(params, larger_project))
     before = guard_mod.expected_calibration_error(guard_mod.softmax(trained.classifier.classifier.logits(x)),
                                                   rows.labels)["ece"]
     assert result.metrics["calibration"]["ece_before"] == pytest.approx(before)

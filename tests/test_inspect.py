@@ -2,19 +2,30 @@
 import csv
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.project import open_project
 from pipeline.quality import near_duplicates
 from pipeline.stages import features, report
-from pipeline.store import layout
+from pipeline.store import labels, layout
 from pipeline.store import table as feature_store
 from pipeline.store.table import CacheError
 from pipeline.use import inspect
 
-from conftest import CLASS_COLOURS, CountingBackbone, cli, make_dataset, make_image, make_params, shared_dataset
+from conftest import (
+    CLASS_COLOURS,
+    CountingBackbone,
+    cached_table,
+    cli,
+    make_dataset,
+    make_image,
+    make_params,
+    shared_dataset,
+)
 
 
 def read_csv(path):
@@ -24,7 +35,7 @@ def read_csv(path):
 
 def test_without_a_cache_it_says_what_to_run(project):
     with pytest.raises(CacheError, match=r"^no cached features at .*; run 'make features' first$"):
-        inspect.run(make_params(project), project)
+        inspect.run(open_project(make_params(project), project))
 
 
 def test_photos_in_the_wrong_folder_are_the_likely_label_errors(tmp_path, monkeypatch):
@@ -34,9 +45,9 @@ def test_photos_in_the_wrong_folder_are_the_likely_label_errors(tmp_path, monkey
         wrong.append(make_image(tmp_path / "photos" / "misty" / f"really_tigger_{i}.png", CLASS_COLOURS["tigger"],
                                 80_000 + i))
     params = make_params(tmp_path)
-    features.run(params, tmp_path)
+    features.run(open_project(params, tmp_path))
     counting = CountingBackbone(monkeypatch)
-    result = inspect.run(params, tmp_path)
+    result = inspect.run(open_project(params, tmp_path))
     assert counting.builds == 0 and counting.images == 0  # the cache alone: no backbone
     rows = read_csv(tmp_path / "reports" / "label_issues.csv")
     assert list(rows[0]) == ["path", "given", "suggested", "score"]
@@ -54,9 +65,9 @@ def test_small_classes_get_fewer_folds_and_say_so(tmp_path, caplog):
     for path in sorted((tmp_path / "photos" / "tigger").iterdir())[3:]:
         path.unlink()  # 3 tigger photos left
     params = make_params(tmp_path, data={"train_fraction": 0.6, "val_fraction": 0.2, "test_fraction": 0.2})
-    features.run(params, tmp_path)
+    features.run(open_project(params, tmp_path))
     caplog.set_level("INFO")
-    assert inspect.run(params, tmp_path).summary["folds"] == 3
+    assert inspect.run(open_project(params, tmp_path)).summary["folds"] == 3
     assert "inspect: 3 folds, not 5: the smallest class (tigger) has 3 photos" in caplog.text
 
 
@@ -68,22 +79,23 @@ def test_one_class_only_is_a_clear_error(tmp_path):
     # a cache that holds one class (made by hand): inspect refuses it in one line
     path = tmp_path / "one.h5"
     rows = [(f"{i:064x}", f"misty/{i}.png", "misty", "train") for i in range(5)]
-    feature_store.write_table(path, rows, lambda a, b: np.ones((b - a, 4), np.float32), (4,), "float32",
-                              {"key": "k", "classes": ["misty"]})
-    params = make_params(tmp_path)
-    target = layout.cache_file(params, tmp_path)
+    feature_store.write_table(path, [r[0] for r in rows], lambda a, b: np.ones((b - a, 4), np.float32), (4,),
+                              "float32", {"key": "k"})
+    project = open_project(make_params(tmp_path), tmp_path)
+    target = project.features_file()
     target.parent.mkdir(parents=True)
     shutil.copy(path, target)
+    labels.write(project.labels_file(), rows, ["misty"], "k", project.labels_key, {})
     with pytest.raises(inspect.InspectError, match="one class only .*needs at least 2"):
-        inspect.run(params, tmp_path)
+        inspect.run(project)
 
 
 def test_near_duplicate_pairs_with_a_set_threshold_and_leaks_first(tmp_path):
     make_dataset(tmp_path / "photos", per_class=10, classes=("misty", "tigger"))
     params = make_params(tmp_path, inspect={"near_duplicate_threshold": 0.9999})
-    features.run(params, tmp_path)
-    result = inspect.run(params, tmp_path)
-    table = feature_store.read_table(layout.cache_file(params, tmp_path))
+    features.run(open_project(params, tmp_path))
+    result = inspect.run(open_project(params, tmp_path))
+    table = cached_table(params, tmp_path)
     vectors = near_duplicates.unit_vectors(table.features)
     expected = {(min(a, b), max(a, b)) for a in range(len(vectors)) for b in range(len(vectors))
                 if a != b and vectors[a] @ vectors[b] >= 0.9999}  # the brute-force answer
@@ -106,8 +118,8 @@ def test_outliers_are_the_photos_unlike_any_class(tmp_path):
     make_dataset(tmp_path / "photos", per_class=15, classes=("misty", "tigger"))
     odd = make_image(tmp_path / "photos" / "misty" / "odd.png", (250, 250, 250), 5, size=(48, 40))
     params = make_params(tmp_path, inspect={"outliers": 0.03})
-    features.run(params, tmp_path)
-    rows = read_csv(tmp_path / "reports" / "outliers.csv") if inspect.run(params, tmp_path) else []
+    features.run(open_project(params, tmp_path))
+    rows = read_csv(tmp_path / "reports" / "outliers.csv") if inspect.run(open_project(params, tmp_path)) else []
     assert rows[0]["path"] == f"misty/{odd.name}"
     assert float(rows[0]["similarity_own_class"]) < 0.99 and rows[0]["nearest_other_class"] == "tigger"
 
@@ -127,10 +139,10 @@ def test_calibrated_threshold_finds_copies_and_grouping_closes_the_leak(tmp_path
             copy = image.rotate(3, expand=False) if i % 2 else image.resize((image.width // 3, image.height // 3))
             copy.convert("RGB").save(path.with_name(f"copy_{path.stem}.jpg"), quality=80)
     params = make_params(tmp_path, features={"backbone": "efficientnet_lite0", "batch_size": 16})
-    features.run(params, tmp_path)
+    features.run(open_project(params, tmp_path))
     calibration = json.loads(layout.calibration_file(layout.cache_file(params, tmp_path)).read_text())
     assert calibration["recall_on_copies"] >= 0.9 and calibration["distinct_pairs_above"] <= 0.01
-    result = inspect.run(params, tmp_path)
+    result = inspect.run(open_project(params, tmp_path))
     pairs = {frozenset((q["path_a"], q["path_b"])) for q in result.near_duplicates}
     planted = {frozenset((f"cats/{p.name}", f"cats/copy_{p.stem}.jpg")) for p in originals}
     assert len(planted & pairs) >= 5  # at least 5 of the 6 planted copies found
@@ -138,13 +150,13 @@ def test_calibrated_threshold_finds_copies_and_grouping_closes_the_leak(tmp_path
 
     grouped = make_params(tmp_path, features={"backbone": "efficientnet_lite0", "batch_size": 16},
                           data={"group_near_duplicates": True})
-    features.run(grouped, tmp_path)
-    split = dict(zip(*[getattr(feature_store.read_table(layout.cache_file(grouped, tmp_path)), name)
+    features.run(open_project(grouped, tmp_path))
+    split = dict(zip(*[getattr(cached_table(grouped, tmp_path), name)
                        for name in ("paths", "splits")]))
     for pair in planted & pairs:
         a, b = sorted(pair)
         assert split[a] == split[b]
-    assert inspect.run(grouped, tmp_path).summary["leaking_pairs"] == 0
+    assert inspect.run(open_project(grouped, tmp_path)).summary["leaking_pairs"] == 0
 
 
 def test_the_report_stays_readable_and_small_at_100_classes(tmp_path):
@@ -210,7 +222,7 @@ def test_one_process_finds_the_same_label_issues_without_forking(tmp_path, monke
     for i in range(3):
         make_image(tmp_path / "photos" / "misty" / f"really_tigger_{i}.png", CLASS_COLOURS["tigger"], 80_000 + i)
     params = make_params(tmp_path)
-    features.run(params, tmp_path)
+    features.run(open_project(params, tmp_path))
     pools = []
     real_pool = multiprocessing.Pool
 
@@ -219,19 +231,19 @@ def test_one_process_finds_the_same_label_issues_without_forking(tmp_path, monke
         return real_pool(*args, **kwargs)
 
     monkeypatch.setattr(multiprocessing, "Pool", pool)
-    forked = inspect.run(params, tmp_path, processes=2).label_issues
+    forked = inspect.run(open_project(params, tmp_path), processes=2).label_issues
     assert pools  # the check sees a pool when one starts
     pools.clear()
-    alone = inspect.run(params, tmp_path, processes=1).label_issues
+    alone = inspect.run(open_project(params, tmp_path), processes=1).label_issues
     assert not pools and alone == forked
 
     asked = {}
 
-    def spy(params, base, processes=None):
+    def spy(project, processes=None):
         asked["processes"] = processes
         raise RuntimeError("spied")
 
     monkeypatch.setattr(inspect, "run", spy)
     with pytest.raises(RuntimeError, match="spied"):
-        server._findings(params, tmp_path, None)
+        server._findings(SimpleNamespace(project=open_project(params, tmp_path)))
     assert asked == {"processes": 1}

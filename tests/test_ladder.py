@@ -11,32 +11,32 @@ from pipeline import params as params_mod
 from pipeline import runtime
 from pipeline.backbones import keras_models
 from pipeline.params import ParamsError
+from pipeline.project import open_project
 from pipeline.stages import evaluate, features, finetune, ladder, train_head, train_top
-from pipeline.store import table as feature_store
 from pipeline.training import advise, keras_fit
 from pipeline.use import compare, export, predict
 
-from conftest import CountingBackbone, cli, make_dataset, make_params, shared_dataset
+from conftest import CountingBackbone, cli, make_dataset, make_params, shared_dataset, table_of
 
 
 def test_cut_point_cache_is_float16_spatial_and_switching_is_free(project, monkeypatch):
     params = make_params(project, train_top={"cut_point": "block0"})
-    pooled = features.run(params, project)
-    cut = features.run_top(params, project)
+    pooled = features.run(open_project(params, project))
+    cut = features.run_top(open_project(params, project))
     assert cut.path != pooled.path
     with h5py.File(cut.path) as f:
         assert f["features"].shape == (36, 16, 16, 8)
         assert f["features"].dtype == np.float16 and f["features"].compression == "gzip"
     counter = CountingBackbone(monkeypatch)
-    features.run(params, project)
-    features.run_top(params, project)
+    features.run(open_project(params, project))
+    features.run_top(open_project(params, project))
     assert counter.builds == 0  # back and forth: both caches are hits
 
 
 def test_top_layers_on_the_cut_cache_give_the_pooled_features(project):
     params = make_params(project, train_top={"cut_point": "block0"})
-    pooled = feature_store.read_table(features.run(params, project).path)
-    cut = feature_store.read_table(features.run_top(params, project).path)
+    pooled = table_of(features.run(open_project(params, project)))
+    cut = table_of(features.run_top(open_project(params, project)))
     full = keras_models.build("tiny", layer="pooled", weights_dir=project / "cache" / "weights")
     top = train_top.build_top(full.model, "block0")
     assert "block0" not in [l.name for l in top.layers[1:]] and "normalize" not in [l.name for l in top.layers]
@@ -65,8 +65,8 @@ def lite_params(project, **top):
 @pytest.mark.slow
 def test_lite0_top_blocks_reproduce_the_pooled_features(lite_project):
     params = lite_params(lite_project)
-    pooled = feature_store.read_table(features.run(params, lite_project).path)
-    cut = feature_store.read_table(features.run_top(params, lite_project).path)
+    pooled = table_of(features.run(open_project(params, lite_project)))
+    cut = table_of(features.run_top(open_project(params, lite_project)))
     full = keras_models.build("efficientnet_lite0", layer="pooled", weights_dir=lite_project / "cache" / "weights")
     top = train_top.build_top(full.model, "block14")
     from_cut = np.asarray(top(cut.features, training=False))
@@ -76,7 +76,7 @@ def test_lite0_top_blocks_reproduce_the_pooled_features(lite_project):
 @pytest.mark.slow
 def test_train_top_keeps_batchnorm_statistics_and_never_runs_the_frozen_layers(lite_project, monkeypatch):
     params = lite_params(lite_project)
-    features.run_top(params, lite_project)  # the cut-point cache exists before training
+    features.run_top(open_project(params, lite_project))  # the cut-point cache exists before training
 
     def no_backbone_runs(*args, **kwargs):
         raise AssertionError("train-top ran the frozen backbone over photos")
@@ -108,7 +108,7 @@ def test_train_top_keeps_batchnorm_statistics_and_never_runs_the_frozen_layers(l
         return real_fit(model, *args, **kwargs)
 
     monkeypatch.setattr(keras_fit, "fit", fit_and_watch)
-    result = train_top.run(params, lite_project)
+    result = train_top.run(open_project(params, lite_project))
     top = result.classifier.classifier.model_.get_layer("top")
     bn_layers = [l for l in top.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert len(bn_layers) >= 3
@@ -127,27 +127,27 @@ def test_train_top_rung_is_evaluated_compared_and_exported(lite_project):
                          data={"train_fraction": 0.6, "val_fraction": 0.2, "test_fraction": 0.2},
                          train_top={"cut_point": "block14", "epochs_head": 1, "epochs": 3, "patience": 0,
                                     "learning_rate": 0.001}, train={"strategy": "top"})
-    features.run(params, lite_project)
-    train_head.run(params, lite_project)
-    features.run_top(params, lite_project)
-    result = train_top.run(params, lite_project)
+    features.run(open_project(params, lite_project))
+    train_head.run(open_project(params, lite_project))
+    features.run_top(open_project(params, lite_project))
+    result = train_top.run(open_project(params, lite_project))
     assert result.classifier.history["epochs_run"] == 4  # 1 + 3
-    assert not train_top.run(params, lite_project).trained_now
-    assert evaluate.run(params, lite_project).run["rung"] == "head"  # train.strategy: head decides, not what ran last
-    metrics = evaluate.run(chosen, lite_project)
+    assert not train_top.run(open_project(params, lite_project)).trained_now
+    assert evaluate.run(open_project(params, lite_project)).run["rung"] == "head"  # train.strategy: head decides, not what ran last
+    metrics = evaluate.run(open_project(chosen, lite_project))
     assert metrics.run["rung"] == "top" and metrics.run["features"]["layer"] == "block14"
-    table = compare.run(chosen, lite_project)
+    table = compare.run(open_project(chosen, lite_project))
     lines = {line.split()[0]: line for line in table.splitlines()[1:-1]}
     assert "pooled" in lines["head"] and "block14" in lines["top*"]
     assert "not trained for these params ('make finetune')" in lines["finetune"]
-    exported = export.run(chosen, lite_project)
+    exported = export.run(open_project(chosen, lite_project))
     assert exported.parity["model.tflite"]["n_images"] == metrics.metrics["n_test"]
 
 
 @pytest.mark.slow
 def test_an_interrupted_train_top_continues_from_its_backup(lite_project, monkeypatch):
     params = lite_params(lite_project, epochs_head=2, epochs=4, seed=7)
-    features.run_top(params, lite_project)
+    features.run_top(open_project(params, lite_project))
     real_fit = keras.Model.fit
     calls = []
 
@@ -162,10 +162,10 @@ def test_an_interrupted_train_top_continues_from_its_backup(lite_project, monkey
 
     monkeypatch.setattr(keras.Model, "fit", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_top.run(params, lite_project)
+        train_top.run(open_project(params, lite_project))
     assert list((lite_project / "cache" / "train_top").glob("*.backup"))
     monkeypatch.setattr(keras.Model, "fit", real_fit)
-    history = train_top.run(params, lite_project).classifier.history
+    history = train_top.run(open_project(params, lite_project)).classifier.history
     assert len(history["phases"]["head"]) and len(history["phases"]["head"]["loss"]) == 2  # kept, not rerun
     assert len(history["phases"]["all"]["loss"]) == 2  # epochs 3 and 4 only: 1 and 2 came from the backup
     assert not list((lite_project / "cache" / "train_top").glob("*.backup"))
@@ -173,22 +173,22 @@ def test_an_interrupted_train_top_continues_from_its_backup(lite_project, monkey
 
 def test_wrong_cut_point_names_the_valid_ones(project):
     with pytest.raises(ValueError, match="^train_top.cut_point: tiny has no layer 'block99'; valid: block0, block1"):
-        features.run_top(make_params(project, train_top={"cut_point": "block99"}), project)
+        features.run_top(open_project(make_params(project, train_top={"cut_point": "block99"}), project))
 
 
 def test_train_top_before_its_input_says_what_to_run(project):
-    features.run(make_params(project), project)
+    features.run(open_project(make_params(project), project))
     from pipeline.store.table import CacheError
 
     with pytest.raises(CacheError, match="no cached activations at train_top.cut_point 'block0'.*"
                                          "run 'make top-features' first"):
-        train_top.run(make_params(project, train_top={"cut_point": "block0"}), project)
+        train_top.run(open_project(make_params(project, train_top={"cut_point": "block0"}), project))
 
 
 def test_hidden_units_in_the_softmax_head(project):
     params = make_params(project, train_head={"model": "softmax", "hidden_units": [8], "epochs": 5})
-    features.run(params, project)
-    head = train_head.run(params, project).classifier
+    features.run(open_project(params, project))
+    head = train_head.run(open_project(params, project)).classifier
     assert [l.name for l in head.classifier.model_.layers if l.name.startswith("hidden")] == ["hidden_0"]
     with pytest.raises(ParamsError, match="hidden_units needs model: softmax"):
         params_mod.load(None, ["train_head.hidden_units=[8]"])
@@ -226,8 +226,8 @@ def test_advice_from_a_scanned_dataset(project):
 
 def test_finetune_two_phases_on_the_photos(project):
     base_params = make_params(project, finetune={"epochs_head": 2, "epochs_all": 0, "batch_size": 8})
-    features.run(base_params, project)
-    head_only = finetune.run(base_params, project)
+    features.run(open_project(base_params, project))
+    head_only = finetune.run(open_project(base_params, project))
     network = head_only.classifier.classifier.model_.get_layer("tiny_to_pooled")
     pretrained = keras_models.build("tiny", weights_dir=project / "cache" / "weights").model
     for a, b in zip(network.get_weights(), pretrained.get_weights()):
@@ -237,20 +237,20 @@ def test_finetune_two_phases_on_the_photos(project):
 
     params = make_params(project, finetune={"epochs_head": 2, "epochs_all": 3, "batch_size": 8,
                                             "learning_rate_all": 0.01}, train={"strategy": "finetune"})
-    result = finetune.run(params, project)
+    result = finetune.run(open_project(params, project))
     assert set(result.classifier.history["phases"]) == {"head", "all"}
     changed = result.classifier.classifier.model_.get_layer("tiny_to_pooled").get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(changed, pretrained.get_weights()))
-    assert not finetune.run(params, project).trained_now  # a cache hit the second time
+    assert not finetune.run(open_project(params, project)).trained_now  # a cache hit the second time
 
-    run = evaluate.run(params, project)
+    run = evaluate.run(open_project(params, project))
     assert run.run["rung"] == "finetune" and run.metrics["n_test"] > 0
     # predict answers for each test photo what evaluate computed for it
     rows = [line.split(",") for line in (project / "reports" / "predictions.csv").read_text().splitlines()[1:]]
-    got = predict.run(params, project, [project / "photos" / row[0] for row in rows])
+    got = predict.run(open_project(params, project), [project / "photos" / row[0] for row in rows])
     assert [g.labels[0] for g in got] == [row[2] for row in rows]
     assert [g.answer for g in got] == [row[5] for row in rows]  # and the same "unknown" decisions
-    exported = export.run(params, project)
+    exported = export.run(open_project(params, project))
     assert all(v["max_abs_diff"] <= 1e-4 and v["score_max_abs_diff"] <= 1e-4 for v in exported.parity.values())
 
 

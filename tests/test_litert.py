@@ -5,10 +5,10 @@ import pytest
 from pipeline.backbones import litert as litert_runtime
 from pipeline.data.resize import fit_to_size
 from pipeline.data.resize_layer import single_image_resizer
+from pipeline.project import open_project
 from pipeline.stages import features
-from pipeline.store import table as feature_store
 
-from conftest import make_params
+from conftest import make_params, table_of
 
 
 @pytest.mark.parametrize("shape", [(375, 500), (224, 224), (100, 60), (1, 1), (1500, 2000), (447, 449)])
@@ -22,11 +22,11 @@ def test_opencv_resize_matches_the_tensorflow_one(shape, mode):
 
 
 def test_litert_features_equal_keras_features(project):
-    keras_run = features.run(make_params(project, features={"runtime": "keras"}), project)
-    litert_run = features.run(make_params(project, features={"runtime": "litert"}), project)
+    keras_run = features.run(open_project(make_params(project, features={"runtime": "keras"}), project))
+    litert_run = features.run(open_project(make_params(project, features={"runtime": "litert"}), project))
     assert litert_run.path != keras_run.path  # the runtime is part of the cache key
-    a = feature_store.read_table(keras_run.path)
-    b = feature_store.read_table(litert_run.path)
+    a = table_of(keras_run)
+    b = table_of(litert_run)
     assert list(a.sha256) == list(b.sha256)
     np.testing.assert_allclose(b.features, a.features, atol=1e-3)
     assert b.attrs["key_params"]["runtime"] == "litert"
@@ -37,5 +37,4 @@ def test_a_litert_backbone_that_disagrees_is_refused(project, monkeypatch):
     monkeypatch.setattr(litert_runtime.LiteRTBackbone, "predict", lambda self, x: real(self, x) + 0.5)
     with pytest.raises(RuntimeError, match=r"differs from Keras by 0.5 .*set features.runtime: keras"):
         # the project's own weights folder: converted here, so checked here
-        features.run(make_params(project, features={"runtime": "litert"}, paths={"weights_dir": "cache/weights"}),
-                     project)
+        features.run(open_project(make_params(project, features={"runtime": "litert"}, paths={"weights_dir": "cache/weights"}), project))

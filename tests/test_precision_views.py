@@ -5,34 +5,34 @@ import numpy as np
 import pytest
 
 from pipeline.backbones import litert
+from pipeline.project import open_project
 from pipeline.stages import features, train_head
 from pipeline.store import layout
-from pipeline.store import table as feature_store
 from pipeline.use import export, predict
 
-from conftest import CountingBackbone, cli, make_params
+from conftest import CountingBackbone, cached_table, cli, make_params, table_of
 
 
 def test_int8_backbone_is_calibrated_checked_kept_and_keyed(project, monkeypatch):
     own = {"weights_dir": "cache/weights"}  # this project's own, so that this test converts
-    float_run = features.run(make_params(project, paths=own), project)
+    float_run = features.run(open_project(make_params(project, paths=own), project))
     counter = CountingBackbone(monkeypatch)
     int8 = make_params(project, features={"precision": "int8"}, paths=own)
-    result = features.run(int8, project)
+    result = features.run(open_project(int8, project))
     assert result.path != float_run.path and counter.images == 36  # its own cache
     converted = list((project / "cache" / "weights").glob("*-int8-scikit-image-v1.tflite"))
     assert len(converted) == 1
     check = json.loads(converted[0].with_name(converted[0].name.replace(".tflite", ".verified.json")).read_text())
     assert check["precision"] == "int8" and check["min_cosine"] >= litert.INT8_MIN_COSINE
     assert check["calibration_photos"] == litert.INT8_CALIBRATION_PHOTOS  # generic photos, not the project's
-    a, b = feature_store.read_table(float_run.path), feature_store.read_table(result.path)
+    a, b = table_of(float_run), table_of(result)
     cosine = np.sum(a.features * b.features, axis=1) / (np.linalg.norm(a.features, axis=1) *
                                                           np.linalg.norm(b.features, axis=1))
     assert cosine.min() >= litert.INT8_MIN_COSINE and not np.array_equal(a.features, b.features)
     assert b.attrs["precision"] == "int8" and b.attrs["key_params"]["precision"] == "int8"
     mtime = converted[0].stat().st_mtime_ns
     (project / "cache" / "features").joinpath(result.path.name).unlink()
-    features.run(int8, project)
+    features.run(open_project(int8, project))
     assert converted[0].stat().st_mtime_ns == mtime  # converted once, then reused
 
 
@@ -65,11 +65,11 @@ def test_int8_needs_litert():
 
 def test_adding_the_mirrored_view_runs_only_that_view(project, monkeypatch, caplog):
     plain = make_params(project)
-    first = features.run(plain, project)
+    first = features.run(open_project(plain, project))
     flipped = make_params(project, features={"views": ["original", "hflip"]})
     counter = CountingBackbone(monkeypatch)
     caplog.set_level("INFO")
-    second = features.run(flipped, project)
+    second = features.run(open_project(flipped, project))
     assert second.path == first.path  # the same cache, a view more per row
     assert counter.images == 36 and "view hflip of 36 cached image(s) to featurise" in caplog.text
     import h5py
@@ -83,31 +83,32 @@ def test_adding_the_mirrored_view_runs_only_that_view(project, monkeypatch, capl
     from pipeline import runtime
     from pipeline.data.decode import decode_rgb
 
+    path = table_of(second).paths[0]  # the labelling and the cache are both in sha256 order
     with h5py.File(second.path) as f:
-        path, row = f["path"].asstr()[0], f["features_hflip"][0]
+        row = f["features_hflip"][0]
     runner = runtime.open_backbone(flipped.features, project / "cache")
     image = runtime.resizer(flipped.features, runner.input_size)(decode_rgb(project / "photos" / path))
     np.testing.assert_allclose(runner.predict(image[:, ::-1][None])[0], row, atol=1e-5)
     counter.images = 0
-    features.run(plain, project)  # back to the original only: no backbone work, the view dropped
+    features.run(open_project(plain, project))  # back to the original only: no backbone work, the view dropped
     assert counter.images == 0
 
 
 def test_heads_predict_and_export_use_the_mean_of_the_views(project):
     params = make_params(project, features={"views": ["original", "hflip"]})
-    features.run(params, project)
-    trained = train_head.run(params, project)
+    features.run(open_project(params, project))
+    trained = train_head.run(open_project(params, project))
     assert trained.meta["inputs"]["identity"].endswith(":original+hflip")
     import h5py
 
+    paths = cached_table(params, project).paths
     with h5py.File(layout.cache_file(params, project)) as f:
-        paths = f["path"].asstr()[...]
         mean = (f["features"][...] + f["features_hflip"][...]) / 2
     expected = trained.classifier.predict_proba(mean)
-    got = predict.run(params, project, [project / "photos" / paths[0]])[0]
+    got = predict.run(open_project(params, project), [project / "photos" / paths[0]])[0]
     order = np.argsort(-expected[0])
     assert got.labels == [trained.classes[j] for j in order]
-    exported = export.run(params, project)
+    exported = export.run(open_project(params, project))
     assert all(entry["max_abs_diff"] <= 1e-4 for entry in exported.parity.values())
     model = json.loads((exported.folder / "model.json").read_text())
     assert model["provenance"]["features_params"]["views"] == ["original", "hflip"]
@@ -132,7 +133,7 @@ def test_int8_is_calibrated_on_generic_photos_and_converted_once_per_machine(tmp
     make_dataset(first / "photos", per_class=6, seed=1)
     make_dataset(second / "photos", per_class=6, seed=2)
     params = {p: make_params(p, features={"precision": "int8"}) for p in (first, second)}
-    features.run(params[first], first)
+    features.run(open_project(params[first], first))
     converted = list((tmp_path / "machine" / "photohead" / "weights").glob("tiny-*-int8-scikit-image-v1.tflite"))
     assert len(converted) == 1 and not (first / "cache" / "weights").exists()
     mtime = converted[0].stat().st_mtime_ns
@@ -141,7 +142,7 @@ def test_int8_is_calibrated_on_generic_photos_and_converted_once_per_machine(tmp
         raise AssertionError("converted again")
 
     monkeypatch.setattr(litert.LiteRTEngine, "_convert", no_conversion)
-    result = features.run(params[second], second)
+    result = features.run(open_project(params[second], second))
     assert converted[0].stat().st_mtime_ns == mtime
-    assert feature_store.read_table(result.path).attrs["key_params"]["int8_calibration"] == "scikit-image-v1"
+    assert table_of(result).attrs["key_params"]["int8_calibration"] == "scikit-image-v1"
     assert "int8_calibration" not in layout.key_params(make_params(first).features)  # float32: not in its key

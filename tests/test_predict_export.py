@@ -11,33 +11,32 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.project import open_project
 from pipeline.stages import features, train_head
-from pipeline.store import layout
-from pipeline.store import table as feature_store
 from pipeline.use import export, predict
 
-from conftest import CLASS_COLOURS, ROOT, make_image, make_params, shared_dataset
+from conftest import CLASS_COLOURS, ROOT, cached_table, make_image, make_params, shared_dataset
 
 
 @pytest.fixture
 def trained_project(project):
     params = make_params(project)
-    features.run(params, project)
-    train_head.run(params, project)
+    features.run(open_project(params, project))
+    train_head.run(open_project(params, project))
     return project
 
 
 def pipeline_probabilities(project, params, classifier=None):
     """{path: probabilities} of every cached photo, from the cache and the head (default: the trained one)."""
-    table = feature_store.read_table(layout.cache_file(params, project))
-    classifier = classifier or train_head.RUNG.load(params, project).classifier
+    table = cached_table(params, project)
+    classifier = classifier or train_head.RUNG.load(open_project(params, project)).classifier
     return dict(zip(table.paths, classifier.predict_proba(table.features))), classifier.classes
 
 
 def pipeline_scores(project, params) -> tuple[dict, float]:
     """({path: rejection score} of every cached photo, the threshold), from the cache and the trained model."""
-    table = feature_store.read_table(layout.cache_file(params, project))
-    model = train_head.RUNG.load(params, project).classifier
+    table = cached_table(params, project)
+    model = train_head.RUNG.load(open_project(params, project)).classifier
     return dict(zip(table.paths, model.answer(table.features)[1])), model.guard.threshold
 
 
@@ -46,8 +45,7 @@ def test_predict_reuses_cached_features_and_featurises_new_photos(trained_projec
     cached = trained_project / "photos" / "misty" / "misty_01.png"
     new = make_image(trained_project / "new" / "mystery.png", CLASS_COLOURS["tigger"], 99_999)
     (trained_project / "new" / "notes.txt").write_text("not a photo")
-    results = predict.run(params, trained_project, [cached, trained_project / "new", trained_project / "missing.jpg"],
-                          top_k=2)
+    results = predict.run(open_project(params, trained_project), [cached, trained_project / "new", trained_project / "missing.jpg"], top_k=2)
     by_name = {r.path.split("/")[-1]: r for r in results}
     assert by_name["misty_01.png"].cached and by_name["misty_01.png"].labels[0] == "misty"
     assert not by_name["mystery.png"].cached and by_name["mystery.png"].labels[0] == "tigger"
@@ -57,9 +55,9 @@ def test_predict_reuses_cached_features_and_featurises_new_photos(trained_projec
         assert len(r.labels) == 2 and r.probabilities[0] >= r.probabilities[1]
 
     # the new photo's probabilities equal those of the same photo once it is in the cache
-    head = train_head.RUNG.load(params, trained_project).classifier
+    head = train_head.RUNG.load(open_project(params, trained_project)).classifier
     shutil.copy(new, trained_project / "photos" / "tigger" / "mystery.png")
-    features.run(params, trained_project)
+    features.run(open_project(params, trained_project))
     expected, classes = pipeline_probabilities(trained_project, params, head)
     got = dict(zip(by_name["mystery.png"].labels, by_name["mystery.png"].probabilities))
     for label, p in got.items():
@@ -68,8 +66,7 @@ def test_predict_reuses_cached_features_and_featurises_new_photos(trained_projec
 
 def test_predict_formats_carry_the_pipelines_numbers(trained_project):
     params = make_params(trained_project)
-    results = predict.run(params, trained_project,
-                          [trained_project / "photos" / "tigger" / "tigger_02.png", trained_project / "nope.png"], top_k=3)
+    results = predict.run(open_project(params, trained_project), [trained_project / "photos" / "tigger" / "tigger_02.png", trained_project / "nope.png"], top_k=3)
     expected, classes = pipeline_probabilities(trained_project, params)
     row = expected["tigger/tigger_02.png"]
     order = np.argsort(-row)
@@ -158,9 +155,9 @@ def test_an_app_decoding_whole_photos_gets_the_pipelines_answers(large_jpeg_proj
     project = large_jpeg_project
     params = make_params(project, train_head={"model": model, "epochs": 20, "learning_rate": 0.05},
                          export={"quantize": "int8"}, features={"decode": decode, "views": views})
-    features.run(params, project)
-    train_head.run(params, project)
-    result = export.run(params, project)
+    features.run(open_project(params, project))
+    train_head.run(open_project(params, project))
+    result = export.run(open_project(params, project))
     folder = result.folder
     assert {"model.keras", "saved_model", "model.tflite", "model_int8.tflite", "labels.txt",
             "model.json"} <= set(result.files)
@@ -195,9 +192,9 @@ def test_binary_logreg_is_folded_exactly(tmp_path):
 
     make_dataset(tmp_path / "photos", per_class=10, classes=("misty", "tigger"))
     params = make_params(tmp_path)
-    features.run(params, tmp_path)
-    head = train_head.run(params, tmp_path).classifier
-    table = feature_store.read_table(layout.cache_file(params, tmp_path))
+    features.run(open_project(params, tmp_path))
+    head = train_head.run(open_project(params, tmp_path)).classifier
+    table = cached_table(params, tmp_path)
     probabilities, scores = head.as_keras(table.features.shape[1:])(table.features)
     expected_probabilities, expected_scores = head.answer(table.features)
     np.testing.assert_allclose(np.asarray(probabilities), expected_probabilities, atol=1e-5)
@@ -211,7 +208,7 @@ def folder_digest(folder):
 
 def test_a_failed_parity_check_leaves_the_previous_export_as_it_was(trained_project, monkeypatch):
     params = make_params(trained_project)
-    export.run(params, trained_project)
+    export.run(open_project(params, trained_project))
     before = folder_digest(trained_project / "models")
     real_build = export.build_export_model
 
@@ -224,10 +221,10 @@ def test_a_failed_parity_check_leaves_the_previous_export_as_it_was(trained_proj
         return keras.Model(image, model(keras.ops.cast(darker, "uint8")))
 
     other = make_params(trained_project, train_head={"C": 0.5})  # another model, whose export goes wrong
-    train_head.run(other, trained_project)
+    train_head.run(open_project(other, trained_project))
     monkeypatch.setattr(export, "build_export_model", wrong_normalisation)
     with pytest.raises(export.ExportError, match=r"does not answer like the pipeline.*worst: "):
-        export.run(other, trained_project)
+        export.run(open_project(other, trained_project))
     assert folder_digest(trained_project / "models") == before
     assert not list(trained_project.glob(".models.*"))  # no temporary folder left behind
 
@@ -242,7 +239,7 @@ def test_the_features_stage_decodes_at_the_scale_its_decode_names(large_jpeg_pro
     seen = []
     real = runtime.decode_rgb
     monkeypatch.setattr(runtime, "decode_rgb", lambda path, draft=0: seen.append(real(path, draft).shape) or real(path, draft))
-    features.run(make_params(large_jpeg_project, features={"decode": decode}), large_jpeg_project)
+    features.run(open_project(make_params(large_jpeg_project, features={"decode": decode}), large_jpeg_project))
     assert seen[:30] == [shape] * 30  # the photos themselves (then the near-duplicate calibration's copies)
 
 
@@ -254,12 +251,12 @@ def test_predict_decodes_whole_photos_as_an_app_does_with_the_default_decode(lar
     make_image(project / "photos" / "misty" / "small.jpg", CLASS_COLOURS["misty"], 5, size=(100, 90))
     params = make_params(project)
     assert params.features.decode == "reduced"
-    features.run(params, project)
-    train_head.run(params, project)
-    folder = export.run(params, project).folder
+    features.run(open_project(params, project))
+    train_head.run(open_project(params, project))
+    folder = export.run(open_project(params, project)).folder
     expected, classes = pipeline_probabilities(project, params)
     paths = sorted(p for p in expected if not p.endswith("small.jpg"))[:8]
-    results = predict.run(params, project, [project / "photos" / p for p in paths], top_k=len(classes))
+    results = predict.run(open_project(params, project), [project / "photos" / p for p in paths], top_k=len(classes))
     assert not any(r.cached for r in results)  # each decoded whole again
     got = np.array([[dict(zip(r.labels, r.probabilities))[c] for c in classes] for r in results])
     app = app_answers(folder, [project / "photos" / p for p in paths])["model.tflite"]
@@ -269,7 +266,7 @@ def test_predict_decodes_whole_photos_as_an_app_does_with_the_default_decode(lar
     np.testing.assert_allclose(scores, app["s"], atol=1e-4)
     cached, _ = pipeline_scores(project, params)
     assert np.abs(scores - np.array([cached[p] for p in paths])).max() > 1e-3  # other pixels: not the cache
-    small = predict.run(params, project, [project / "photos" / "misty" / "small.jpg"])[0]
+    small = predict.run(open_project(params, project), [project / "photos" / "misty" / "small.jpg"])[0]
     assert small.cached and small.probabilities[0] == pytest.approx(expected["misty/small.jpg"].max(), abs=1e-6)
 
 
@@ -291,11 +288,11 @@ def test_phone_sized_photos_through_the_exported_model_agree_with_the_pipeline(t
                          # C fixed: this checks the resize and the int8 path on phone-sized photos; C auto on 12 train
                          # photos picks a small C whose margins lie within int8's noise (README: int8 with few photos)
                          train_head={"C": 1.0})
-    features.run(params, tmp_path)
-    train_head.run(params, tmp_path)
+    features.run(open_project(params, tmp_path))
+    train_head.run(open_project(params, tmp_path))
     # With 12 training photos the standardised head magnifies the backbone's 8-bit feature steps: the
     # int8 model agrees on 12 of 13 test photos, which the default 99% limit would refuse.
-    folder = export.run(params, tmp_path).folder
+    folder = export.run(open_project(params, tmp_path)).folder
     expected, _ = pipeline_probabilities(tmp_path, params)
     paths = sorted(expected)
     answers = app_answers(folder, [tmp_path / "photos" / p for p in paths])

@@ -9,11 +9,12 @@ import time
 import numpy as np
 import pytest
 
+from pipeline.project import open_project
 from pipeline.stages import features
 from pipeline.store import layout
 from pipeline.store import table as feature_store
 
-from conftest import ROOT, cli, make_dataset, make_params
+from conftest import ROOT, cli, make_dataset, make_params, table_of
 
 if os.environ.get("CI") and not __import__("importlib").util.find_spec("ray"):
     pytest.fail("ray is missing in CI; .ci/run should have run 'make setup-ray'", pytrace=False)
@@ -38,12 +39,12 @@ def workers() -> list[int]:
 def test_the_ray_cache_equals_the_local_cache(tmp_path, cluster):
     make_dataset(tmp_path / "photos", per_class=40, classes=("misty", "tigger"))
     (tmp_path / "photos" / "misty" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 80)  # bad on a worker
-    local = features.run(make_params(tmp_path), tmp_path)
+    local = features.run(open_project(make_params(tmp_path), tmp_path))
     skipped_local = (tmp_path / "reports" / "skipped.csv").read_text()
     distributed = make_params(tmp_path, features={"engine": "ray"}, paths={"cache_dir": "cache_ray"})
-    result = features.run(distributed, tmp_path)
+    result = features.run(open_project(distributed, tmp_path))
     assert layout.cache_key(distributed.features) == local.key  # the engine is not part of the key
-    a, b = feature_store.read_table(local.path), feature_store.read_table(result.path)
+    a, b = table_of(local), table_of(result)
     for column in ("sha256", "paths", "labels", "splits"):
         assert list(getattr(a, column)) == list(getattr(b, column)), column
     np.testing.assert_allclose(b.features, a.features, atol=1e-4)
@@ -59,7 +60,7 @@ def test_the_dashboard_shows_the_feature_workers_and_their_logs(tmp_path, cluste
     from ray.util.state import get_log, list_actors
 
     make_dataset(tmp_path / "photos", per_class=8, classes=("misty", "tigger"))
-    features.run(make_params(tmp_path, features={"engine": "ray"}), tmp_path)
+    features.run(open_project(make_params(tmp_path, features={"engine": "ray"}), tmp_path))
     url = "http://" + ray.get_runtime_context().worker.node.address_info["webui_url"]
     with urllib.request.urlopen(url, timeout=30) as page:  # the web UI itself
         assert page.status == 200 and b"<html" in page.read(2000).lower()
@@ -114,8 +115,7 @@ def test_a_killed_worker_is_retried_and_the_run_ends_with_every_photo(tmp_path, 
     os.kill(victims[0], signal.SIGKILL)  # mid-run: a part is committed, shards are in flight
     out, err = driver.communicate(timeout=300)
     assert driver.returncode == 0, err[-3000:]
-    table = feature_store.read_table(next((tmp_path / "cache" / "features").glob("*.h5")))
-    assert len(table.sha256) == 320
+    assert len(feature_store.read_index(next((tmp_path / "cache" / "features").glob("*.h5")))[0]) == 320
     assert set(workers()).isdisjoint(victims)
 
 
@@ -138,7 +138,7 @@ def test_a_killed_driver_keeps_its_parts_and_the_next_run_completes(tmp_path, bi
                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{320 - kept} new image(s) to featurise ({kept} cached)" in rerun.stderr
-    assert len(feature_store.read_table(next((tmp_path / "cache" / "features").glob("*.h5"))).sha256) == 320
+    assert len(feature_store.read_index(next((tmp_path / "cache" / "features").glob("*.h5")))[0]) == 320
 
 
 def test_an_unreachable_cluster_is_one_line_and_writes_nothing(tmp_path):

@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 
+from pipeline.project import open_project
 from pipeline.stages import evaluate, features, train_head
 
 from conftest import make_params, shared_dataset
@@ -18,8 +19,8 @@ def test_lite0_features_separate_dogs_from_cats(tmp_path):
             shutil.copy(f, tmp_path / "photos" / label / f.name)
     params = make_params(tmp_path, features={"backbone": "efficientnet_lite0", "batch_size": 16},
                          data={"train_fraction": 0.5, "val_fraction": 0.0, "test_fraction": 0.5})
-    features.run(params, tmp_path)
-    train_head.run(params, tmp_path)
-    metrics = evaluate.run(params, tmp_path).metrics
+    features.run(open_project(params, tmp_path))
+    train_head.run(open_project(params, tmp_path))
+    metrics = evaluate.run(open_project(params, tmp_path)).metrics
     assert metrics["n_test"] > 40
     assert metrics["accuracy"] >= 0.95  # FACTS.md: about 98% with 50 training images per class

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.project import open_project
 from pipeline.stages import evaluate, features, report, train_head
 
 from conftest import CLASS_COLOURS, make_dataset, make_image, make_params
@@ -24,16 +25,16 @@ def evaluated(tmp_path):
                    size=(64, 48))
     (tmp_path / "photos" / "train" / "misty" / "broken.jpg").write_text("not an image")
     params = make_params(tmp_path)
-    features.run(params, tmp_path)
-    train_head.run(params, tmp_path)
-    return tmp_path, params, evaluate.run(params, tmp_path)
+    features.run(open_project(params, tmp_path))
+    train_head.run(open_project(params, tmp_path))
+    return tmp_path, params, evaluate.run(open_project(params, tmp_path))
 
 
 def test_history_and_diff(evaluated):
     project, params, first = evaluated
     other = make_params(project, train_head={"C": 0.001})
-    train_head.run(other, project)
-    second = evaluate.run(other, project)
+    train_head.run(open_project(other, project))
+    second = evaluate.run(open_project(other, project))
     history = report.read_history(project / "reports" / "history.jsonl")
     assert len(history) == 2
     assert history[1]["model_params"]["C"] == 0.001

@@ -18,13 +18,14 @@ from PIL import Image
 from pipeline import params as params_mod
 from pipeline.data import scan
 from pipeline.data.decode import ImageError, decode_rgb
+from pipeline.project import open_project
 from pipeline.stages import features
 from pipeline.store import layout
 from pipeline.store import parts as parts_mod
 from pipeline.store import table as feature_store
 from pipeline.store.table import CacheError
 
-from conftest import CLASS_COLOURS, ROOT, CountingBackbone, cli, make_image, make_params
+from conftest import CLASS_COLOURS, ROOT, CountingBackbone, cli, make_image, make_params, table_of
 
 ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
        "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
@@ -93,7 +94,7 @@ def clean_features(tmp_path_factory, kill_photos):
     """Features of the kill-test dataset from one uninterrupted run, keyed by sha256."""
     project = kill_photos.parent
     params = params_mod.build(KILL_PARAMS, "test")
-    table = feature_store.read_table(features.run(params, project).path)
+    table = table_of(features.run(open_project(params, project)))
     return dict(zip(table.sha256, table.features))
 
 
@@ -120,10 +121,10 @@ def test_sigkill_mid_run_keeps_finished_rows(tmp_path, monkeypatch, point, n_par
 
     params = params_mod.load(tmp_path / "params.yaml")
     counter = CountingBackbone(monkeypatch)
-    result = features.run(params, tmp_path)
+    result = features.run(open_project(params, tmp_path))
     assert result.n_rows == N_KILL
     assert counter.images == N_KILL - kept  # exactly the rows lost with the kill are recomputed
-    table = feature_store.read_table(result.path)
+    table = table_of(result)
     for sha, row in zip(table.sha256, table.features):
         np.testing.assert_array_equal(row, clean_features[sha])
     assert not parts(tmp_path) and not merging(tmp_path)
@@ -151,16 +152,16 @@ def test_a_second_concurrent_run_exits_at_once_with_a_message(tmp_path, kill_pho
 
 
 def test_features_edited_on_disk_fail_their_checksum_and_are_rebuilt(project, caplog):
-    first = features.run(make_params(project), project)
+    first = features.run(open_project(make_params(project), project))
     with h5py.File(first.path) as f:
         offset = f["features"].id.get_chunk_info(0).byte_offset
     with open(first.path, "r+b") as f:  # flip bytes inside the first chunk, behind HDF5's back
         f.seek(offset + 16)
         f.write(b"\x13\x37\x13\x37")
     with pytest.raises(CacheError, match="checksum"):
-        feature_store.read_table(first.path)
+        table_of(first)
     caplog.set_level("WARNING")
-    again = features.run(make_params(project), project)
+    again = features.run(open_project(make_params(project), project))
     assert again.n_new == 36 and "rebuilding" in caplog.text
 
 
@@ -172,10 +173,10 @@ def test_a_complete_part_from_another_configuration_is_never_mixed_in(project, c
     parts_mod.write(path.with_suffix(".parts"), "0" * 64, {"weights_sha256": "w", "feature_shape": (16,)}, shas,
                     {"features": [np.full(16, 7.0, np.float32)] * len(shas)}, [])
     caplog.set_level("WARNING")
-    result = features.run(params, project)
+    result = features.run(open_project(params, project))
     assert result.n_new == 36
     assert "made with key 000000000000" in caplog.text
-    table = feature_store.read_table(result.path)
+    table = table_of(result)
     assert not np.any(np.all(table.features == 7.0, axis=1))
     assert not path.with_suffix(".parts").exists()
 
@@ -209,7 +210,7 @@ def test_a_really_full_disk(tmp_path, kill_photos, monkeypatch):
         subprocess.run(["mount", "-o", "remount,size=64m", str(cache)], check=True)
         params = params_mod.load(tmp_path / "params.yaml")
         counter = CountingBackbone(monkeypatch)
-        result = features.run(params, tmp_path)
+        result = features.run(open_project(params, tmp_path))
         assert result.n_rows == N_KILL and counter.images == N_KILL - kept
     finally:
         subprocess.run(["umount", "-l", str(cache)], capture_output=True)
@@ -217,7 +218,7 @@ def test_a_really_full_disk(tmp_path, kill_photos, monkeypatch):
 
 def test_disk_full_while_merging_leaves_the_cache_as_it_was(project, monkeypatch):
     params = make_params(project)
-    first = features.run(params, project)
+    first = features.run(open_project(params, project))
     before = first.path.read_bytes()
     make_image(project / "photos" / "misty" / "extra.png", CLASS_COLOURS["misty"], 4242)
     real_write_table = feature_store.write_table
@@ -228,12 +229,12 @@ def test_disk_full_while_merging_leaves_the_cache_as_it_was(project, monkeypatch
 
     monkeypatch.setattr(feature_store, "write_table", full_disk)
     with pytest.raises(CacheError, match=r"No space left on device.*is the disk full\? The cache is as it was"):
-        features.run(params, project)
+        features.run(open_project(params, project))
     assert first.path.read_bytes() == before
     assert not list(first.path.parent.glob(".*.tmp"))
     monkeypatch.setattr(feature_store, "write_table", real_write_table)
     counter = CountingBackbone(monkeypatch)
-    assert features.run(params, project).n_rows == 37 and counter.images == 0  # the new row was kept in a part
+    assert features.run(open_project(params, project)).n_rows == 37 and counter.images == 0  # the new row was kept in a part
 
 
 def test_disk_full_on_the_command_line_is_exit_code_2_and_keeps_the_cache(project):
@@ -285,8 +286,8 @@ def test_odd_files_and_names(project, monkeypatch):
         return real_read_bytes(self)
 
     monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
-    result = features.run(make_params(project), project)
-    table = feature_store.read_table(result.path)
+    result = features.run(open_project(make_params(project), project))
+    table = table_of(result)
     paths = set(table.paths)
     assert {"misty/Místy on the sofa ✓.png", "neither one/a b.png", "misty/one_pixel.png"} <= paths
     assert {s.path: s.reason for s in result.skipped} == {"tigger/secret.png": "cannot read: Permission denied"}
@@ -318,6 +319,6 @@ def test_a_features_run_over_random_files_reports_them(project):
     rng = np.random.default_rng(1)
     for i, prefix in enumerate([b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM" + b"\0" * 30, b""]):
         (project / "photos" / "misty" / f"random_{i}.jpg").write_bytes(prefix + rng.bytes(300))
-    result = features.run(make_params(project, data={"max_bad_fraction": 0.5}), project)
+    result = features.run(open_project(make_params(project, data={"max_bad_fraction": 0.5}), project))
     assert result.n_rows == 36
     assert {s.path for s in result.skipped} == {f"misty/random_{i}.jpg" for i in range(5)}

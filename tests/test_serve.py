@@ -5,7 +5,6 @@ import json
 import re
 import threading
 
-import h5py
 import numpy as np
 import pytest
 import yaml
@@ -15,10 +14,10 @@ from PIL import Image
 from pipeline import params as params_mod
 from pipeline.app import active
 from pipeline.data import corrections
+from pipeline.project import open_project
 from pipeline.stages import ladder
-from pipeline.store import layout
 
-from conftest import CLASS_COLOURS, cli, make_dataset, make_image
+from conftest import CLASS_COLOURS, cached_table, cli, make_dataset, make_image
 
 PLANTED = "photos/misty/really_tigger.png"  # a tigger-coloured photo filed under misty
 
@@ -176,10 +175,8 @@ def raw_post(port, headers, chunks):
 
 
 def _sha_of(project, path):
-    params = params_mod.load(project / "params.yaml")
-    with h5py.File(layout.cache_file(params, project), "r") as f:
-        paths = f["path"].asstr()[...].tolist()
-        return f["sha256"].asstr()[...][paths.index(path)]
+    table = cached_table(params_mod.load(project / "params.yaml"), project)
+    return table.sha256[table.paths.tolist().index(path)]
 
 
 def test_two_tabs_deciding_at_once_lose_no_decision(served):
@@ -218,8 +215,8 @@ def test_a_relabel_from_the_review_page_is_used_by_the_next_train_head(served):
     result = cli(served.project, "train-head")  # the next train-head: the model the app trained, with the relabel
     assert result.returncode == 0 and "train_head: cache hit" in result.stderr
     params = params_mod.load(served.project / "params.yaml")
-    with h5py.File(layout.cache_file(params, served.project), "r") as f:
-        labels = dict(zip(f["path"].asstr()[...].tolist(), f["label"].asstr()[...].tolist()))
+    table = cached_table(params, served.project)  # the labels these params give now
+    labels = dict(zip(table.paths.tolist(), table.labels.tolist()))
     assert labels["misty/really_tigger.png"] == "tigger"
     assert (served.project / PLANTED).is_file()  # the photo itself never moved
 
@@ -228,15 +225,13 @@ def test_the_label_page_order_and_retrain(served):
     status, queue = served.json("/api/label")
     assert status == 200 and queue["remaining"] == 10 and len(queue["photos"]) == 10
     params = params_mod.load(served.project / "params.yaml")
-    with h5py.File(layout.cache_file(params, served.project), "r") as f:
-        splits = f["split"].asstr()[...]
-        shas = f["sha256"].asstr()[...]
-        x = f["features"][...].reshape(len(shas), -1)
+    table = cached_table(params, served.project)
+    splits, shas, x = table.splits, table.sha256, table.features.reshape(len(table.sha256), -1)
     pool, train = np.flatnonzero(splits == "unlabelled"), np.flatnonzero(splits == "train")
     # the order the tool's own function gives from the cache and the served model's probabilities
     _, health = served.json("/api/health")
-    rung, _ = ladder.chosen(params, served.project)
-    with rung.load(params, served.project) as trained:
+    project = open_project(params, served.project)
+    with ladder.chosen(project).load(project) as trained:
         proba, _ = trained.classifier.answer(x[pool].astype(np.float32))
     expected, regime = active.order(x[pool], x[train], 3, proba, batch=3)
     assert queue["regime"] == regime == "uncertain"  # 3+ labelled photos per class: uncertain ones, spread out

@@ -7,23 +7,23 @@ import numpy as np
 import pytest
 
 from pipeline.backbones import keras_models
+from pipeline.project import open_project
 from pipeline.stages import evaluate, features, train_head
-from pipeline.store import batches, layout
-from pipeline.store import table as feature_store
+from pipeline.store import batches
 from pipeline.store.table import CacheError
 from pipeline.training.contract import TrainingError
 
-from conftest import CLASS_COLOURS, ROOT, make_dataset, make_image, make_params
+from conftest import CLASS_COLOURS, ROOT, cached_table, make_dataset, make_image, make_params
 
 
 @pytest.fixture
 def featurised(project):
-    features.run(make_params(project), project)
+    features.run(open_project(make_params(project), project))
     return project
 
 
 def run(project, **sections):
-    return train_head.run(make_params(project, **sections), project)
+    return train_head.run(open_project(make_params(project, **sections), project))
 
 
 def forbid_backbone(monkeypatch):
@@ -54,23 +54,24 @@ def test_cache_contract(featurised, monkeypatch, caplog):
     import dataclasses
 
     bumped = dataclasses.replace(train_head.RUNG, version=train_head.VERSION + 1)
-    assert bumped.train(make_params(featurised), featurised).trained_now  # a VERSION bump: a miss
+    assert bumped.train(open_project(make_params(featurised), featurised)).trained_now  # a VERSION bump: a miss
 
 
 def test_new_features_content_retrains_the_head(featurised, caplog):
     first = run(featurised)
     (featurised / "photos" / "misty" / "misty_00.png").unlink()
-    features.run(make_params(featurised), featurised)
+    features.run(open_project(make_params(featurised), featurised))
     caplog.set_level("INFO")
     assert run(featurised).key != first.key
     assert "train_head: recomputing (inputs.pooled: " in caplog.text
 
 
 def test_logreg_train_head_never_imports_tensorflow(featurised):
-    code = ("import sys; from pipeline import params; from pipeline.stages import train_head; "
+    code = ("import sys; from pipeline import params; from pipeline.project import open_project; "
+            "from pipeline.stages import train_head; "
             "p = params.build({'features': {'backbone': 'tiny'}, 'data': {'root': 'photos', 'train_fraction': 0.6, "
             "'val_fraction': 0.2, 'test_fraction': 0.2}}, 'test'); "
-            "train_head.run(p, '.'); print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+            "train_head.run(open_project(p, '.')); print('tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=featurised, capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
@@ -98,7 +99,7 @@ def test_a_head_rerun_imports_no_scikit_learn_with_enough_val_photos(tmp_path, f
                                  env=env)
             assert "SKLEARN" in out.stdout, out.stderr
             seen[project.name, command] = out.stdout.strip().splitlines()[-1]
-    n_val = feature_store.read_table(layout.cache_file(make_params(many), many)).splits.tolist().count("val")
+    n_val = cached_table(make_params(many), many).splits.tolist().count("val")
     assert n_val >= 20
     assert seen == {("many", "--help"): "SKLEARN False", ("many", "features"): "SKLEARN False",
                     ("many", "train-head"): "SKLEARN False", (featurised.name, "--help"): "SKLEARN False",
@@ -119,9 +120,9 @@ def test_softmax_head_learns_and_streams_the_cache(featurised, monkeypatch):
     history = json.loads((result.folder / "history.json").read_text())
     assert history["val_accuracy"] >= 0.9 and history["epochs"]["accuracy"][-1] >= 0.9
     assert max(largest) <= 64  # batches of 4 in training, of 64 for the val accuracy; never the table
-    loaded = train_head.RUNG.load(make_params(featurised, train_head={"model": "softmax", "learning_rate": 0.05,
-                                                                      "epochs": 30, "batch_size": 4}), featurised)
-    table = feature_store.read_table(layout.cache_file(make_params(featurised), featurised))
+    loaded = train_head.RUNG.load(open_project(make_params(featurised, train_head={"model": "softmax", "learning_rate": 0.05,
+                                                                      "epochs": 30, "batch_size": 4}), featurised))
+    table = cached_table(make_params(featurised), featurised)
     np.testing.assert_allclose(loaded.classifier.predict_proba(table.features),
                                result.classifier.predict_proba(table.features), atol=1e-6)
 
@@ -136,9 +137,9 @@ def test_softmax_stops_early_on_the_validation_split(tmp_path, monkeypatch):
         make_image(tmp_path / "photos" / "test" / "misty" / f"{i}.png", CLASS_COLOURS["misty"], 70_000 + i)
     params = make_params(tmp_path, train_head={"model": "softmax", "learning_rate": 0.05, "epochs": 100,
                                                "patience": 3})
-    features.run(params, tmp_path)
+    features.run(open_project(params, tmp_path))
     forbid_backbone(monkeypatch)
-    history = train_head.run(params, tmp_path).classifier.history
+    history = train_head.run(open_project(params, tmp_path)).classifier.history
     val_loss = history["epochs"]["val_loss"]
     assert history["epochs_run"] < 100
     best = int(np.argmin(val_loss))
@@ -171,7 +172,7 @@ def test_search_c_uses_only_the_train_split_and_picks_the_best(featurised, monke
     from sklearn.preprocessing import StandardScaler
 
     params = make_params(featurised)
-    table = feature_store.read_table(layout.cache_file(params, featurised))
+    table = cached_table(params, featurised)
     x, y = table.features[table.splits == "train"], table.labels[table.splits == "train"]
     folds = model_selection.StratifiedKFold(3, shuffle=True, random_state=0)
     expected = [real_cross_val(make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced",
@@ -191,15 +192,15 @@ def real_cross_val(model, x, y, folds) -> float:
 def test_missing_class_in_train_split(project):
     # With a tiny train fraction, some class ends up without training images.
     params = make_params(project, data={"train_fraction": 0.01, "val_fraction": 0.49, "test_fraction": 0.5})
-    features.run(params, project)
+    features.run(open_project(params, project))
     with pytest.raises(TrainingError, match="no images in the train split"):
-        train_head.run(params, project)
+        train_head.run(open_project(params, project))
 
 
 def test_evaluate_writes_numbers_only_metrics_and_the_run(featurised):
     params = make_params(featurised)
-    train_head.run(params, featurised)
-    result = evaluate.run(params, featurised)
+    train_head.run(open_project(params, featurised))
+    result = evaluate.run(open_project(params, featurised))
     metrics = json.loads((featurised / "reports" / "metrics.json").read_text())
 
     def leaves(value):
@@ -209,7 +210,7 @@ def test_evaluate_writes_numbers_only_metrics_and_the_run(featurised):
     assert set(metrics) == {"accuracy", "balanced_accuracy", "macro_f1", "n_test", "per_class", "rejection", "calibration"}
     run_info = json.loads((featurised / "reports" / "run.json").read_text())
     assert run_info["rung"] == "head" and run_info["classes"] == ["misty", "neither", "tigger"]
-    table = feature_store.read_table(layout.cache_file(params, featurised))
+    table = cached_table(params, featurised)
     n_test = int((table.splits == "test").sum())
     assert metrics["n_test"] == n_test == sum(map(sum, run_info["confusion_matrix"]))
     assert metrics["accuracy"] >= 0.8  # colours are easy even for a random tiny network
@@ -221,7 +222,7 @@ def test_evaluate_writes_numbers_only_metrics_and_the_run(featurised):
 
 def test_evaluate_trains_nothing_and_says_what_to_run(featurised):
     with pytest.raises(CacheError, match=r"no train-head model for these params .*run 'make train-head' first"):
-        evaluate.run(make_params(featurised, train_head={"C": 0.3}), featurised)
+        evaluate.run(open_project(make_params(featurised, train_head={"C": 0.3}), featurised))
 
 
 def test_metrics_match_hand_computed_values():
@@ -236,10 +237,10 @@ def test_metrics_match_hand_computed_values():
 
 def test_empty_test_split_is_an_error(project):
     params = make_params(project, data={"train_fraction": 0.8, "val_fraction": 0.2, "test_fraction": 0.0})
-    features.run(params, project)
-    train_head.run(params, project)
+    features.run(open_project(params, project))
+    train_head.run(open_project(params, project))
     with pytest.raises(evaluate.EvaluationError, match="test split is empty"):
-        evaluate.run(params, project)
+        evaluate.run(open_project(params, project))
 
 
 def test_keras_probabilities_are_computed_in_calls_bounded_by_bytes(monkeypatch):

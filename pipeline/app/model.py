@@ -15,15 +15,17 @@ import threading
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from pipeline import graph
 from pipeline.app import active
 from pipeline.data import corrections
 from pipeline.data.decode import sniff
 from pipeline.params import Params
-from pipeline.stages import features, ladder
-from pipeline.store import layout, table
+from pipeline.project import open_project
+from pipeline.stages import ladder
+from pipeline.store import table
+from pipeline.training.inputs import CachedInputs
 from pipeline.use import predict
 
 log = logging.getLogger("pipeline.serve")
@@ -31,58 +33,68 @@ SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF"
 
 
 class Served:
-    def __init__(self, params: Params, base: Path):
-        self.params, self.base = params, Path(base)
+    def __init__(self, project):
+        self.project = project
         self.lock = threading.RLock()  # the model, the index and the temporary folder: one request at a time
         self.uploads = tempfile.TemporaryDirectory(prefix="photohead-uploads-")
         self.trained = None
+        self.pooled = None
         self.load()
+
+    @property
+    def params(self) -> Params:
+        return self.project.params
+
+    @property
+    def base(self) -> Path:
+        return self.project.base
 
     # ----------------------------------------------------------------- loading
     def load(self) -> None:
         """(Re)open the chosen model and index the cache: photos by content hash, the train split's vectors."""
         with self.lock:
-            if self.trained is not None:
-                self.trained.inputs.close()
-            rung, _ = ladder.chosen(self.params, self.base)
+            for held in (self.trained.inputs if self.trained is not None else None, self.pooled):
+                if held is not None:
+                    held.close()
+            rung = ladder.chosen(self.project)
             self.rung = rung
-            self.trained = rung.load(self.params, self.base)
+            self.trained = rung.load(self.project)
             self.input_positions = self.trained.inputs.position_of()  # sha256 -> row of the model's inputs
             self.runner = None  # the backbone, opened at the first photo that is not in the cache
             self.classes = list(self.trained.classifier.classes)
-            self.cache = layout.cache_file(self.params, self.base)
-            self.root = self.base / self.params.data.root
-            self.rows = table.read_index(self.cache)[0]  # (sha256, path, label, split), in file order
-            self.position = {row[0]: i for i, row in enumerate(self.rows)}  # sha256 -> row
+            self.cache = self.project.features_file()
+            self.root = self.project.data_root
+            # the pooled features and the labels of these params, read through the store
+            self.pooled = CachedInputs(self.cache, self.project.labels_file(self.cache))
+            self.rows = self.pooled.labelling.rows()  # (sha256, path, label, split), sorted by sha256
+            self.row_of = {row[0]: i for i, row in enumerate(self.rows)}  # sha256 -> row of the labelling
+            self.position = dict(zip((row[0] for row in self.rows), self.pooled.positions.tolist()))  # -> cache row
             self.sha_of_path = {row[1]: row[0] for row in self.rows}  # paths relative to data.root
             # each photo's name in the corrections file (relative to the params file's folder)
             self.sha_of_name = {corrections.key_of(self.root / row[1], self.base): row[0] for row in self.rows}
             self._index_train()
-            log.info("serve: %s, %d classes, %d photos in the cache", ladder.describe_choice(self.params, rung),
+            log.info("serve: %s, %d classes, %d photos in the cache", ladder.describe_choice(self.project),
                      len(self.classes), len(self.rows))
 
     def _index_train(self) -> None:
         """Unit vectors (float16) of the train photos' pooled features, centred on their mean, for neighbours."""
-        rows = self.rows
-        positions = np.array([i for i, row in enumerate(rows) if row[3] == "train"], np.int64)
-        self.train_sha = [rows[i][0] for i in positions]
-        self.train_label = np.array([rows[i][2] for i in positions])
-        with h5py.File(self.cache, "r") as f:
-            data = f["features"]
-            total = np.zeros(data.shape[1:], np.float64)
-            for start in range(0, len(positions), 4096):
-                total += data[positions[start:start + 4096]].reshape(-1, *data.shape[1:]).sum(axis=0)
-            self.centre = (total / max(len(positions), 1)).astype(np.float32).reshape(-1)
-            blocks = [active.unit(data[positions[start:start + 4096]].reshape(len(positions[start:start + 4096]), -1),
-                                  self.centre).astype(np.float16) for start in range(0, len(positions), 4096)]
-        width = self.centre.shape[0]
+        train = self.pooled.rows("train")
+        self.train_sha = self.pooled.sha256(train.positions)
+        self.train_label = np.array([self.pooled.classes[i] for i in train.labels])
+        width = int(np.prod(self.pooled.shape))
+        total = np.zeros(width, np.float64)
+        for positions in self.pooled.plan(train, 4096):
+            total += self.pooled.read(positions).reshape(len(positions), -1).sum(axis=0)
+        self.centre = (total / max(len(train), 1)).astype(np.float32)
+        blocks = [active.unit(self.pooled.read(positions).reshape(len(positions), -1), self.centre).astype(np.float16)
+                  for positions in self.pooled.plan(train, 4096)]
         self.train_vectors = np.concatenate(blocks) if blocks else np.zeros((0, width), np.float16)
 
     def health(self) -> dict:
         t = self.trained
         return {"status": "ok", "rung": self.rung.name, "stage": self.rung.stage, "model": t.folder.name,
                 "model_key": t.key, "backbone": self.params.features.backbone,
-                "features": layout.cache_file(self.params, self.base).name, "classes": self.classes,
+                "features": self.cache.name, "classes": self.classes,
                 "reject_label": self.params.reject.label, "val_accuracy": t.classifier.history.get("val_accuracy"),
                 "photos": sum(row[3] != table.UNLABELLED for row in self.rows),
                 "unlabelled": sum(row[3] == table.UNLABELLED for row in self.rows)}
@@ -103,8 +115,8 @@ class Served:
             for _, target, data in files:
                 target.write_bytes(data)
             try:
-                self.runner = self.runner or predict.open_runner(self.trained, self.params, self.base)
-                answers = predict.answer_files(self.params, self.base, self.trained, [t for _, t, _ in files], top_k,
+                self.runner = self.runner or predict.open_runner(self.trained, self.project.weights_dir)
+                answers = predict.answer_files(self.project, self.trained, [t for _, t, _ in files], top_k,
                                                keep_rows=bool(neighbours), runner=self.runner,
                                                cached=self.input_positions)
             finally:
@@ -139,12 +151,11 @@ class Served:
         found = sorted((self.position[sha], sha) for sha in set(shas) if sha in self.position)
         if not found:
             return {}
-        with h5py.File(self.cache, "r") as f:
-            block = f["features"][[i for i, _ in found]]
+        block = self.pooled.read(np.array([i for i, _ in found], np.int64))
         return {sha: np.asarray(row, np.float32).reshape(-1) for (_, sha), row in zip(found, block)}
 
     def file_of(self, sha: str) -> Path | None:
-        i = self.position.get(sha)
+        i = self.row_of.get(sha)
         return None if i is None else self.root / self.rows[i][1]
 
     # ----------------------------------------------------------------- decisions
@@ -156,7 +167,7 @@ class Served:
         path = corrections.file_of(self.params.data, self.base)
         if path is None:
             raise ValueError("data.corrections is null: set it to a file to keep decisions")
-        name = corrections.key_of(self.root / self.rows[self.position[sha]][1], self.base)
+        name = corrections.key_of(self.root / self.rows[self.row_of[sha]][1], self.base)
         decision = corrections.Correction(name, action, label if action == "relabel" else "")
         decisions = corrections.record(path, [decision])
         return {"path": name, "action": action, "label": label, "decisions": len(corrections.decided(decisions))}
@@ -175,11 +186,10 @@ class Served:
         labelled = [i for i, r in enumerate(rows) if r[3] == "train"]
         if not pool:
             return {"regime": "none", "photos": [], "remaining": 0}
-        with h5py.File(self.cache, "r") as f:
-            data = f["features"]
-            x_pool = data[np.array(pool)].reshape(len(pool), -1).astype(np.float32)
-            x_labelled = data[np.array(labelled)].reshape(len(labelled), -1).astype(np.float32) if labelled else \
-                np.zeros((0, x_pool.shape[1]), np.float32)
+        positions = self.pooled.positions
+        x_pool = self.pooled.read(positions[pool]).reshape(len(pool), -1)
+        x_labelled = self.pooled.read(positions[labelled]).reshape(len(labelled), -1) if labelled else \
+            np.zeros((0, x_pool.shape[1]), np.float32)
         with self.lock:
             proba, scores = self.trained.classifier.answer(x_pool) if self.trained.inputs.layer == "pooled" else \
                 (None, None)
@@ -200,10 +210,8 @@ class Served:
             before = self.trained.classifier.history.get("val_accuracy")
             n_before = int(len(self.trained.inputs.rows("train")))
             started = time.perf_counter()
-            features.run(self.params, self.base)
-            if self.rung.input_stage == "top-features":
-                features.run_top(self.params, self.base)
-            trained = self.rung.train(self.params, self.base)
+            self.project = open_project(self.params, self.base)  # under strategy auto, advised for the data now
+            trained = graph.run(ladder.chosen(self.project).stage, self.project)[-1]  # the features stage first
             trained.inputs.close()
             seconds = time.perf_counter() - started
             self.load()

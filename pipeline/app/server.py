@@ -33,7 +33,6 @@ from pipeline.app import safety
 from pipeline.app.model import Served
 from pipeline.data.corrections import ACTIONS
 from pipeline.data.decode import ImageError, thumbnail_jpeg
-from pipeline.params import Params
 
 log = logging.getLogger("pipeline.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -48,8 +47,9 @@ class Decision(BaseModel):
     label: str = ""
 
 
-def create_app(params: Params, base: Path, served: Served | None = None) -> FastAPI:
-    served = served or Served(params, base)
+def create_app(project, served: Served | None = None) -> FastAPI:
+    served = served or Served(project)
+    params, base = project.params, project.base
     token = secrets.token_urlsafe(32)
     app = FastAPI(title="photohead", version="1", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json",
                   description="Try the model on photos, review what inspect found, label photos, retrain. "
@@ -153,7 +153,7 @@ def create_app(params: Params, base: Path, served: Served | None = None) -> Fast
         with review_lock:
             key = served.trained.inputs.identity
             if review_cache.get("key") != key:
-                review_cache.update(key=key, findings=_findings(params, base, served))
+                review_cache.update(key=key, findings=_findings(served))
             findings = review_cache["findings"]
         decided = served.decisions()
         return {"classes": served.classes, **{kind: [f for f in items if f["sha256"] not in decided]
@@ -231,11 +231,11 @@ def _test_predictions(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _findings(params: Params, base: Path, served: Served) -> dict:
+def _findings(served: Served) -> dict:
     """inspect's findings (run on the cache), by content hash, with neighbours of the photos in question."""
     from pipeline.use import inspect
 
-    result = inspect.run(params, base, processes=1)  # no fork from a process with request threads
+    result = inspect.run(served.project, processes=1)  # no fork from a process with request threads
     sha_of = served.sha_of_path
     rows = served.cached_rows([sha_of[q["path"]] for q in result.label_issues if q["path"] in sha_of])
     issues = []
@@ -280,14 +280,15 @@ def listen(serve_params):
     return sock
 
 
-def serve(params: Params, base: Path, sock) -> None:
+def serve(project, sock) -> None:
     """Serve the app on ``sock`` (``listen``) until interrupted."""
     import uvicorn
 
     from pipeline.backbones.litert import one_heap
 
     one_heap()  # before the request threads start: memory stays flat however many requests come
-    app = create_app(params, base)
+    params = project.params
+    app = create_app(project)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving on http://{shown}:{port}  (Ctrl+C stops)", flush=True)

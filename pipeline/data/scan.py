@@ -65,6 +65,7 @@ class Dataset:
     files_read: int = 0  # files read and hashed by this scan (the rest came from the stat index)
     unlabelled: list[ImageRecord] = field(default_factory=list)  # data.unlabelled's photos without a label yet
     corrections: dict = field(default_factory=dict)  # path -> corrections.Correction, as read
+    present: set = field(default_factory=set)  # sha256 of every image file found, used or skipped
 
 
 def hash_split(sha256: str, params: DataParams) -> str:
@@ -161,7 +162,9 @@ def scan(params: DataParams, base_dir: str | Path = ".", index_path: Path | None
         folders = ", ".join(str(d) for name in empty for d in class_dirs[name])
         raise DatasetError(f"class folder {folders} has no usable images; add some or remove the folder")
     mode = "folders" if explicit else ("csv" if csv_splits is not None else "hash")
-    return Dataset(root, classes, records, sorted(skipped, key=lambda s: s.path), mode, index.reads, pool, decisions)
+    present = {entry[3] for entry in index.new.values() if entry[3]}
+    return Dataset(root, classes, records, sorted(skipped, key=lambda s: s.path), mode, index.reads, pool, decisions,
+                   present)
 
 
 def _identify(index: FileIndex, file: Path, relative: str, skipped: list[Skipped]) -> tuple[str, str] | None:

@@ -25,9 +25,8 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import atomic_write_text, canonical_json, describe_changes
-from pipeline.params import SECTIONS, Params, as_dict
+from pipeline.params import SECTIONS, as_dict
 from pipeline.stages import ladder, report
-from pipeline.store import layout
 from pipeline.training import guard as guard_mod
 from pipeline.training.contract import Trained, answer_split
 
@@ -107,17 +106,19 @@ def evaluate_model(trained: Trained) -> dict:
             "proba": proba, "scores": answers["scores"], "reliability": bins}
 
 
-def run(params: Params, base: str | Path = ".") -> EvaluateResult:
-    base = Path(base)
-    rung, advice = ladder.chosen(params, base)
-    log.info("evaluate: %s", ladder.describe_choice(params, rung))
-    with rung.load(params, base) as trained:
-        return _evaluate(params, base, rung, advice, trained)
+def run(project) -> EvaluateResult:
+    rung = ladder.chosen(project)
+    log.info("evaluate: %s", ladder.describe_choice(project))
+    with rung.load(project) as trained:
+        return _evaluate(project, rung, trained)
 
 
-def _evaluate(params: Params, base: Path, rung, advice, trained: Trained) -> EvaluateResult:
+def _evaluate(project, rung, trained: Trained) -> EvaluateResult:
+    params, base, advice = project.params, project.base, project.advice
     for other in ladder.RUNGS.values():
-        if other is not rung and other.find(params, base) is not None:
+        found = other.find(project) if other is not rung else None
+        if found is not None:
+            found.inputs.close()
             log.info("evaluate: a %s model is trained for these params too; evaluate it with train.strategy: %s",
                      other.stage, other.name)
     reports = base / params.paths.reports_dir
@@ -174,8 +175,8 @@ def _evaluate(params: Params, base: Path, rung, advice, trained: Trained) -> Eva
         report.read_history(reports / "history.jsonl"),
         provenance={**run_info["features"], "model": run_info["model"], "data_root": params.data.root,
                     "params": {name: as_dict(getattr(params, name)) for name in SECTIONS}},
-        counts=_counts(trained), skipped=_read_skipped(layout.skipped_csv(params, base)),
-        quality=report.data_quality_section(reports, base / params.data.root, _content_hash(params, base),
+        counts=_counts(trained), skipped=_read_skipped(project.skipped_csv),
+        quality=report.data_quality_section(reports, project.data_root, _content_hash(project),
                                             params.inspect.thumbnails),
         rejected=rejected_photos(paths, y_true, result["scores"], trained.guard, params.inspect.thumbnails))
     text = format_table(metrics, classes, result["confusion"]) + "\n\n" + report.diff(previous_entry, entry)
@@ -184,13 +185,13 @@ def _evaluate(params: Params, base: Path, rung, advice, trained: Trained) -> Eva
     return EvaluateResult(metrics, run_info, metrics_path, text)
 
 
-def _content_hash(params: Params, base: Path) -> str | None:
-    """The features stage's cache content, which 'make inspect' findings must be from to be shown."""
-    from pipeline.store import table
+def _content_hash(project) -> str | None:
+    """The labelled photos of the features stage's cache, which 'make inspect' findings must be from to be shown."""
+    from pipeline.store import labels
 
     try:
-        return table.read_attrs(layout.cache_file(params, base))["content_hash"]
-    except (table.CacheError, KeyError):
+        return str(labels.read(project.labels_file()).attrs["content_hash"])
+    except labels.CacheError:
         return None
 
 

@@ -12,11 +12,7 @@ stopping on val, a backup of every epoch.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline import runtime
-from pipeline.params import Params
-from pipeline.store import layout
 from pipeline.tf_import import keras as quiet_keras
 from pipeline.training import keras_fit
 from pipeline.training.classifiers import KerasClassifier
@@ -27,11 +23,12 @@ from pipeline.training.inputs import ImageInputs
 VERSION = 2
 
 
-def open_inputs(params: Params, base: Path) -> ImageInputs:
-    path = layout.cache_file(params, base)
-    f = params.features
+def open_inputs(project) -> ImageInputs:
+    path = project.features_file()
+    f = project.params.features
     size = runtime.input_size(f)
-    return ImageInputs(path, base / params.data.root, size, runtime.resizer(f, size), runtime.draft_size(f),
+    return ImageInputs(path, project.labels_file(path), project.data_root, size, runtime.resizer(f, size),
+                       runtime.draft_size(f),
                        workers=f.workers,
                        missing=f"no cached features at {path}; run 'make features' first (finetune trains on the "
                                "photos it lists)")

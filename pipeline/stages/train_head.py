@@ -10,13 +10,9 @@ feeds no choice. Everything else (key, reuse, class check, guard, saving) is the
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import numpy as np
 
-from pipeline.params import Params
-from pipeline.store import layout
-from pipeline.store.table import CacheError
 from pipeline.training.classifiers import HeadClassifier
 from pipeline.training.contract import FitJob, Rung
 from pipeline.training.inputs import CachedInputs
@@ -26,13 +22,10 @@ VERSION = 4
 OUT_OF_FOLD = 5  # folds for out-of-fold logits when the val split is too small to calibrate on
 
 
-def open_inputs(params: Params, base: Path) -> CachedInputs:
-    path = layout.cache_file(params, base)
-    inputs = CachedInputs(path, missing=f"no cached features at {path}; run 'make features' first")
-    if inputs.views != params.features.views:
-        raise CacheError(f"{path.name} holds the views {list(inputs.views)}, features.views asks for "
-                         f"{list(params.features.views)}; run 'make features'")
-    return inputs
+def open_inputs(project) -> CachedInputs:
+    path = project.features_file()
+    return CachedInputs(path, project.labels_file(path), project.params.features.views,
+                        missing=f"no cached features at {path}; run 'make features' first")
 
 
 def face(head, classes: list[str], history: dict):

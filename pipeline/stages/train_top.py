@@ -11,10 +11,6 @@ top layers as well at a low learning rate. Early stopping on val, a backup of ev
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from pipeline.params import Params
-from pipeline.store import layout
 from pipeline.tf_import import keras as quiet_keras
 from pipeline.training import keras_fit
 from pipeline.training.classifiers import KerasClassifier
@@ -25,10 +21,12 @@ from pipeline.training.inputs import CachedInputs
 VERSION = 2
 
 
-def open_inputs(params: Params, base: Path) -> CachedInputs:
-    path = layout.top_cache_file(params, base)
-    inputs = CachedInputs(path, missing=f"no cached activations at train_top.cut_point "
-                                        f"{params.train_top.cut_point!r} ({path}); run 'make top-features' first")
+def open_inputs(project) -> CachedInputs:
+    params = project.params
+    path = project.top_features_file()
+    inputs = CachedInputs(path, project.labels_file(path),
+                          missing=f"no cached activations at train_top.cut_point {params.train_top.cut_point!r} "
+                                  f"({path}); run 'make top-features' first")
     if len(inputs.shape) != 3:
         raise TrainingError(f"train_top.cut_point {params.train_top.cut_point!r} is not a spatial block output; "
                             "choose a block name such as block14")

@@ -34,23 +34,6 @@ class SplitRows:
         return len(self.positions)
 
 
-def split_rows(file: h5py.File, split: str, classes: list[str]) -> SplitRows:
-    """The rows of ``split`` in an open cache file, read column by column in blocks."""
-    number = {c: i for i, c in enumerate(classes)}
-    positions, labels = [], []
-    n = file["split"].shape[0]
-    step = 1 << 16
-    for start in range(0, n, step):
-        splits = file["split"].asstr()[start:start + step]
-        names = file["label"].asstr()[start:start + step]
-        chosen = np.flatnonzero(splits == split)
-        positions.append(chosen + start)
-        labels.append(np.array([number[names[i]] for i in chosen], dtype=np.int32))
-    if not positions:
-        return SplitRows(np.zeros(0, np.int64), np.zeros(0, np.int32))
-    return SplitRows(np.concatenate(positions).astype(np.int64), np.concatenate(labels))
-
-
 def plan(positions: np.ndarray, batch_size: int, chunk_rows: int, shuffle: bool = False, seed: int = 0,
          window: int = WINDOW_CHUNKS) -> list[np.ndarray]:
     """Batches of row positions covering ``positions`` once. Without ``shuffle``: in file order.

@@ -15,16 +15,19 @@ from pathlib import Path
 
 from pipeline.backbones.keras_models import weights_fingerprint
 from pipeline.backbones.registry import BACKBONES
-from pipeline.data import generic
+from pipeline.data import corrections, generic
 from pipeline.data.decode import DECODE_METHODS
-from pipeline.fingerprint import stage_key
-from pipeline.params import FeaturesParams, Params, key_fields
+from pipeline.fingerprint import file_sha256, stage_key
+from pipeline.params import FeaturesParams, Params, as_dict, key_fields
 
 STAGE = "features"
 FOLDER = "features"  # cache/features/: the cache at features.layer
 TOP_FOLDER = "top_features"  # cache/top_features/: caches at train_top.cut_point
 # Bump when the meaning of stored features changes (decoding, layout), so old caches are not reused.
-VERSION = 1
+# 2: labels and splits left the features file for a labelling file keyed by the data params.
+VERSION = 2
+# Bump when the same data params and files would label or split the photos differently.
+LABELS_VERSION = 1
 
 
 def input_size(f: FeaturesParams) -> int:
@@ -59,6 +62,25 @@ def cache_file(params: Params, base: Path, f: FeaturesParams | None = None, fold
     """The cache file of features settings ``f`` (default: ``params.features``)."""
     f = f or params.features
     return base / params.paths.cache_dir / folder / f"{f.backbone}-{cache_key(f)[:16]}.h5"
+
+
+def labels_key(params: Params, base: Path) -> str:
+    """The key of a labelling: every data param that changes a photo's label or split, the content of
+    the split CSV and the decisions of the corrections file they name, and for near-duplicate grouping
+    the features it groups by. Not the photos themselves: the features stage labels what it finds."""
+    data = {k: v for k, v in as_dict(params.data).items() if k != "max_bad_fraction"}
+    split_csv = Path(base) / params.data.split_csv if params.data.split_csv else None
+    decided = corrections.decided(corrections.read(corrections.file_of(params.data, base)))
+    files = {"split_csv": file_sha256(split_csv) if split_csv is not None and split_csv.is_file() else None,
+             "corrections": sorted((d.path, d.action, d.label) for d in decided.values())}
+    if params.data.group_near_duplicates:
+        files["grouped_by"] = cache_key(params.features)
+    return stage_key("labels", LABELS_VERSION, data, files)
+
+
+def labels_file(features_file: Path, key: str) -> Path:
+    """The labelling ``key`` of the photos of ``features_file``, in a folder beside it."""
+    return features_file.with_suffix(".labels") / f"{key[:16]}.h5"
 
 
 def top_cache_file(params: Params, base: Path) -> Path:

@@ -4,15 +4,14 @@ Layout of ``cache/features/<key>.h5`` (documented in README):
 
     /features  (N, D) or (N, H, W, C)  float32 | float16   chunked, fletcher32 checksums
     /sha256    (N,)  ascii, 64 chars     row key, sorted
-    /path      (N,)  utf-8               first path of this content, relative to data.root
-    /label     (N,)  utf-8               class folder name
-    /split     (N,)  utf-8               train | val | test | unlabelled (no label yet)
     /bad_sha256, /bad_reason             images that could not be decoded, so they are not retried
     attrs: key, stage, stage_version, params (JSON), backbone, weights, weights_sha256, layer,
            input_size, resize, decode, preprocessing, dtype, feature_shape, n_rows,
-           content_hash, classes (JSON), library_versions (JSON), created
+           content_hash, library_versions (JSON), created
 
-Readers only need h5py and numpy. A file is written whole to a temporary name and moved into
+What the backbone saw, and nothing the data params decide: each photo's path, label and split
+under a setting of the data params is a labelling file beside it (``store.labels``). A row stays
+while its photo is under data.root, whichever labelling lists it. Readers only need h5py and numpy. A file is written whole to a temporary name and moved into
 place, so a reader sees the old file or the new one, never half of one.
 """
 from __future__ import annotations
@@ -48,8 +47,8 @@ class CacheError(PipelineError, RuntimeError):
 
 @dataclass
 class FeatureTable:
-    """The rows of a feature cache, held in memory (features as a numpy array). For small caches and
-    whole-table analyses only: training and evaluation read caches in batches (``store.batches``)."""
+    """The labelled rows of a feature cache, held in memory (features as a numpy array). For small caches
+    and whole-table analyses only: training and evaluation read caches in batches (``store.batches``)."""
 
     path: Path
     sha256: np.ndarray  # (N,) str
@@ -66,6 +65,11 @@ def content_hash(key: str, rows) -> str:
     return hashlib.sha256(canonical_json([key, sorted(r for r in rows if r[2] != UNLABELLED)]).encode()).hexdigest()
 
 
+def rows_hash(key: str, shas) -> str:
+    """A features file's own content: its key and the sha256 of every row."""
+    return hashlib.sha256(canonical_json([key, sorted(shas)]).encode()).hexdigest()
+
+
 def open_checked(path: Path, key: str | None = None) -> h5py.File:
     """Open a cache file read-only, refusing one that is damaged or made with another key."""
     if not path.is_file():
@@ -80,7 +84,7 @@ def open_checked(path: Path, key: str | None = None) -> h5py.File:
             raise CacheError(f"{path} was made with key {f.attrs['key'][:12]}, not {key[:12]}; "
                              "delete it and run 'make features'")
         views = json.loads(f.attrs["views"]) if "views" in f.attrs else ["original"]
-        for name in (*(view_dataset(v) for v in views), "sha256", "path", "label", "split"):
+        for name in (*(view_dataset(v) for v in views), "sha256"):
             if f[name].shape[0] != n:
                 raise CacheError(f"{path}: /{name} has {f[name].shape[0]} rows, attrs say {n}; "
                                  "delete it and run 'make features'")
@@ -93,46 +97,18 @@ def open_checked(path: Path, key: str | None = None) -> h5py.File:
     return f
 
 
-def read_table(path: Path, key: str | None = None) -> FeatureTable:
-    """All rows of a cache file, features as float32 (the mean of its views, as heads see them); a
-    checksum failure is a CacheError."""
-    with open_checked(path, key) as f:
-        try:
-            views = json.loads(f.attrs["views"]) if "views" in f.attrs else ["original"]
-            features = np.mean([f[view_dataset(v)][...].astype(np.float32) for v in views], axis=0) \
-                if len(views) > 1 else f["features"][...].astype(np.float32, copy=False)
-        except OSError as error:  # fletcher32 mismatch: edited or damaged on disk
-            raise CacheError(f"{path}: features fail their checksum ({error}); "
-                             "delete it and run 'make features'") from None
-        table = FeatureTable(
-            path=path,
-            sha256=f["sha256"].asstr()[...],
-            paths=f["path"].asstr()[...],
-            labels=f["label"].asstr()[...],
-            splits=f["split"].asstr()[...],
-            features=features,
-            attrs={k: _attr(v) for k, v in f.attrs.items()},
-        )
-    expected = content_hash(table.attrs["key"], zip(table.sha256.tolist(), table.labels.tolist(), table.splits.tolist()))
-    if expected != table.attrs["content_hash"]:
-        raise CacheError(f"{path}: rows do not match their recorded content hash (edited by hand?); "
-                         "delete it and run 'make features'")
-    return table
-
-
 def read_index(path: Path, key: str | None = None):
-    """([(sha256, path, label, split)], {bad sha256: reason}, attrs) without reading features.
+    """([sha256 of every row], {bad sha256: reason}, attrs) without reading features.
 
     Raises CacheError when the rows do not match the content hash recorded when it was written."""
     with open_checked(path, key) as f:
-        columns = [f[name].asstr()[...].tolist() for name in ("sha256", "path", "label", "split")]
+        shas = f["sha256"].asstr()[...].tolist()
         bad = dict(zip(f["bad_sha256"].asstr()[...].tolist(), f["bad_reason"].asstr()[...].tolist()))
-        attrs = {k: _attr(v) for k, v in f.attrs.items()}
-    rows = list(zip(*columns))
-    if content_hash(attrs["key"], [(r[0], r[2], r[3]) for r in rows]) != attrs["content_hash"]:
+        attrs = {k: attr_value(v) for k, v in f.attrs.items()}
+    if rows_hash(attrs["key"], shas) != attrs["content_hash"]:
         raise CacheError(f"{path}: rows do not match their recorded content hash (edited by hand?); "
                          "delete it and run 'make features'")
-    return rows, bad, attrs
+    return shas, bad, attrs
 
 
 def verify_features(path: Path) -> None:
@@ -153,10 +129,10 @@ def verify_features(path: Path) -> None:
 
 def read_attrs(path: Path, key: str | None = None) -> dict:
     with open_checked(path, key) as f:
-        return {k: _attr(v) for k, v in f.attrs.items()}
+        return {k: attr_value(v) for k, v in f.attrs.items()}
 
 
-def _attr(value):
+def attr_value(value):
     if isinstance(value, bytes):
         value = value.decode()
     if isinstance(value, str) and value[:1] in "[{":
@@ -172,16 +148,16 @@ def chunk_rows(row_shape: tuple, dtype) -> int:
     return max(1, _CHUNK_BYTES // max(row_bytes, 1))
 
 
-def write_table(path: Path, rows: list[tuple[str, str, str, str]], row_features, row_shape: tuple, dtype: str,
+def write_table(path: Path, shas: list[str], row_features, row_shape: tuple, dtype: str,
                 attrs: dict, bad: list[tuple[str, str]] = (), columns: dict | None = None) -> None:
     """Write a complete cache file at ``path`` (a temporary name; the caller moves it into place).
 
-    ``rows``: (sha256, path, label, split), sorted by sha256. ``row_features(start, stop)`` returns
+    ``shas``: the sha256 of each row, sorted. ``row_features(start, stop)`` returns
     the (stop - start, *row_shape) features of those rows, so memory stays at one chunk; with more
     ``views`` than the original, ``row_features(start, stop, view)`` those of each view.
     ``columns``: other small per-row datasets ({name: array with one entry per row}).
     """
-    n = len(rows)
+    n = len(shas)
     chunk = chunk_rows(row_shape, dtype)
     spatial = len(row_shape) > 1
     views = list(attrs.get("views", ["original"]))
@@ -196,9 +172,7 @@ def write_table(path: Path, rows: list[tuple[str, str, str, str]], row_features,
             for start in range(0, n, chunk):
                 stop = min(n, start + chunk)
                 data[start:stop] = row_features(start, stop) if view == "original" else row_features(start, stop, view)
-        f.create_dataset("sha256", data=np.array([r[0] for r in rows], dtype="S64"))
-        for i, name in enumerate(("path", "label", "split"), start=1):
-            f.create_dataset(name, data=np.array([r[i] for r in rows], dtype=object), dtype=STRING)
+        f.create_dataset("sha256", data=np.array(shas, dtype="S64").reshape(n))
         f.create_dataset("bad_sha256", data=np.array([b[0] for b in bad], dtype="S64").reshape(len(bad)))
         f.create_dataset("bad_reason", data=np.array([b[1] for b in bad], dtype=object).reshape(len(bad)),
                          dtype=STRING)
@@ -207,4 +181,4 @@ def write_table(path: Path, rows: list[tuple[str, str, str, str]], row_features,
         for name, value in attrs.items():
             f.attrs[name] = value if isinstance(value, (str, int, float)) else json.dumps(value)
         f.attrs["n_rows"] = n
-        f.attrs["content_hash"] = content_hash(attrs["key"], [(r[0], r[2], r[3]) for r in rows])
+        f.attrs["content_hash"] = rows_hash(attrs["key"], shas)

@@ -35,7 +35,7 @@ from pipeline.data import corrections
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import RunRecord, replaced_folder, stage_key
 from pipeline.params import Params, as_dict, key_fields
-from pipeline.store import layout
+from pipeline.project import Project
 from pipeline.store.table import CacheError
 from pipeline.training import classifiers
 from pipeline.training.classifiers import softmax
@@ -100,66 +100,66 @@ class Rung:
     version: int  # bump when a model trained from the same params and inputs would come out different
     summary: str  # what trains, in one line
     input_stage: str  # the stage whose output it reads
-    open_inputs: Callable  # (params, base) -> inputs
+    open_inputs: Callable  # (project) -> inputs
     fit: Callable  # (inputs, FitJob) -> classifier
     # (inputs, FitJob, the fitted classifier) -> (logits of the train photos from models that did not see
     # them, their labels): to calibrate when the val split is too small; None: no temperature then
     out_of_fold: Callable | None = None
 
-    def folder(self, params: Params, base: Path) -> Path:
-        return Path(base) / params.paths.cache_dir / self.section
+    def folder(self, project: Project) -> Path:
+        return project.cache_dir / self.section
 
-    def key(self, params: Params, base: Path, inputs) -> tuple[str, dict]:
+    def key(self, project: Project, inputs) -> tuple[str, dict]:
+        params = project.params
         own = key_fields(getattr(params, self.section))
         # the split settings and the user's corrections are not in the key (the inputs' content hash covers
         # the labels and splits they make), but they are named when they are why a model is trained again
         splits = {k: getattr(params.data, k) for k in ("train_fraction", "val_fraction", "test_fraction", "split_csv",
                                                          "group_near_duplicates")}
-        splits["corrections"] = corrections.summary(corrections.read(corrections.file_of(params.data, base)))
+        splits["corrections"] = corrections.summary(corrections.read(corrections.file_of(params.data, project.base)))
         ingredients = {self.section: own, "data": splits,
-                       "inputs": {inputs.layer: inputs.attrs["content_hash"], "views": list(inputs.views)}}
+                       "inputs": {inputs.layer: inputs.content_hash, "views": list(inputs.views)}}
         return stage_key(self.section, self.version, own, {"inputs": inputs.identity}), ingredients
 
-    def model_dir(self, params: Params, base: Path, key: str) -> Path:
-        return self.folder(params, base) / key[:16]
+    def model_dir(self, project: Project, key: str) -> Path:
+        return self.folder(project) / key[:16]
 
-    def find(self, params: Params, base: str | Path) -> Trained | None:
+    def find(self, project: Project) -> Trained | None:
         """The model these params would train, if it exists; computes nothing."""
-        base = Path(base)
         try:
-            inputs = self.open_inputs(params, base)
+            inputs = self.open_inputs(project)
         except CacheError:
             return None
-        key, _ = self.key(params, base, inputs)
-        folder = self.model_dir(params, base, key)
+        key, _ = self.key(project, inputs)
+        folder = self.model_dir(project, key)
         if not (folder / "model.json").is_file():
+            inputs.close()
             return None
         classifier = classifiers.load(folder)
-        return Trained(self, folder, key, inputs, Guarded(classifier, self.guard(params, base, inputs, classifier,
-                                                                                  folder)))
+        return Trained(self, folder, key, inputs, Guarded(classifier, self.guard(project, inputs, classifier, folder)))
 
-    def load(self, params: Params, base: str | Path) -> Trained:
+    def load(self, project: Project) -> Trained:
         """The model these params choose; an error naming what to run when it is not trained."""
-        found = self.find(params, base)
+        found = self.find(project)
         if found is None:
-            self.open_inputs(params, Path(base))  # says which stage to run first, if its inputs are missing
-            raise CacheError(f"no {self.stage} model for these params in {self.folder(params, Path(base))}; "
+            self.open_inputs(project).close()  # says which stage to run first, if its inputs are missing
+            raise CacheError(f"no {self.stage} model for these params in {self.folder(project)}; "
                              f"run 'make {self.stage}' first")
         return found
 
-    def train(self, params: Params, base: str | Path = ".") -> Trained:
+    def train(self, project: Project) -> Trained:
         """Train this rung unless a model with its key exists; returns the model either way."""
-        base = Path(base)
-        inputs = self.open_inputs(params, base)
-        key, ingredients = self.key(params, base, inputs)
-        out = self.model_dir(params, base, key)
-        record = RunRecord(self.folder(params, base) / "last.json")
+        params = project.params
+        inputs = self.open_inputs(project)
+        key, ingredients = self.key(project, inputs)
+        out = self.model_dir(project, key)
+        record = RunRecord(self.folder(project) / "last.json")
         check_class_names(inputs.classes, params.reject.label)
         if (out / "model.json").is_file():
             log.info("%s: cache hit (%s)", self.section, out.name)
             record.save(ingredients)
             classifier = classifiers.load(out)
-            return Trained(self, out, key, inputs, Guarded(classifier, self.guard(params, base, inputs, classifier, out)))
+            return Trained(self, out, key, inputs, Guarded(classifier, self.guard(project, inputs, classifier, out)))
         log.info("%s: recomputing (%s)", self.section, record.reason(ingredients, "no model for these params yet"))
         train, val = inputs.rows("train"), inputs.rows("val")
         missing = [c for i, c in enumerate(inputs.classes) if not np.any(train.labels == i)]
@@ -168,7 +168,7 @@ class Rung:
                                 "or change data.train_fraction")
         backup = out.with_name(out.name + ".backup")
         started = time.perf_counter()
-        job = FitJob(params, layout.weights_dir(params, base), train, val, backup,
+        job = FitJob(params, project.weights_dir, train, val, backup,
                      lambda message: log.info("%s: %s", self.section, message))
         classifier = self.fit(inputs, job)
         history = classifier.history
@@ -190,12 +190,13 @@ class Rung:
         epochs = f"{history['epochs_run']} epochs, " if history.get("epochs_run") else ""
         log.info("%s: trained on %d images (%s%.1f s)%s", self.section, len(train), epochs, history["fit_seconds"],
                  val_text)
-        guarded = Guarded(classifier, self.guard(params, base, inputs, classifier, out, job))
+        guarded = Guarded(classifier, self.guard(project, inputs, classifier, out, job))
         return Trained(self, out, key, inputs, guarded, trained_now=True)
 
-    def guard(self, params: Params, base: Path, inputs, classifier, folder: Path, job: FitJob | None = None) -> Guard:
+    def guard(self, project: Project, inputs, classifier, folder: Path, job: FitJob | None = None) -> Guard:
         """The guard of the model in ``folder`` for ``params.reject``: kept beside it under its own key,
         fitted (from the train and val photos only) when missing."""
+        params = project.params
         key = stage_key("guard", GUARD_VERSION, as_dict(params.reject))
         where = folder / f"guard-{key[:12]}"
         if (where / "guard.json").is_file():
@@ -205,7 +206,7 @@ class Rung:
         val_embedding, val_labels = embeddings(classifier, inputs, "val")
         oof = None
         if self.out_of_fold is not None:
-            job = job or FitJob(params, layout.weights_dir(params, base), inputs.rows("train"), inputs.rows("val"),
+            job = job or FitJob(params, project.weights_dir, inputs.rows("train"), inputs.rows("val"),
                                 folder.with_name(folder.name + ".backup"), say)
             oof = lambda: self.out_of_fold(inputs, job, classifier)  # noqa: E731
         guard = fit_guard(classifier, train_embedding, train_labels, val_embedding, val_labels, params.reject, oof, say)

@@ -20,25 +20,44 @@ import h5py
 import numpy as np
 
 from pipeline.data.decode import ImageError, decode_rgb
-from pipeline.store import batches, table
+from pipeline.store import batches, labels, table
 from pipeline.store.batches import SplitRows
 
 
 class CachedInputs:
-    """Rows of a feature cache file; ``missing`` is the error text when there is none."""
+    """Rows of a feature cache file, labelled and split as the labelling file says (``store.labels``), read
+    as the mean of ``views`` (default: every view the file holds); ``missing`` is the error text when
+    there is no cache file."""
 
-    def __init__(self, path: Path, missing: str | None = None):
+    def __init__(self, path: Path, labelling: Path, views: tuple[str, ...] | None = None, missing: str | None = None):
         if missing and not path.is_file():
             raise table.CacheError(missing)
         self.path = path
         self.attrs = table.read_attrs(path)
-        self.classes = list(self.attrs["classes"])
+        stored = tuple(table.stored_views(self.attrs))
+        self.views = tuple(views or stored)  # a row is the mean of these views' activations
+        if not set(self.views) <= set(stored):
+            raise table.CacheError(f"{path.name} holds the views {list(stored)}, features.views asks for "
+                                   f"{list(self.views)}; run 'make features'")
+        self.labelling = labels.read(labelling)
+        with h5py.File(path, "r") as f:
+            self._positions = labels.positions_in(self.labelling, f["sha256"].asstr()[...], path)
+        self.classes = list(self.labelling.classes)
         self.layer = str(self.attrs["layer"])
         self.shape = tuple(int(d) for d in self.attrs["feature_shape"])
-        self.views = tuple(table.stored_views(self.attrs))  # a row is the mean of these views' activations
         views = "" if self.views == ("original",) else ":" + "+".join(self.views)
-        self.identity = str(self.attrs["content_hash"]) + views
+        self.identity = str(self.labelling.attrs["content_hash"]) + views
         self._readers: list[batches.FeatureReader] = []
+
+    @property
+    def positions(self) -> np.ndarray:
+        """(N,) int64, increasing: the cache file's row of each photo of the labelling, in its order."""
+        return self._positions
+
+    @property
+    def content_hash(self) -> str:
+        """What the labelled rows are: the features key and each labelled photo's sha256, label and split."""
+        return str(self.labelling.attrs["content_hash"])
 
     @property
     def reader(self) -> batches.FeatureReader:
@@ -47,8 +66,10 @@ class CachedInputs:
         return self._readers[0]
 
     def rows(self, split: str) -> SplitRows:
-        with h5py.File(self.path, "r") as f:
-            return batches.split_rows(f, split, self.classes)
+        chosen = np.flatnonzero(self.labelling.splits == split)
+        number = {c: i for i, c in enumerate(self.classes)}
+        labels_of = np.array([number[name] for name in self.labelling.labels[chosen]], dtype=np.int32)
+        return SplitRows(self._positions[chosen], labels_of.reshape(len(chosen)))
 
     def plan(self, rows: SplitRows, batch_size: int, shuffle: bool = False, seed: int = 0) -> list[np.ndarray]:
         return batches.plan(rows.positions, batch_size, self.reader.chunk_rows, shuffle, seed)
@@ -61,10 +82,15 @@ class CachedInputs:
         return (first + sum(reader.read(positions) for reader in self._readers[1:])) / len(self._readers)
 
     def paths(self, positions: np.ndarray) -> list[str]:
-        return _column(self.path, "path", positions)
+        """The photos' paths (relative to data.root) at rows ``positions`` of the cache file."""
+        return self.labelling.paths[self._labelled(positions)].tolist()
 
     def sha256(self, positions: np.ndarray) -> list[str]:
-        return _column(self.path, "sha256", positions)
+        return self.labelling.sha256[self._labelled(positions)].tolist()
+
+    def _labelled(self, positions: np.ndarray) -> np.ndarray:
+        """Where rows ``positions`` of the cache file are in the labelling (both are sorted by sha256)."""
+        return np.searchsorted(self._positions, np.asarray(positions, dtype=np.int64))
 
     def position_of(self) -> dict[str, int]:
         """{sha256: row} of every row (for predict: photos already in the cache)."""
@@ -89,12 +115,11 @@ class ImageInputs(CachedInputs):
 
     layer_name = "image"
 
-    def __init__(self, path: Path, root: Path, input_size: int, resize, draft_size: int = 0,
+    def __init__(self, path: Path, labelling: Path, root: Path, input_size: int, resize, draft_size: int = 0,
                  missing: str | None = None, workers: int = 2):
-        super().__init__(path, missing)
+        super().__init__(path, labelling, ("original",), missing)
         self.layer = self.layer_name
-        self.views = ("original",)
-        self.identity = str(self.attrs["content_hash"])
+        self.identity = self.content_hash
         self.shape = (input_size, input_size, 3)
         self.root = root
         self.input_size = input_size
@@ -144,19 +169,6 @@ class ArrayInputs:
 
     def close(self) -> None:
         pass
-
-
-def _column(path: Path, name: str, positions: np.ndarray) -> list[str]:
-    positions = np.asarray(positions, dtype=np.int64)
-    if not len(positions):
-        return []
-    order = np.argsort(positions, kind="stable")
-    unique, inverse = np.unique(positions[order], return_inverse=True)
-    with h5py.File(path, "r") as f:
-        values = f[name].asstr()[unique.tolist()] if len(unique) > 1 else [f[name].asstr()[int(unique[0])]]
-    out = np.empty(len(positions), dtype=object)
-    out[order] = np.asarray(values, dtype=object)[inverse]
-    return out.tolist()
 
 
 def iterate(inputs, split: str, batch_size: int):

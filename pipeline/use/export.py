@@ -28,10 +28,10 @@ from pipeline import runtime
 from pipeline.data.decode import ImageError, decode_rgb
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import replaced_folder
-from pipeline.params import Params, as_dict
+from pipeline.params import as_dict
 from pipeline.stages import ladder
-from pipeline.store import layout
 from pipeline.training.inputs import iterate
+from pipeline.use import formats
 from pipeline.use.predict import features_params_of
 
 log = logging.getLogger("pipeline.export")
@@ -66,15 +66,14 @@ def build_export_model(backbone, classifier_model, size: int, resize: str, views
     return keras.Model(image, [probabilities, score], name="classifier")
 
 
-def run(params: Params, base: str | Path = ".") -> ExportResult:
-    base = Path(base)
-    rung, _ = ladder.chosen(params, base)
-    with rung.load(params, base) as trained:
-        log.info("export: %s", ladder.describe_choice(params, rung))
-        return _export(params, base, rung, trained)
+def run(project) -> ExportResult:
+    rung = ladder.chosen(project)
+    with rung.load(project) as trained:
+        log.info("export: %s", ladder.describe_choice(project))
+        return _export(project, rung, trained)
 
 
-def _export(params: Params, base: Path, rung, trained) -> ExportResult:
+def _export(project, rung, trained) -> ExportResult:
     from pipeline.backbones import keras_models
 
     inputs = trained.inputs
@@ -83,23 +82,24 @@ def _export(params: Params, base: Path, rung, trained) -> ExportResult:
     size = runtime.input_size(f)
     backbone = None
     if inputs.layer != runtime.IMAGE:
-        backbone = keras_models.build(f.backbone, f.weights, inputs.layer, f.image_size,
-                                      layout.weights_dir(params, base))
+        backbone = keras_models.build(f.backbone, f.weights, inputs.layer, f.image_size, project.weights_dir)
         if backbone.weights_sha256 != attrs["weights_sha256"]:
             raise ExportError(f"the backbone's weights differ from those of {inputs.path.name}; "
                               f"run 'make features' and 'make {rung.stage}' again")
     model = build_export_model(backbone, trained.classifier.as_keras(inputs.shape), size, f.resize, inputs.views)
 
+    params = project.params
     tolerance = params.export.tolerance
     if attrs["dtype"] == "float16":
         tolerance = max(tolerance, 2e-3)  # the reference itself went through float16 storage
         log.info("export: float16 feature cache; parity tolerance widened to %g", tolerance)
-    target = base / params.export.dir
+    target = project.base / params.export.dir
+    draft = runtime.draft_size(f)
     with replaced_folder(target) as tmp:  # moved into place only after parity held
-        files = _write_formats(model, tmp, params, base, trained, runtime.draft_size(f), size)
-        parity = _check_parity(tmp, model, _test_samples(params, base, trained, runtime.draft_size(f)), tolerance,
+        files = _write_formats(model, tmp, formats.WriteJob(project, trained, draft, size))
+        parity = _check_parity(_runners(tmp, model, files), _test_samples(project, trained, draft), tolerance,
                                params.export.min_top1_agreement, trained.guard)
-        _write_metadata(tmp, params, base, trained, size, f, parity)
+        _write_metadata(tmp, project, trained, size, f, parity)
     sizes = {name: _size(target / name) for name in files}
     for name, size_bytes in sizes.items():
         log.info("export: %-22s %8.1f MB", name, size_bytes / 1e6)
@@ -118,13 +118,13 @@ class _Sample:
     score: float  # the pipeline's rejection score
 
 
-def _test_samples(params: Params, base: Path, trained, draft: int):
+def _test_samples(project, trained, draft: int):
     """Yield the test photos that still have the bytes they were cached with, with the pipeline's answer;
     a batch of test rows at a time (memory does not grow with the test split)."""
     import hashlib
 
     inputs = trained.inputs
-    root = base / params.data.root
+    root = project.data_root
     changed = 0
     for positions, x in iterate(inputs, "test", 32):
         reference, scores = trained.classifier.answer(x)
@@ -142,132 +142,39 @@ def _test_samples(params: Params, base: Path, trained, draft: int):
         log.warning("export: %d test image(s) changed or missing since 'make features'; checked the others", changed)
 
 
-def _write_formats(model, folder: Path, params: Params, base: Path, trained, draft: int, size: int) -> list[str]:
-    files = ["model.keras", "saved_model", "model.tflite"]
-    model.save(folder / "model.keras")
-    model.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
-    model.export(str(folder / "model.tflite"), format="litert", verbose=False)
-    quantize = params.export.quantize
-    if quantize != "none":
-        name = f"model_{quantize}.tflite"
-        (folder / name).write_bytes(_quantized(folder / "saved_model", quantize, params, base, trained, draft, size))
-        files.append(name)
-    (folder / "labels.txt").write_text("\n".join(trained.classes) + "\n")
-    return files + ["labels.txt", "model.json"]
+def _write_formats(model, folder: Path, job: formats.WriteJob) -> list[str]:
+    """Every registered format these params want, then labels.txt; the names written."""
+    written = []
+    for fmt in formats.wanted(job.project.params.export):
+        if not (folder / fmt.name).exists():  # a quantised format may have written the SavedModel it needs
+            fmt.write(model, folder, job)
+        written.append(fmt.name)
+    (folder / "labels.txt").write_text("\n".join(job.trained.classes) + "\n")
+    return written + ["labels.txt", "model.json"]
 
 
-def _quantized(saved_model: Path, mode: str, params: Params, base: Path, trained, draft: int, size: int) -> bytes:
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "int8":
-        train = trained.inputs.rows("train").positions
-        rng = np.random.default_rng(0)
-        chosen = np.sort(rng.choice(len(train), size=min(len(train), params.export.representative_images),
-                                    replace=False))
-        paths = trained.inputs.paths(train[chosen])
-        root = base / params.data.root
-
-        def representative():
-            first = True
-            for path in paths:
-                try:
-                    pixels = decode_rgb(root / path, draft)
-                except ImageError:
-                    continue
-                yield [pixels[None]]
-                if first:
-                    first = False
-                    for extreme in range_samples(pixels, size):
-                        yield [extreme[None]]
-
-        converter.representative_dataset = representative
-    return converter.convert()
+def _runners(folder: Path, live_model, names: list[str]) -> dict:
+    """Each written format as a function (1, H, W, 3) uint8 -> ((n_classes,) probabilities, score), after the
+    model in memory."""
+    runners = {"keras (in memory)": lambda x: formats.split_outputs(live_model(x, training=False))}
+    for name in names:
+        if name in formats.FORMATS:
+            runners[name] = formats.FORMATS[name].runner(folder / name)
+    return runners
 
 
-def range_samples(pixels: np.ndarray, size: int) -> list[np.ndarray]:
-    """Calibration samples that make every tensor of the model's resize reach its full range.
-
-    A full-integer model keeps each tensor's range from calibration. The resize's weights reach 1
-    only at some photo sizes (a side that is a multiple of the input size): calibrated on photos of
-    other sizes, a weight of 1 would be clipped (a photo made darker). So the calibration also sees
-    one photo at twice the input size, contrast-stretched to 0..255, and at half the input size
-    (the growing path)."""
-    from PIL import Image
-
-    low, high = pixels.min(), pixels.max()
-    stretched = ((pixels.astype(np.float32) - low) * (255.0 / max(1, high - low))).round().astype(np.uint8)
-    image = Image.fromarray(stretched)
-    return [np.asarray(image.resize((2 * size, 2 * size), Image.BOX)),
-            np.asarray(image.resize((max(1, size // 2),) * 2, Image.BOX))]
-
-
-def split_outputs(outputs) -> tuple[np.ndarray, float]:
-    """(probabilities (n_classes,), score) of one photo from an exported model's two outputs, in whatever
-    order or container a format returns them: the probabilities are the 2-D one, the score the 1-D one."""
-    arrays = [np.asarray(o) for o in (outputs.values() if isinstance(outputs, dict) else outputs)]
-    probabilities = next(a for a in arrays if a.ndim == 2)
-    score = next(a for a in arrays if a.ndim == 1)
-    return probabilities[0].astype(np.float64), float(score[0])
-
-
-class _Runners:
-    """Each exported format as a function: (1, H, W, 3) uint8 -> ((n_classes,) probabilities, score)."""
-
-    def __init__(self, folder: Path, live_model):
-        import keras
-        import tensorflow as tf
-
-        import pipeline.training.layers  # noqa: F401  (registers FitToSize and the guard's layers for loading)
-
-        self.formats = {"keras (in memory)": lambda x: split_outputs(live_model(x, training=False))}
-        reloaded = keras.saving.load_model(folder / "model.keras")
-        self.formats["model.keras"] = lambda x: split_outputs(reloaded(x, training=False))
-        serving = tf.saved_model.load(str(folder / "saved_model")).signatures["serve"]
-        self.formats["saved_model"] = lambda x: split_outputs(
-            {k: v.numpy() for k, v in serving(tf.constant(x)).items()})
-        for path in sorted(folder.glob("*.tflite")):
-            self.formats[path.name] = _tflite_runner(path)
-
-
-def tflite_interpreter(path: Path):
-    """LiteRT's interpreter (ai-edge-litert)."""
-    from pipeline.backbones.litert import interpreter
-
-    return interpreter(path)
-
-
-def _tflite_runner(path: Path):
-    interpreter = tflite_interpreter(path)
-    input_index = interpreter.get_input_details()[0]["index"]
-    shape = [None]
-
-    def run(x):
-        if shape[0] != x.shape:
-            interpreter.resize_tensor_input(input_index, x.shape)
-            interpreter.allocate_tensors()
-            shape[0] = x.shape
-        interpreter.set_tensor(input_index, x)
-        interpreter.invoke()
-        return split_outputs([interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()])
-
-    return run
-
-
-def _check_parity(folder: Path, model, samples, tolerance: float, min_agreement: float, guard) -> dict:
+def _check_parity(runners: dict, samples, tolerance: float, min_agreement: float, guard) -> dict:
     """Run every test photo through every format and compare with the pipeline's probabilities and scores:
     float formats within ``tolerance``, quantised ones on the top-1 label and on the accept/reject decision."""
-    runners = _Runners(folder, model)
-    diffs: dict = {name: [] for name in runners.formats}
-    agree: dict = {name: [] for name in runners.formats}
-    score_diffs: dict = {name: [] for name in runners.formats}
-    decisions: dict = {name: [] for name in runners.formats}
-    seconds = dict.fromkeys(runners.formats, 0.0)
+    diffs: dict = {name: [] for name in runners}
+    agree: dict = {name: [] for name in runners}
+    score_diffs: dict = {name: [] for name in runners}
+    decisions: dict = {name: [] for name in runners}
+    seconds = dict.fromkeys(runners, 0.0)
     paths = []
     for sample in samples:
         paths.append(sample.path)
-        for name, runner in runners.formats.items():
+        for name, runner in runners.items():
             started = time.perf_counter()
             output, score = runner(sample.pixels[None])
             seconds[name] += time.perf_counter() - started
@@ -282,12 +189,12 @@ def _check_parity(folder: Path, model, samples, tolerance: float, min_agreement:
     if not paths:
         raise ExportError("no test images to check parity on; set data.test_fraction > 0")
     report, failures = {}, []
-    for name in runners.formats:
+    for name in runners:
         diff, same = np.array(diffs[name]), np.array(agree[name])
         score_diff = np.array(score_diffs[name])
         decided = np.array([d is not False for d in decisions[name]])
         clear = [d for d in decisions[name] if d is not None]
-        quantized = name.startswith(("model_dynamic", "model_int8"))
+        quantized = name in formats.FORMATS and formats.FORMATS[name].quantized
         entry = {"n_images": len(paths), "max_abs_diff": float(diff.max()), "top1_agreement": float(same.mean()),
                  "score_max_abs_diff": float(score_diff.max()),
                  "decision_agreement": float(np.mean(clear)) if clear else 1.0,
@@ -321,8 +228,8 @@ def _check_parity(folder: Path, model, samples, tolerance: float, min_agreement:
     return report
 
 
-def _write_metadata(folder: Path, params: Params, base: Path, trained, size: int, features_params, parity) -> None:
-    reports = base / params.paths.reports_dir
+def _write_metadata(folder: Path, project, trained, size: int, features_params, parity) -> None:
+    reports = project.reports_dir
     metrics = None
     try:
         run_info = json.loads((reports / "run.json").read_text())

@@ -30,9 +30,8 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import atomic_write_text
-from pipeline.params import Params
 from pipeline.quality import near_duplicates
-from pipeline.store import layout, table
+from pipeline.store import labels, layout, table
 from pipeline.store.table import CacheError
 
 NEIGHBOUR_CHUNK_MB = 64
@@ -74,7 +73,7 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, classes: list[str], 
     return probabilities, used
 
 
-def run(params: Params, base: str | Path = ".", processes: int | None = None) -> InspectResult:
+def run(project, processes: int | None = None) -> InspectResult:
     """The findings on the cached features. ``processes``: cleanlab's worker processes for the label issues
     (None: one per core; the same findings either way). A process serving requests on threads passes 1:
     its forked workers inherit locks other threads held at the fork, and one hung the app's review page."""
@@ -82,12 +81,12 @@ def run(params: Params, base: str | Path = ".", processes: int | None = None) ->
     from cleanlab.outlier import OutOfDistribution
     from cleanlab.rank import get_label_quality_scores
 
-    base = Path(base)
+    params, base = project.params, project.base
     started = time.perf_counter()
-    path = layout.cache_file(params, base)
+    path = project.features_file()
     if not path.is_file():
         raise CacheError(f"no cached features at {path}; run 'make features' first")
-    rows = _labelled(table.read_table(path))
+    rows = _labelled(labels.read_table(path, project.labels_file(path)))
     classes = list(rows.attrs["classes"])
     present = sorted(set(rows.labels.tolist()))
     if len(present) < 2:
@@ -203,12 +202,12 @@ def _summary_text(summary: dict, issues, pairs, outliers, reports: Path) -> str:
     return "\n".join(lines)
 
 
-def corrections_template(params: Params, base: str | Path, result: InspectResult) -> tuple[Path, int]:
+def corrections_template(project, result: InspectResult) -> tuple[Path, int]:
     """Add one undecided row per finding to ``data.corrections`` (photos it names already are left as
     they are), for the user to fill in by hand; returns the file and the rows added."""
     from pipeline.data import corrections
 
-    base = Path(base)
+    params, base = project.params, project.base
     path = corrections.file_of(params.data, base)
     if path is None:
         raise InspectError("data.corrections is null; set it to a file (e.g. corrections.csv) to write the template")

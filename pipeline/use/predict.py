@@ -22,9 +22,8 @@ from PIL import Image
 
 from pipeline import runtime
 from pipeline.data.decode import reduces, sniff
-from pipeline.params import FeaturesParams, Params
+from pipeline.params import FeaturesParams
 from pipeline.stages import ladder
-from pipeline.store import layout
 from pipeline.store.table import CacheError
 
 log = logging.getLogger("pipeline.predict")
@@ -58,21 +57,19 @@ def expand(inputs) -> list[Path]:
     return files
 
 
-def run(params: Params, base: str | Path, inputs, top_k: int | None = None) -> list[Prediction]:
+def run(project, inputs, top_k: int | None = None) -> list[Prediction]:
     """Top-k labels for every photo under ``inputs`` (files or folders) with the model params choose."""
-    base = Path(base)
-    rung, _ = ladder.chosen(params, base)
-    with rung.load(params, base) as trained:
-        log.info("predict: %s", ladder.describe_choice(params, rung))
-        return answer_files(params, base, trained, inputs, top_k)
+    with ladder.chosen(project).load(project) as trained:
+        log.info("predict: %s", ladder.describe_choice(project))
+        return answer_files(project, trained, inputs, top_k)
 
 
-def answer_files(params: Params, base: Path, trained, inputs, top_k: int | None = None, keep_rows: bool = False,
+def answer_files(project, trained, inputs, top_k: int | None = None, keep_rows: bool = False,
                  runner=None, cached: dict[str, int] | None = None) -> list[Prediction]:
     """Predictions of a loaded model for files or folders. A process that answers many calls (the app)
     passes the backbone ``runner`` (``open_runner``) and the inputs' ``cached`` rows (``position_of``) it
     keeps; ``keep_rows``: each prediction keeps its input row (``Prediction.row``)."""
-    top_k = min(top_k or params.predict.top_k, len(trained.classes))
+    top_k = min(top_k or project.params.predict.top_k, len(trained.classes))
     files = expand(inputs)
     if not files:
         raise FileNotFoundError(f"no files under {', '.join(map(str, inputs))}")
@@ -91,7 +88,7 @@ def answer_files(params: Params, base: Path, trained, inputs, top_k: int | None 
                 predictions[i].cached = True
         todo = [i for i in chunk if shas[i] is not None and i not in rows]
         if todo:
-            runner = runner or open_runner(trained, params, base)
+            runner = runner or open_runner(trained, project.weights_dir)
             views = trained.inputs.views
             rows_of = runtime.featurise_files([files[i] for i in todo], runner, f, views, whole=True)
             for i, (row, error) in zip(todo, rows_of):
@@ -139,10 +136,10 @@ def _reduced_in_cache(path: Path, draft: int) -> bool:
         return False  # unreadable now: the cached row is all there is
 
 
-def open_runner(trained, params: Params, base: Path):
+def open_runner(trained, weights_dir: Path):
     """What turns a new photo into the model's input: the backbone up to the inputs' layer."""
     attrs = trained.inputs.attrs
-    runner = runtime.open_backbone(features_params_of(attrs), layout.weights_dir(params, base), trained.inputs.layer)
+    runner = runtime.open_backbone(features_params_of(attrs), weights_dir, trained.inputs.layer)
     if trained.inputs.layer != runtime.IMAGE and runner.weights_sha256 != attrs["weights_sha256"]:
         raise CacheError(f"the backbone's weights differ from those of {trained.inputs.path.name}; "
                            f"run 'make features' and 'make {trained.rung.stage}' again")
