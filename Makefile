@@ -11,7 +11,7 @@ SET    ?=
 RUN    := $(PY) -m pipeline
 ARGS   := --params $(PARAMS) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup setup-ray demo all advise compare inspect predict export serve test bench clean-cache
+.PHONY: help setup setup-ray demo all advise compare inspect predict export serve test docs bench clean-cache
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ serve: setup ## the local app (serve.host:serve.port, 127.0.0.1:8000): try photo
 
 test: setup ## run the test suite
 	$(PY) -m pytest -q
+
+docs: setup ## build the documentation site from docs/ into site/ (MkDocs, offline; a broken link fails)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 bench: setup ## benchmarks on ../shared/datasets (numbers quoted in README)
 	$(PY) bench/core.py

@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                                  help="output format (default: predict.format)")
     sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations (pipeline/graph.py)")
     sub.add_parser("makefile", help="write stages.mk, the Make targets of the stages, from their declarations")
+    sub.add_parser("params-yaml", help="write the train_head section of params.yaml and the template from the heads")
     demo = sub.add_parser("demo-data", help="build the small demo dataset from scikit-image's photographs")
     demo.add_argument("--out", default="data/demo")
     init = sub.add_parser("init", help="write a params.yaml with every setting documented, for photos under --root")
@@ -97,6 +98,11 @@ def _dispatch(args) -> int:
     if args.command == "makefile":
         Path("stages.mk").write_text(graph.render_makefile())
         print("wrote stages.mk")
+        return 0
+    if args.command == "params-yaml":
+        for path in (Path("params.yaml"), Path(__file__).resolve().parent / "params.yaml"):
+            path.write_text(graph.render_params_yaml(path.read_text(encoding="utf-8")), encoding="utf-8")
+        print("wrote the train_head section of params.yaml and pipeline/params.yaml")
         return 0
     if args.command == "demo-data":
         from pipeline.data import demo

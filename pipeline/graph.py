@@ -16,13 +16,14 @@ rung always trains.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
-from pipeline.params import SECTIONS, FeaturesParams, key_field_names
+from pipeline.params import SECTIONS, FeaturesParams, TrainHeadParams, key_field_names
 from pipeline.project import Project
 from pipeline.stages import evaluate, features, ladder
 from pipeline.store import layout
@@ -193,3 +194,38 @@ def render_makefile() -> str:
 def cache_folders() -> list[str]:
     """Every folder under paths.cache_dir that a stage writes, plus what the features stage keeps beside."""
     return [folder for s in STAGES for folder in s.cache_folders] + ["weights", "file_index"]
+
+
+def render_params_yaml(text: str) -> str:
+    """The params file ``text`` with its ``train_head`` section made from the head registry: every head's
+    keys at their defaults, each with its description."""
+    from pipeline.training.heads import HEADS
+
+    default = TrainHeadParams()
+    names = [default.model, *(name for name in HEADS if name != default.model)]
+    choices = "; ".join(f"{name} ({HEADS[name].summary})" for name in names)
+    lines = ["train_head:", *_commented("model", default.model, f"the head, one of: {choices}"),
+             *_commented("class_weight", default.class_weight, "balanced (weights inverse to class frequency) or none"),
+             *_commented("seed", default.seed, "random seed for shuffling and initialisation")]
+    for name in names:
+        fields = HEADS[name].Params.model_fields
+        if len(fields) > 1:
+            lines.append(f"  # {name} only")
+        lines += [line for key in HEADS[name].Params.keys()
+                  for line in _commented(key, fields[key].default, fields[key].description or "")]
+    section = re.compile(r"^train_head:\n(?:(?:[ #].*)?\n)*?(?=\n[a-z_]+:)", re.MULTILINE)
+    if not section.search(text):
+        raise ValueError("no train_head section to replace")
+    return section.sub("\n".join(lines) + "\n", text, count=1)
+
+
+def _commented(key: str, value, description: str, column: int = 28, width: int = 118) -> list[str]:
+    """``  key: value   # description``, the description wrapped at ``width`` under its column."""
+    import textwrap
+
+    shown = yaml.safe_dump({key: list(value) if isinstance(value, tuple) else value}, default_flow_style=True,
+                           width=1000).strip()[1:-1]
+    head = f"  {shown}".ljust(column - 1) + " "
+    room = max(width - max(len(head), column), 30) - 2
+    wrapped = textwrap.wrap(description, room) or [""]
+    return [f"{head}# {wrapped[0]}".rstrip(), *(" " * column + f"# {line}" for line in wrapped[1:])]

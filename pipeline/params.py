@@ -28,10 +28,10 @@ class ParamsError(PipelineError, ValueError):
         super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
 
 
-def _meta(default, *, key: bool = True, model: str | None = None, output: bool = False, **constraints):
+def _meta(default, *, key: bool = True, output: bool = False, **constraints):
     """A field with cache-key metadata and pydantic constraints. ``output``: not in the cache file's key,
     yet it changes what the stage writes (so DVC must rerun the stage when it changes)."""
-    return Field(default, json_schema_extra={"key": key, "model": model, "output": output}, **constraints)
+    return Field(default, json_schema_extra={"key": key, "output": output}, **constraints)
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -118,39 +118,77 @@ class FeaturesParams:
 
 @dataclass(frozen=True, config=_CONFIG)
 class TrainHeadParams:
-    # logreg (logistic regression), softmax (Keras), ncm (nearest class mean, no training), knn (k nearest photos vote)
-    model: Literal["logreg", "softmax", "ncm", "knn"] = "logreg"
+    """The ``train_head`` section: the head ``model`` names (``training.heads.HEADS``), the keys every head
+    shares, and the chosen head's own (``head``: its ``Params``, one member of a discriminated union on
+    ``model``). In the file the section is flat: ``model: logreg`` beside ``C: auto``."""
+
+    model: str = "logreg"
     class_weight: Literal["balanced", "none"] = "balanced"
     seed: int = 0
-    # logreg: scikit-learn's LogisticRegression objective on standardised features (training.logistic). C: auto
-    # chooses it from C_grid on the val split along a warm-started path (k-fold CV on train when val has fewer
-    # than 20 photos); or a number
-    C: float | Literal["auto"] = _meta("auto", model="logreg")
-    search_C: bool = _meta(False, model="logreg")  # pick C from C_grid by k-fold CV on the train split (slower)
-    C_grid: tuple[float, ...] = _meta((0.001, 0.00316, 0.01, 0.0316, 0.1, 0.316, 1.0, 3.16, 10.0, 31.6, 100.0),
-                                      model="logreg", min_length=1)
-    cv_folds: int = _meta(5, model="logreg", ge=2)
-    max_iter: int = _meta(2000, model="logreg", gt=0)
-    # softmax: a Keras Dense softmax layer trained with Adam
-    learning_rate: float = _meta(0.001, model="softmax", gt=0)
-    epochs: int = _meta(100, model="softmax", gt=0)
-    batch_size: int = _meta(32, model="softmax", gt=0)
-    l2: float = _meta(0.0001, model="softmax", ge=0)
-    dropout: float = _meta(0.2, model="softmax", ge=0, lt=1)
-    patience: int = _meta(10, model="softmax", ge=0)  # early stopping on val loss; 0 disables
-    hidden_units: tuple[int, ...] = _meta((), model="softmax")  # new hidden layers before the softmax, e.g. [256]
-    # knn: the k nearest train photos (cosine similarity of centred features) vote
-    k: int = _meta(10, model="knn", gt=0)
+    head: object = None  # the chosen head's Params; built by head_section() (defaults: logreg's)
 
     def __post_init__(self):
-        if not isinstance(self.C, str) and self.C <= 0:
-            raise ValueError(f"C must be > 0 or auto, got {self.C}")
-        if any(c <= 0 for c in self.C_grid):
-            raise ValueError("C_grid values must be > 0")
-        if any(u <= 0 for u in self.hidden_units):
-            raise ValueError("hidden_units must be positive layer widths, e.g. [256]")
-        if self.hidden_units and self.model != "softmax":
-            raise ValueError("hidden_units needs model: softmax (a logistic regression has no hidden layers)")
+        from pipeline.training.heads import HEADS
+
+        if self.model not in HEADS:
+            raise ValueError(f"model {self.model!r} is not a head; choose one of {', '.join(sorted(HEADS))}")
+        if self.head is None:
+            object.__setattr__(self, "head", HEADS[self.model].Params())
+
+
+COMMON_HEAD_KEYS = ("model", "class_weight", "seed")
+
+
+def head_params_union():
+    """The discriminated union of every registered head's ``Params``, keyed on ``model``."""
+    from typing import Annotated, Union
+
+    from pydantic import TypeAdapter
+
+    from pipeline.training.heads import HEADS
+
+    members = tuple(cls.Params for cls in HEADS.values())
+    union = members[0] if len(members) == 1 else Union[members]  # noqa: UP007 (a runtime tuple of types)
+    return TypeAdapter(Annotated[union, Field(discriminator="model")])
+
+
+def head_section(values: dict) -> TrainHeadParams:
+    """``train_head`` from its flat keys: the chosen head's keys through the union of heads. A key of another
+    head is checked by that head's ``Params`` and kept out of everything (so that ``--set train_head.model=...``
+    switches heads with the file as it is), unless that head declares it ``exclusive``."""
+    from pipeline.training.heads import HEADS
+
+    model = values.get("model", "logreg")
+    if model not in HEADS:
+        raise ValueError(f"model {model!r} is not a head; choose one of {', '.join(sorted(HEADS))}")
+    own = {k: v for k, v in values.items() if k not in COMMON_HEAD_KEYS and k in _head_fields(HEADS[model])}
+    others: dict[str, dict] = {}
+    for key, value in values.items():
+        if key in COMMON_HEAD_KEYS or key in own:
+            continue
+        owner = next((name for name, cls in HEADS.items() if key in _head_fields(cls)), None)
+        if owner is None:
+            raise KeyedError(key, "unknown key (misspelt?)")
+        if key in HEADS[owner].Params.exclusive and value != HEADS[owner].Params.model_fields[key].default:
+            raise ParamsError(f"{key} needs model: {owner} (the {model} head has no such setting)")
+        others.setdefault(owner, {})[key] = value
+    union = head_params_union()
+    for owner, keys in others.items():
+        union.validate_python({"model": owner, **keys}, strict=True)
+    head = union.validate_python({"model": model, **own}, strict=True)
+    return TrainHeadParams(**{k: values[k] for k in COMMON_HEAD_KEYS if k in values}, head=head)
+
+
+class KeyedError(ValueError):
+    """A bad key of a section, named apart from the message."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _head_fields(cls) -> list[str]:
+    return cls.Params.keys()
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -259,10 +297,6 @@ class Params:
 SECTIONS: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(Params)}
 
 
-def _section_classes() -> dict[str, type]:
-    return SECTIONS
-
-
 def _yaml_to_python(raw):
     """YAML lists become tuples so that frozen params stay hashable."""
     if isinstance(raw, list):
@@ -289,7 +323,7 @@ def build(raw: dict, source: str) -> Params:
     """Validate a nested dict (sections of keys) into ``Params``; errors name ``source``."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    classes = _section_classes()
+    classes = SECTIONS
     sections = {}
     for section, values in raw.items():
         if section not in classes:
@@ -299,9 +333,12 @@ def build(raw: dict, source: str) -> Params:
         if not isinstance(values, dict):
             raise ParamsError(f"{source}: section {section!r} must be a mapping of keys")
         try:
-            sections[section] = classes[section](**_yaml_to_python(values))
+            values = _yaml_to_python(values)
+            sections[section] = head_section(values) if section == "train_head" else classes[section](**values)
         except ValidationError as error:
             raise ParamsError(_describe(error, source, section)) from None
+        except KeyedError as error:
+            raise ParamsError(f"{source}: {section}.{_shown(error.key)}: {error}") from None
         except (ValueError, TypeError) as error:
             raise ParamsError(f"{source}: {section}: {' '.join(str(error).split())}") from None
     return Params(**sections)
@@ -315,7 +352,8 @@ def _shown(name) -> str:
 
 def _describe(error: ValidationError, source: str, section: str) -> str:
     first = error.errors()[0]
-    loc = ".".join(_shown(part) for part in first["loc"])
+    parts = first["loc"][1:] if section == "train_head" and first["loc"] else first["loc"]  # less the union's tag
+    loc = ".".join(_shown(part) for part in parts)
     key = f"{section}.{loc}" if loc else section
     msg = first["msg"]
     if first["type"] == "unexpected_keyword_argument":
@@ -345,7 +383,7 @@ def load(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[s
         if not isinstance(raw, dict):
             raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     build(raw, source)  # a broken file is reported as such, before any override hides it
-    classes = _section_classes()
+    classes = SECTIONS
     for text in overrides:
         section, key, value = parse_override(text)
         if section not in classes:
@@ -358,20 +396,18 @@ def load(path: str | Path | None = "params.yaml", overrides: list[str] | tuple[s
 
 def key_fields(section) -> dict:
     """The fields of a section that change its stage's output, for the cache key."""
-    out = {}
-    model = getattr(section, "model", None)
-    for field in dataclasses.fields(section):
-        extra = _field_extra(type(section), field.name)
-        if not extra.get("key", True):
-            continue
-        if extra.get("model") not in (None, model):
-            continue
-        out[field.name] = getattr(section, field.name)
-    return out
+    if isinstance(section, TrainHeadParams):  # every key of the chosen head changes the head
+        return as_dict(section)
+    return {field.name: getattr(section, field.name) for field in dataclasses.fields(section)
+            if _field_extra(type(section), field.name).get("key", True)}
 
 
 def key_field_names(cls) -> list[str]:
-    """The fields of a section class that can change its stage's output (for any ``model``)."""
+    """The fields of a section class that can change its stage's output (for any head)."""
+    if cls is TrainHeadParams:
+        from pipeline.training.heads import HEADS
+
+        return list(dict.fromkeys([*COMMON_HEAD_KEYS, *(name for head in HEADS.values() for name in _head_fields(head))]))
     return [f.name for f in dataclasses.fields(cls)
             if _field_extra(cls, f.name).get("key", True) or _field_extra(cls, f.name).get("output")]
 
@@ -383,5 +419,12 @@ def _field_extra(cls, name: str) -> dict:
 
 
 def as_dict(section) -> dict:
-    """A section as plain JSON-ready data (tuples become lists)."""
+    """A section as plain JSON-ready data (tuples become lists); ``train_head`` flat, as in the file."""
+    if isinstance(section, TrainHeadParams):
+        head = {k: list(v) if isinstance(v, tuple) else v for k, v in section.head.model_dump().items() if k != "model"}
+        return {"model": section.model, "class_weight": section.class_weight, "seed": section.seed, **head}
+    return _plain(section)
+
+
+def _plain(section) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}

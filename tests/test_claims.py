@@ -46,9 +46,9 @@ def test_heads_train_on_the_mean_of_the_views(project, monkeypatch):
     seen = {}
     real_fit = heads.LogRegHead.fit
 
-    def spy(self, X, y, log=None):
+    def spy(self, X, y, log=None, **val):
         seen.setdefault("X", np.array(X))  # the first fit is the head; later ones are out-of-fold refits
-        return real_fit(self, X, y, log=log)
+        return real_fit(self, X, y, log=log, **val)
 
     monkeypatch.setattr(heads.LogRegHead, "fit", spy)
     trained = train_head.run(open_project(params, project))

@@ -16,6 +16,9 @@ from conftest import ROOT, cli, make_dataset, make_params
 
 def test_generated_files_are_current():
     assert (ROOT / "dvc.yaml").read_text() == graph.render_dvc_yaml(), "run 'python -m pipeline dvc-yaml'"
+    for params_file in (ROOT / "params.yaml", ROOT / "pipeline" / "params.yaml"):
+        text = params_file.read_text()
+        assert text == graph.render_params_yaml(text), "run 'python -m pipeline params-yaml'"
     assert (ROOT / "stages.mk").read_text() == graph.render_makefile(), "run 'python -m pipeline makefile'"
 
 
@@ -114,14 +117,20 @@ LAYERS = (
     ("pipeline.graph",),
     ("pipeline.use",),  # commands that use a trained model: predict, export, compare, inspect
     ("pipeline.stages",),  # the stages and the rung registry
-    ("pipeline.training", "pipeline.project"),  # the rung contract, heads, guard, fitting; the project they take
+    ("pipeline.training", "pipeline.project"),  # the rung contract, guard, advice; the project they take
     ("pipeline.featurise", "pipeline.runtime", "pipeline.ray_engine"),  # photos in, activations out
     ("pipeline.quality",),
-    ("pipeline.store",),  # the cache: layout, tables, parts, batches
+    ("pipeline.store",),  # where the caches live (layout)
     ("pipeline.backbones",),
-    ("pipeline.data",),
-    ("pipeline.params", "pipeline.backbones.registry", "pipeline.fingerprint", "pipeline.tf_import",
-     "pipeline.errors", "pipeline"),
+    ("pipeline.data",),  # the photos: scan, demo
+    ("pipeline.params",),  # typed params, validated against the registries below
+    # the registries whose names params accept (backbones, heads), and what they are made of: classifiers,
+    # fitting, rows read in batches, the cache's tables, decoding, corrections
+    ("pipeline.backbones.registry", "pipeline.training.heads", "pipeline.training.classifiers",
+     "pipeline.training.layers", "pipeline.training.keras_fit", "pipeline.training.inputs", "pipeline.store.table",
+     "pipeline.store.labels", "pipeline.store.batches", "pipeline.store.parts", "pipeline.data.decode",
+     "pipeline.data.resize_layer", "pipeline.data.resize", "pipeline.data.corrections", "pipeline.data.generic"),
+    ("pipeline.fingerprint", "pipeline.tf_import", "pipeline.errors", "pipeline"),
 )
 
 

@@ -55,8 +55,8 @@ def test_missing_params_file(tmp_path):
 def test_overrides_are_typed_and_checked(tmp_path):
     path = write(tmp_path, "train_head:\n  C: 1.0\n")
     params = params_mod.load(path, ["train_head.C=0.25", "train_head.C_grid=[1, 2]", "data.split_csv=splits.csv"])
-    assert params.train_head.C == 0.25
-    assert params.train_head.C_grid == (1.0, 2.0)
+    assert params.train_head.head.C == 0.25
+    assert params.train_head.head.C_grid == (1.0, 2.0)
     assert params.data.split_csv == "splits.csv"
     with pytest.raises(ParamsError, match=r"--set train_head\.Cee=2.*train_head\.Cee: unknown key"):
         params_mod.load(path, ["train_head.Cee=2"])

@@ -1,7 +1,7 @@
 """Stage `train-head`: the first rung. A shallow head on the cached features, never on the photos.
 
 Reads only the features stage's cache (the backbone is never built). The head is the one
-``train_head.model`` names in ``training.heads.HEADS`` (logreg, softmax, ncm, knn). Heads that fit
+``train_head.model`` names in the registry ``training.heads.HEADS`` (logreg, softmax, ncm, knn). Heads that fit
 in memory read the train split's features at once ((N, D) float32, 5 KB a photo for Lite0's 1280);
 the softmax head streams them from the cache a batch at a time (memory flat in N). The test split
 feeds no choice. Everything else (key, reuse, class check, guard, saving) is the rung contract's
@@ -9,16 +9,14 @@ feeds no choice. Everything else (key, reuse, class check, guard, saving) is the
 """
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 
-from pipeline.training.classifiers import HeadClassifier
+from pipeline.training import heads
 from pipeline.training.contract import FitJob, Rung
 from pipeline.training.inputs import CachedInputs
 
 # Bump when a head trained with the same params and features would come out different.
-VERSION = 4
+VERSION = 5  # 5: the logreg head fits with scikit-learn's LogisticRegression
 OUT_OF_FOLD = 5  # folds for out-of-fold logits when the val split is too small to calibrate on
 
 
@@ -28,47 +26,38 @@ def open_inputs(project) -> CachedInputs:
                         missing=f"no cached features at {path}; run 'make features' first")
 
 
-def face(head, classes: list[str], history: dict):
-    """The classifier face of a fitted head (a Keras head has its own)."""
-    return head.face(classes, history) if hasattr(head, "face") else HeadClassifier(head, classes, history)
-
-
 def fit(inputs: CachedInputs, job: FitJob):
-    from pipeline.training.heads import Head  # SciPy: imported by the stages that fit a head, not by all
-
-    p, train = job.params.train_head, job.train
-    head = Head.from_params(p)
-    if hasattr(head, "fit_inputs"):  # streams from the cache
+    train = job.train
+    head = heads.from_params(job.params.train_head)
+    if head.streams:  # reads the cache a batch at a time
         head.fit_inputs(inputs, train, job.val, job.backup, job.log)
-        return face(head, inputs.classes, head.history_)
+        return head.face(inputs.classes, head.history_)
     x = inputs.read(train.positions)  # (N, D): the whole train split, as scikit-learn wants it
-    if "X_val" in inspect.signature(head.fit).parameters:  # a head that chooses a setting on val (logreg's C)
+    if head.uses_val:  # a head that chooses a setting on val (logreg's C)
         head.fit(x, train.labels, log=job.log, X_val=inputs.read(job.val.positions), y_val=job.val.labels)
     else:
         head.fit(x, train.labels, log=job.log)
     history = dict(head.history_)
     history["train_accuracy"] = float(np.mean(head.predict(x) == train.labels))
-    return face(head, inputs.classes, history)
+    return head.face(inputs.classes, history)
 
 
 def out_of_fold(inputs: CachedInputs, job: FitJob, classifier) -> tuple[np.ndarray, np.ndarray]:
     """(N, K) logits of each train photo from the same head fitted on the other folds, and the labels. The
     settings the fitted head chose for itself (logreg's C) are kept, not chosen again in every fold."""
-    from pipeline.training.heads import Head, HeadError, folds
-
     train = job.train
     x, y = inputs.read(train.positions), train.labels
-    splits = folds(y, OUT_OF_FOLD, job.params.train_head.seed,
+    splits = heads.folds(y, OUT_OF_FOLD, job.params.train_head.seed,
                    "calibration needs at least 2 train photos per class when the val split has fewer than 20; "
                    "add photos or raise data.val_fraction")
-    head = Head.from_params(job.params.train_head)
+    head = heads.from_params(job.params.train_head)
     if "C" in head.get_params() and "chosen_C" in classifier.history:
         head.set_params(C=classifier.history["chosen_C"], search_C=False)
     logits = np.zeros((len(y), len(inputs.classes)))
     for fit_rows, held_rows in splits:
         fold_head = head.clone().fit(x[fit_rows], y[fit_rows])
         if fold_head.n_classes_ < len(inputs.classes):
-            raise HeadError("a fold lost a class; add photos or raise data.val_fraction")
+            raise heads.HeadError("a fold lost a class; add photos or raise data.val_fraction")
         logits[held_rows] = fold_head.decision_function(x[held_rows])
     job.log(f"out-of-fold logits from {len(splits)} folds of the train split")
     return logits, y

@@ -19,8 +19,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+import pipeline.store.batches as batches
+import pipeline.store.labels as labels
+import pipeline.store.table as table
 from pipeline.data.decode import ImageError, decode_rgb
-from pipeline.store import batches, labels, table
 from pipeline.store.batches import SplitRows
 
 
