@@ -6,6 +6,7 @@ The only module that touches argv, the params file and logging. The stage comman
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import shutil
 import sys
@@ -81,9 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as error:  # the project's own: bad input, a missing upstream result, a refused check
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
-    except OSError as error:  # disk full, permissions, ...: the file and the reason, without a traceback
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+    except OSError as error:
+        if error.errno not in USER_ERRNOS:  # not the user's to fix: a bug keeps its traceback
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)  # the file and the reason, without a traceback
         return 2
+
+
+# Failures of the user's files and disks: the message names the file, and what to do is theirs.
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.EISDIR,
+               errno.ENOTDIR, errno.EEXIST, errno.EADDRINUSE, errno.EMFILE}
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,6 +1,8 @@
 """The command line: one-line errors with a non-zero exit, and the stages end to end."""
 import json
 
+import pytest
+
 from conftest import cli, make_dataset
 
 PARAMS = """
@@ -58,3 +60,24 @@ def test_all_stages_from_another_directory(tmp_path):
     assert metrics["n_test"] == sum(m["support"] for m in metrics["per_class"].values()) > 0
     again = cli(project, "features")
     assert "features: cache hit (24 images, 0 new)" in again.stderr
+
+
+def test_a_full_disk_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    import errno
+
+    from pipeline import cli as cli_mod
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "cache/features/x.h5")
+
+    monkeypatch.setattr(cli_mod, "_dispatch", full)
+    assert cli_mod.main(["features"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: [Errno 28] No space left on device: 'cache/features/x.h5'"]
+
+    def bug(args):
+        raise OSError("an OSError from the tool's own code")
+
+    monkeypatch.setattr(cli_mod, "_dispatch", bug)
+    with pytest.raises(OSError, match="own code"):
+        cli_mod.main(["features"])

@@ -21,6 +21,7 @@ from pipeline import graph
 from pipeline.app import active
 from pipeline.data import corrections
 from pipeline.data.decode import sniff
+from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.project import open_project
 from pipeline.stages import ladder
@@ -30,6 +31,14 @@ from pipeline.use import predict
 
 log = logging.getLogger("pipeline.serve")
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif"}
+
+
+class UnknownPhoto(PipelineError, LookupError):
+    """A photo the cache does not hold."""
+
+
+class DecisionRefused(PipelineError, ValueError):
+    """A decision that cannot be kept (a label that is no class, no corrections file)."""
 
 
 class Served:
@@ -161,12 +170,12 @@ class Served:
     # ----------------------------------------------------------------- decisions
     def decide(self, sha: str, action: str, label: str = "") -> dict:
         if sha not in self.position:
-            raise KeyError(sha)
+            raise UnknownPhoto(f"no photo with sha256 {sha[:12]}... in the cache")
         if action == "relabel" and label not in self.classes:
-            raise ValueError(f"label {label!r} is not a class ({', '.join(self.classes)})")
+            raise DecisionRefused(f"label {label!r} is not a class ({', '.join(self.classes)})")
         path = corrections.file_of(self.params.data, self.base)
         if path is None:
-            raise ValueError("data.corrections is null: set it to a file to keep decisions")
+            raise DecisionRefused("data.corrections is null: set it to a file to keep decisions")
         name = corrections.key_of(self.root / self.rows[self.row_of[sha]][1], self.base)
         decision = corrections.Correction(name, action, label if action == "relabel" else "")
         decisions = corrections.record(path, [decision])

@@ -30,9 +30,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from pipeline.app import safety
-from pipeline.app.model import Served
+from pipeline.app.model import DecisionRefused, Served, UnknownPhoto
 from pipeline.data.corrections import ACTIONS
 from pipeline.data.decode import ImageError, thumbnail_jpeg
+from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -173,9 +174,9 @@ def create_app(project, served: Served | None = None) -> FastAPI:
             raise HTTPException(400, f"action: one of {', '.join(ACTIONS)}")
         try:
             return served.decide(decision.sha256, decision.action, decision.label)
-        except KeyError:
+        except UnknownPhoto:
             raise HTTPException(404, "no photo with that sha256 in the cache") from None
-        except ValueError as error:
+        except DecisionRefused as error:
             raise HTTPException(400, str(error)) from None
 
     retrain_lock = threading.Lock()
@@ -220,7 +221,7 @@ async def _uploads(request: Request) -> list[tuple[str, bytes]]:
 def _thumbnail(path: Path, size: int) -> bytes:
     try:
         return thumbnail_jpeg(path, size, quality=85)
-    except (OSError, ImageError, ValueError) as error:
+    except (OSError, ImageError) as error:  # gone since the cache was made, or refused by the decoder
         raise HTTPException(400, f"cannot show the photo: {' '.join(str(error).split())}") from None
 
 
@@ -263,6 +264,10 @@ def _escape(text: str) -> str:
     return html.escape(str(text), quote=True)
 
 
+class ServeError(PipelineError, OSError):
+    """The app cannot start (its port is taken, ...)."""
+
+
 def listen(serve_params):
     """A socket listening on serve.host:serve.port, or an error naming the setting to change."""
     import socket
@@ -275,8 +280,8 @@ def listen(serve_params):
         sock.listen(128)  # connections wait from now on, while the app starts
     except OSError as error:
         sock.close()
-        raise OSError(f"serve: cannot listen on {host}:{port} ({error.strerror}); set serve.port to a free port "
-                      "(0: any)") from None
+        raise ServeError(f"serve: cannot listen on {host}:{port} ({error.strerror}); set serve.port to a free port "
+                         "(0: any)") from None
     return sock
 
 

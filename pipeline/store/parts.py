@@ -6,7 +6,7 @@ reads them, featurises only what is missing, and merges everything into the cach
 
     /sha256      (n,)  ascii, 64 chars    the rows of this part
     /features, /features_<view>           the views this part computed, (n, *feature_shape) each
-    /bad_sha256, /bad_reason              images that could not be decoded
+    /bad_sha256, /bad_reason, /bad_decoder   images the decoder (of that VERSION) refused
     attrs: key, weights_sha256, feature_shape
 
 A part is written under a temporary name and moved into place, so it is whole or absent. A part
@@ -24,11 +24,11 @@ import h5py
 import numpy as np
 
 from pipeline.fingerprint import os_reason, temp_path_for
-from pipeline.store.table import STRING, CacheError
+from pipeline.store.table import CacheError, read_bad, write_bad
 
 log = logging.getLogger("pipeline.features")
 
-ROW_DATASETS = ("sha256", "bad_sha256", "bad_reason")  # not per-row columns of the features
+ROW_DATASETS = ("sha256", "bad_sha256", "bad_reason", "bad_decoder")  # not per-row columns of the features
 
 
 @dataclass
@@ -93,7 +93,7 @@ def read(folder: Path, key: str) -> Parts:
                 columns = [name for name in f if name not in ROW_DATASETS]
                 if not columns or any(len(f[name]) != len(shas) for name in columns):
                     raise ValueError("its columns do not have one row per sha256")
-                bad = dict(zip(f["bad_sha256"].asstr()[...].tolist(), f["bad_reason"].asstr()[...].tolist()))
+                bad = read_bad(f)
                 meta = {"weights_sha256": str(f.attrs["weights_sha256"]),
                         "feature_shape": tuple(int(d) for d in f.attrs["feature_shape"])}
         except (OSError, KeyError, ValueError) as error:
@@ -125,9 +125,7 @@ def write(folder: Path, key: str, meta: dict, shas: list[str], columns: dict[str
             for name, values in columns.items():
                 f.create_dataset(name, data=np.stack(values) if values else
                                  np.zeros((0, *meta["feature_shape"]), np.float32))
-            f.create_dataset("bad_sha256", data=np.array([b[0] for b in bad], dtype="S64").reshape(len(bad)))
-            f.create_dataset("bad_reason", data=np.array([b[1] for b in bad], dtype=object).reshape(len(bad)),
-                             dtype=STRING)
+            write_bad(f, bad)
         os.replace(tmp, final)
     except OSError as error:
         tmp.unlink(missing_ok=True)

@@ -4,7 +4,8 @@ Layout of ``cache/features/<key>.h5`` (documented in README):
 
     /features  (N, D) or (N, H, W, C)  float32 | float16   chunked, fletcher32 checksums
     /sha256    (N,)  ascii, 64 chars     row key, sorted
-    /bad_sha256, /bad_reason             images that could not be decoded, so they are not retried
+    /bad_sha256, /bad_reason, /bad_decoder   photos the decoder refused, and its VERSION: not retried by
+                                         the same decoder, retried by another
     attrs: key, stage, stage_version, params (JSON), backbone, weights, weights_sha256, layer,
            input_size, resize, decode, preprocessing, dtype, feature_shape, n_rows,
            content_hash, library_versions (JSON), created
@@ -25,6 +26,7 @@ import h5py
 import numpy as np
 
 from pipeline.data.corrections import UNLABELLED  # photos cached for labelling: in no split downstream
+from pipeline.data.decode import VERSION as DECODER_VERSION
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import canonical_json
 
@@ -103,12 +105,26 @@ def read_index(path: Path, key: str | None = None):
     Raises CacheError when the rows do not match the content hash recorded when it was written."""
     with open_checked(path, key) as f:
         shas = f["sha256"].asstr()[...].tolist()
-        bad = dict(zip(f["bad_sha256"].asstr()[...].tolist(), f["bad_reason"].asstr()[...].tolist()))
+        bad = read_bad(f)
         attrs = {k: attr_value(v) for k, v in f.attrs.items()}
     if rows_hash(attrs["key"], shas) != attrs["content_hash"]:
         raise CacheError(f"{path}: rows do not match their recorded content hash (edited by hand?); "
                          "delete it and run 'make features'")
     return shas, bad, attrs
+
+
+def read_bad(f: h5py.File) -> dict[str, str]:
+    """{sha256: reason} of the photos this version of the decoder refused (a mark of another is retried)."""
+    versions = f["bad_decoder"][...] if "bad_decoder" in f else np.zeros(f["bad_sha256"].shape[0], np.int32)
+    marks = zip(f["bad_sha256"].asstr()[...].tolist(), f["bad_reason"].asstr()[...].tolist(), versions.tolist())
+    return {sha: reason for sha, reason, version in marks if version == DECODER_VERSION}
+
+
+def write_bad(f: h5py.File, bad) -> None:
+    """``bad``: (sha256, reason) of photos the current decoder refused."""
+    f.create_dataset("bad_sha256", data=np.array([b[0] for b in bad], dtype="S64").reshape(len(bad)))
+    f.create_dataset("bad_reason", data=np.array([b[1] for b in bad], dtype=object).reshape(len(bad)), dtype=STRING)
+    f.create_dataset("bad_decoder", data=np.full(len(bad), DECODER_VERSION, np.int32))
 
 
 def verify_features(path: Path) -> None:
@@ -173,9 +189,7 @@ def write_table(path: Path, shas: list[str], row_features, row_shape: tuple, dty
                 stop = min(n, start + chunk)
                 data[start:stop] = row_features(start, stop) if view == "original" else row_features(start, stop, view)
         f.create_dataset("sha256", data=np.array(shas, dtype="S64").reshape(n))
-        f.create_dataset("bad_sha256", data=np.array([b[0] for b in bad], dtype="S64").reshape(len(bad)))
-        f.create_dataset("bad_reason", data=np.array([b[1] for b in bad], dtype=object).reshape(len(bad)),
-                         dtype=STRING)
+        write_bad(f, bad)
         for name, values in (columns or {}).items():
             f.create_dataset(name, data=values)
         for name, value in attrs.items():

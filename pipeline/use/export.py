@@ -228,16 +228,23 @@ def _check_parity(runners: dict, samples, tolerance: float, min_agreement: float
     return report
 
 
-def _write_metadata(folder: Path, project, trained, size: int, features_params, parity) -> None:
-    reports = project.reports_dir
-    metrics = None
+def _metrics_of(reports: Path, model_key: str) -> dict | None:
+    """The test metrics evaluate recorded for this very model, or None when it has not evaluated it."""
     try:
         run_info = json.loads((reports / "run.json").read_text())
-        if run_info.get("model", {}).get("key") == trained.key:  # only metrics of this very model
-            recorded = json.loads((reports / "metrics.json").read_text())
-            metrics = {k: recorded[k] for k in ("accuracy", "balanced_accuracy", "n_test")}
-    except (OSError, ValueError, KeyError):
-        pass
+        recorded = json.loads((reports / "metrics.json").read_text())
+    except FileNotFoundError:
+        return None  # not evaluated yet
+    except ValueError:  # a report cut short: says nothing about this model
+        log.warning("export: %s holds no readable evaluation; model.json gets no metrics", reports)
+        return None
+    if run_info.get("model", {}).get("key") != model_key:  # another model's evaluation
+        return None
+    return {k: recorded.get(k) for k in ("accuracy", "balanced_accuracy", "n_test")}
+
+
+def _write_metadata(folder: Path, project, trained, size: int, features_params, parity) -> None:
+    metrics = _metrics_of(project.reports_dir, trained.key)
     meta = trained.meta
     attrs = trained.inputs.attrs
     description = {

@@ -22,12 +22,17 @@ from PIL import Image
 
 from pipeline import runtime
 from pipeline.data.decode import reduces, sniff
+from pipeline.errors import PipelineError
 from pipeline.params import FeaturesParams
 from pipeline.stages import ladder
 from pipeline.store.table import CacheError
 
 log = logging.getLogger("pipeline.predict")
 BATCH = 256  # photos per step
+
+
+class PredictError(PipelineError, FileNotFoundError):
+    """Nothing to predict on."""
 
 
 @dataclass
@@ -72,7 +77,7 @@ def answer_files(project, trained, inputs, top_k: int | None = None, keep_rows: 
     top_k = min(top_k or project.params.predict.top_k, len(trained.classes))
     files = expand(inputs)
     if not files:
-        raise FileNotFoundError(f"no files under {', '.join(map(str, inputs))}")
+        raise PredictError(f"no files under {', '.join(map(str, inputs))}; name photos or folders of photos")
     predictions = [Prediction(str(path)) for path in files]
     shas = [_identify(path, prediction) for path, prediction in zip(files, predictions)]
     cached = trained.inputs.position_of() if cached is None else cached
