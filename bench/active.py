@@ -33,6 +33,7 @@ from _photos import DATASETS, require  # noqa: E402
 from default_c import featurise, splits  # noqa: E402
 
 from pipeline.app import active  # noqa: E402
+from pipeline.vectors import unit_rows  # noqa: E402
 
 BUDGETS = (1, 2, 5, 10)  # labelled photos per class
 
@@ -47,7 +48,7 @@ def fit_score(x, y, tx, ty, n_classes, centre):
     present = np.unique(y)
     if len(present) == 1:
         return float(np.mean(ty == present[0])), None
-    model = make_pipeline(FunctionTransformer(active.unit, kw_args={"centre": centre}),
+    model = make_pipeline(FunctionTransformer(unit_rows, kw_args={"centre": centre}),
                           LogisticRegression(class_weight="balanced", max_iter=2000)).fit(x, y)
 
     def proba(z):  # over every class: the unseen ones get 0

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.vectors import unit_rows
+
 TYPICAL_UNTIL = 3  # labelled photos per class below which typical photos come first
 TYPICALITY_K = 20  # neighbours that define a photo's typicality
 MAX_CLUSTER_POINTS = 20_000  # k-means on a sample of this many photos beyond it (memory and time flat)
-
-
-def unit(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32) - centre
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def order(unlabelled: np.ndarray, labelled: np.ndarray, n_classes: int, proba: np.ndarray | None = None,
@@ -38,10 +35,10 @@ def order(unlabelled: np.ndarray, labelled: np.ndarray, n_classes: int, proba: n
         return np.zeros(0, np.int64), "none"
     batch = max(1, min(n, batch or n_classes))
     centre = (labelled if len(labelled) else unlabelled).mean(axis=0)
-    u = unit(unlabelled, centre)
+    u = unit_rows(unlabelled, centre)
     margins = _margins(proba) if proba is not None and proba.shape[1] > 1 else None
     if margins is None or len(labelled) < TYPICAL_UNTIL * n_classes:
-        first, regime = _typical(u, unit(labelled, centre) if len(labelled) else u[:0], batch, seed), "typical"
+        first, regime = _typical(u, unit_rows(labelled, centre) if len(labelled) else u[:0], batch, seed), "typical"
     else:
         first, regime = _uncertain_spread(u, margins, batch, seed), "uncertain"
     rest = np.setdiff1d(np.arange(n), first)

@@ -28,6 +28,7 @@ from pipeline.stages import ladder
 from pipeline.store import table
 from pipeline.training.inputs import CachedInputs
 from pipeline.use import predict
+from pipeline.vectors import nearest, unit_rows
 
 log = logging.getLogger("pipeline.serve")
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif"}
@@ -95,7 +96,7 @@ class Served:
         for positions in self.pooled.plan(train, 4096):
             total += self.pooled.read(positions).reshape(len(positions), -1).sum(axis=0)
         self.centre = (total / max(len(train), 1)).astype(np.float32)
-        blocks = [active.unit(self.pooled.read(positions).reshape(len(positions), -1), self.centre).astype(np.float16)
+        blocks = [unit_rows(self.pooled.read(positions).reshape(len(positions), -1), self.centre).astype(np.float16)
                   for positions in self.pooled.plan(train, 4096)]
         self.train_vectors = np.concatenate(blocks) if blocks else np.zeros((0, width), np.float16)
 
@@ -145,15 +146,11 @@ class Served:
         """The ``k`` train photos nearest ``row`` (pooled features; cosine of centred features)."""
         if self.trained.inputs.layer != "pooled" or not len(self.train_vectors) or row is None:
             return []
-        vector = active.unit(np.asarray(row, np.float32).reshape(1, -1), self.centre)[0]
-        similarity = self.train_vectors.astype(np.float32) @ vector if len(self.train_vectors) <= 65536 else \
-            np.concatenate([self.train_vectors[i:i + 65536].astype(np.float32) @ vector
-                            for i in range(0, len(self.train_vectors), 65536)])
-        if label is not None:
-            similarity = np.where(self.train_label == label, similarity, -np.inf)
-        best = np.argsort(-similarity, kind="stable")[:k]
-        return [{"sha256": self.train_sha[i], "label": str(self.train_label[i]),
-                 "similarity": round(float(similarity[i]), 4)} for i in best if np.isfinite(similarity[i])]
+        vector = unit_rows(np.asarray(row, np.float32).reshape(1, -1), self.centre)
+        allowed = None if label is None else self.train_label == label
+        best, similarity = nearest(vector, self.train_vectors, k, allowed)
+        return [{"sha256": self.train_sha[i], "label": str(self.train_label[i]), "similarity": round(float(s), 4)}
+                for i, s in zip(best[0], similarity[0]) if np.isfinite(s)]
 
     def cached_rows(self, shas: list[str]) -> dict[str, np.ndarray]:
         """{sha256: pooled features} of the photos of ``shas`` that the cache holds, read in one pass."""

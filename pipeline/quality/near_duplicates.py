@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from pipeline.vectors import unit_rows
+
 SAMPLE = 32  # photos copied for the calibration
 WORKING_SIDE = 1024  # copies are made from the photo shrunk to at most this many pixels a side: cheap for
                      # 12 MP photos, and still 4x the input size, so the copy is what the backbone would see
@@ -31,10 +33,7 @@ VERSION = 2  # bump when the copies or the rule change, so calibrations are redo
 def unit_vectors(features: np.ndarray) -> np.ndarray:
     """(N, D) or (N, H, W, C) activations -> (N, D) float32 rows of length 1 (spatial maps averaged)."""
     x = np.asarray(features, np.float32)
-    if x.ndim == 4:
-        x = x.mean(axis=(1, 2))
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    return unit_rows(x.mean(axis=(1, 2)) if x.ndim == 4 else x)
 
 
 def copies(image: Image.Image) -> dict[str, Image.Image]:
@@ -106,17 +105,15 @@ def pairs(vectors: np.ndarray, threshold: float) -> list[tuple[int, int, float]]
 
 
 def groups(n: int, found: list[tuple[int, int, float]]) -> np.ndarray:
-    """(N,) group number of each row: rows joined by a pair, directly or not, share one."""
-    parent = list(range(n))
+    """(N,) group number of each row: rows joined by a pair, directly or not, share one (the connected
+    components of the graph of pairs, numbered by their first row)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j, _ in found:
-        a, b = root(i), root(j)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    return np.array([root(i) for i in range(n)])
+    rows = np.array([i for i, _, _ in found], np.int64)
+    cols = np.array([j for _, j, _ in found], np.int64)
+    graph = coo_matrix((np.ones(len(found)), (rows, cols)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    first = np.full(component.max() + 1 if n else 0, n, np.int64)
+    np.minimum.at(first, component, np.arange(n))
+    return first[component]

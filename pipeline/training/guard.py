@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.special import logsumexp
 
-from pipeline.training.classifiers import normalise, softmax
+from pipeline.training.classifiers import softmax
+from pipeline.vectors import nearest, unit_rows
 
 log = logging.getLogger("pipeline.training")
 
@@ -60,20 +62,15 @@ class Guard:
         """(N,) rejection scores. ``exclude_self``: the embeddings are the bank's own rows (leave-one-out)."""
         if self.score == "knn":
             bank = self.arrays["bank"]
-            k = min(self.k + exclude_self, len(bank))
-            unit = normalise(np.asarray(embedding, np.float32))
-            out = np.empty(len(unit))
-            for start in range(0, len(unit), 256):
-                similarity = unit[start:start + 256] @ bank.T
-                out[start:start + 256] = 1.0 - -np.partition(-similarity, k - 1, axis=1)[:, k - 1]
-            return out
+            _, similarities = nearest(unit_rows(embedding), bank, self.k + exclude_self)
+            return 1.0 - similarities[:, -1].astype(np.float64)  # 1 - the k-th nearest's similarity
         if self.score == "mahalanobis":
             z = np.asarray(embedding, np.float64) @ self.arrays["projection"]
             means = self.arrays["bank"]
             squared = (z * z).sum(1, keepdims=True) - 2 * z @ means.T + (means * means).sum(1)[None, :]
             return squared.min(axis=1)
         if self.score == "energy":
-            return -_logsumexp(logits)
+            return -logsumexp(logits, axis=1)
         return 1.0 - softmax(logits / self.temperature).max(axis=1)
 
     def accepted(self, scores: np.ndarray) -> np.ndarray:
@@ -110,18 +107,13 @@ class Guard:
         return probabilities, score
 
 
-def _logsumexp(logits: np.ndarray) -> np.ndarray:
-    top = logits.max(axis=1)
-    return top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-
-
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T > 0 that minimises the mean log loss of softmax(logits / T) (bounded search over log T)."""
     from scipy.optimize import minimize_scalar
 
     def loss(log_t):
         z = logits / np.exp(log_t)
-        return float(np.mean(_logsumexp(z) - z[np.arange(len(labels)), labels]))
+        return float(np.mean(logsumexp(z, axis=1) - z[np.arange(len(labels)), labels]))
 
     best = minimize_scalar(loss, bounds=(np.log(0.02), np.log(50.0)), method="bounded")
     return float(np.exp(best.x))
@@ -142,10 +134,12 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
 
 
 def brier_score(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Mean over photos of the squared distance between the probabilities and the one-hot label."""
-    one_hot = np.zeros_like(probabilities)
-    one_hot[np.arange(len(labels)), labels] = 1.0
-    return float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))
+    """Mean over photos of the squared distance between the probabilities and the one-hot label
+    (scikit-learn's multiclass Brier score, not halved for two classes)."""
+    from sklearn.metrics import brier_score_loss
+
+    return float(brier_score_loss(labels, probabilities, labels=np.arange(probabilities.shape[1]),
+                                  scale_by_half=False))
 
 
 def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
@@ -159,7 +153,7 @@ def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
 def make_bank(embedding: np.ndarray, labels: np.ndarray, size: int, seed: int = 0) -> tuple[np.ndarray, str]:
     """Unit rows to compare with: every row up to ``size``, else ``size`` k-means centres of the unit rows,
     shared among the classes in proportion to their photos (each class at least one)."""
-    unit = normalise(np.asarray(embedding, np.float32))
+    unit = unit_rows(np.asarray(embedding, np.float32))
     if len(unit) <= size:
         return unit, "photos"
     from sklearn.cluster import MiniBatchKMeans
@@ -173,7 +167,7 @@ def make_bank(embedding: np.ndarray, labels: np.ndarray, size: int, seed: int = 
             centres.append(rows)
             continue
         km = MiniBatchKMeans(n_clusters=int(n), random_state=seed, n_init=3, batch_size=1024).fit(rows)
-        centres.append(normalise(km.cluster_centers_.astype(np.float32)))
+        centres.append(unit_rows(km.cluster_centers_.astype(np.float32)))
     return np.concatenate(centres).astype(np.float32), "k-means centres"
 
 

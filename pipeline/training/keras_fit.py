@@ -49,11 +49,15 @@ def pretrained_phases(network, epochs_head: int, learning_rate_head: float, epoc
 
 
 def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
-    """Per class: ``n / (n_classes * count)`` for ``balanced`` (scikit-learn's formula), else ones."""
-    if mode != "balanced":
-        return np.ones(n_classes, np.float32)
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    return (len(labels) / (n_classes * np.maximum(counts, 1))).astype(np.float32)
+    """Per class: scikit-learn's ``balanced`` weights, ``n / (classes present * count)``, the meaning the
+    logistic regression gives them too (1 for a class with no train photo, which never weighs); else ones."""
+    weights = np.ones(n_classes, np.float32)
+    if mode == "balanced":
+        from sklearn.utils.class_weight import compute_class_weight
+
+        present = np.unique(labels)
+        weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return weights
 
 
 def dataset(inputs, rows: SplitRows, batch_size: int, shuffle: bool, seed: int, weights: np.ndarray | None,

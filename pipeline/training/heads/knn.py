@@ -9,8 +9,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline.training.classifiers import normalise
 from pipeline.training.heads.base import Head, HeadParams, centred_unit, register
+from pipeline.vectors import nearest, unit_rows
 
 
 class KNNParams(HeadParams):
@@ -29,7 +29,7 @@ class KNNHead(Head):
     def fit(self, X, y, log=None):
         X = self.embed(X).astype(np.float64)
         self.mean_ = X.mean(axis=0)
-        self.bank_ = normalise(X - self.mean_).astype(np.float32)  # (N, D)
+        self.bank_ = unit_rows(X - self.mean_).astype(np.float32)  # (N, D)
         self.labels_ = np.asarray(y, np.int32)
         self.n_classes_ = int(y.max()) + 1
         self.k_ = int(min(self.k, np.min(np.bincount(y, minlength=self.n_classes_))))
@@ -37,14 +37,12 @@ class KNNHead(Head):
         return self
 
     def decision_function(self, X) -> np.ndarray:
-        unit = normalise(self.embed(X).astype(np.float64) - self.mean_).astype(np.float32)
+        unit = unit_rows(self.embed(X).astype(np.float64) - self.mean_).astype(np.float32)
         k = self.k_
+        neighbours, similarities = nearest(unit, self.bank_, k)
         votes = np.zeros((len(unit), self.n_classes_))
-        for start in range(0, len(unit), 256):  # (256, N) similarities at a time
-            similarity = unit[start:start + 256] @ self.bank_.T
-            nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
-            for row, neighbours in enumerate(nearest):
-                np.add.at(votes[start + row], self.labels_[neighbours], np.maximum(similarity[row, neighbours], 0))
+        rows = np.repeat(np.arange(len(unit)), neighbours.shape[1])
+        np.add.at(votes, (rows, self.labels_[neighbours].ravel()), np.maximum(similarities, 0).ravel())
         return np.log((votes + 0.5) / (k + 0.5 * self.n_classes_))
 
     def keras_layers(self, x, input_shape):

@@ -7,8 +7,8 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.training.classifiers import normalise
 from pipeline.training.heads.base import Head, HeadParams, centred_unit, dense_logits, register
+from pipeline.vectors import unit_rows
 
 NCM_SCALE = 10.0  # logits = -scale * squared distance to a class mean; calibration rescales them anyway
 
@@ -25,7 +25,7 @@ class NCMHead(Head):
     def fit(self, X, y, log=None):
         X = self.embed(X).astype(np.float64)
         self.mean_ = X.mean(axis=0)
-        unit = normalise(X - self.mean_)
+        unit = unit_rows(X - self.mean_)
         self.n_classes_ = int(y.max()) + 1
         self.centroids_ = np.stack([unit[y == k].mean(axis=0) for k in range(self.n_classes_)])
         self.history_ = {"photos_per_class": np.bincount(y, minlength=self.n_classes_).tolist()}
@@ -37,7 +37,7 @@ class NCMHead(Head):
 
     def decision_function(self, X) -> np.ndarray:
         kernel, bias = self._linear()
-        return normalise(self.embed(X).astype(np.float64) - self.mean_) @ kernel + bias
+        return unit_rows(self.embed(X).astype(np.float64) - self.mean_) @ kernel + bias
 
     def keras_layers(self, x, input_shape):
         return x, dense_logits(centred_unit(x, self.mean_), *self._linear())
