@@ -66,5 +66,5 @@ docs: setup ## build the documentation site from docs/ into site/ (MkDocs, offli
 bench: setup ## benchmarks on ../shared/datasets (numbers quoted in README)
 	$(PY) bench/core.py
 
-clean-cache: setup ## delete every cached artifact (the stages' cache folders, converted weights)
+clean-cache: setup ## delete this project's caches (the machine's converted backbones are kept)
 	$(RUN) clean-cache $(ARGS)

@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from pipeline.store import table as feature_store  # noqa: E402
 from pipeline.training import guard as guard_mod  # noqa: E402
 from pipeline.training.classifiers import HeadClassifier  # noqa: E402
 from pipeline.training.heads import HEADS  # noqa: E402
+from pipeline.params import RejectParams  # noqa: E402
 
 SHOTS = (1, 2, 5, 10, 20)
 
@@ -99,7 +101,7 @@ def open_set(known, unknown_x, bank_sizes=(2048, 256, 64)) -> dict:
     classifier = HeadClassifier(HEADS["logreg"]().fit(train_x, train_y), classes, {})
     base = params_mod.build({}, "bench").reject
     rows = {}
-    for score in guard_mod.SCORES:
+    for score in typing.get_args(RejectParams.__pydantic_fields__["score"].annotation):
         reject = type(base)(score=score, k=base.k, keep=base.keep, label=base.label, bank_size=base.bank_size)
         guard = guard_mod.fit_guard(classifier, train_x, train_y, val_x, val_y, reject)
         known_s = guard.scores(classifier.embed(test_x), classifier.logits(test_x))

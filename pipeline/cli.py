@@ -27,7 +27,9 @@ COMMANDS = {  # commands that are not stages: name -> help
     "predict": "top-k labels for photos (files or folders) with the model train.strategy chooses",
     "export": "write the chosen model as .keras, SavedModel and TFLite, after checking it answers like the pipeline",
     "serve": "a local app: try photos, review inspect's findings, label photos, retrain (serve.host:serve.port)",
-    "clean-cache": "delete every cached artifact (the stages' cache folders, converted weights, file index)",
+    "clean-cache": "delete this project's cached artifacts (the stages' folders under paths.cache_dir, the file "
+                   "index, and cache/weights when paths.weights_dir points there; the machine's converted "
+                   "backbones in ~/.cache/photohead/weights serve every project and are kept)",
 }
 
 
@@ -186,7 +188,8 @@ def _use(args, project) -> int:
     if args.command == "clean-cache":
         cache = project.cache_dir
         for folder in graph.cache_folders():
-            shutil.rmtree(cache / folder, ignore_errors=True)
+            if (cache / folder).exists():  # a folder that cannot be removed is an error naming it
+                shutil.rmtree(cache / folder)
         print(f"removed {', '.join(graph.cache_folders())} under {cache}")
         return 0
     raise AssertionError(f"unhandled command {args.command}")  # argparse accepts only the commands above

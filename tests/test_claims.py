@@ -15,6 +15,7 @@ from pipeline.project import open_project
 from pipeline.stages import features, train_head
 from pipeline.store import layout
 from pipeline.training import heads
+from pipeline.training.classifiers import softmax
 
 from conftest import CLASS_COLOURS, cached_table, make_dataset, make_image, make_params
 
@@ -80,7 +81,7 @@ def test_the_softmax_head_keeps_its_best_epoch(tmp_path):
     assert best < len(val_loss) - 1 and val_loss[-1] > val_loss[best] + 0.05  # it rose after the best epoch
     inputs = trained.inputs
     rows = inputs.rows("val")
-    probabilities = trained.classifier.uncalibrated_proba(inputs.read(rows.positions))
+    probabilities = softmax(trained.classifier.classifier.logits(inputs.read(rows.positions)))
     loss = float(np.mean(-np.log(probabilities[np.arange(len(rows)), rows.labels])))
     assert loss == pytest.approx(val_loss[best], rel=1e-3, abs=1e-4)
 

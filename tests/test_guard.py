@@ -150,7 +150,7 @@ def test_leave_one_out_scores_exclude_the_photo_itself():
     classifier = HeadClassifier(HEADS["logreg"]().fit(X, y), ["a", "b", "c"], {})
     reject = make_params(__import__("pathlib").Path("."), reject={"k": 1}).reject
     guard = guard_mod.fit_guard(classifier, X, y, X[:0], y[:0], reject)  # no val: leave-one-out
-    assert guard.threshold_from == "out-of-fold"
+    assert guard.threshold_from == "leave-one-out"
     own = guard.scores(X, None)  # with themselves in the bank: each photo's nearest is itself
     assert np.allclose(own, 0, atol=1e-5)
     loo = guard.scores(X, None, exclude_self=True)
@@ -238,8 +238,33 @@ def test_with_a_tiny_val_split_calibration_is_out_of_fold_and_said(project, capl
     features.run(open_project(params, project))
     with caplog.at_level("INFO"):
         trained = train_head.run(open_project(params, project))
-    assert trained.guard.calibrated_on == "out-of-fold" and trained.guard.threshold_from == "out-of-fold"
+    # the knn score's threshold: each train photo's distance to the others (its own bank row left out)
+    assert trained.guard.calibrated_on == "out-of-fold" and trained.guard.threshold_from == "leave-one-out"
     assert "fewer than 20" in caplog.text and "out-of-fold" in caplog.text
+
+
+@pytest.mark.parametrize("score", ["energy", "msp"])
+def test_with_a_tiny_val_split_a_logit_score_is_thresholded_on_out_of_fold_logits(project, score, monkeypatch):
+    """Not on the train photos' own logits, which the head fitted: their scores are too confident."""
+    from pipeline.training import contract
+
+    seen = {}
+    real = contract.fit_guard
+
+    def recording(classifier, train_x, train_y, val_x, val_y, reject, oof_logits=None, say=None):
+        def oof():
+            seen["logits"], seen["labels"] = oof_logits()
+            return seen["logits"], seen["labels"]
+
+        return real(classifier, train_x, train_y, val_x, val_y, reject, oof, say)
+
+    monkeypatch.setattr(contract, "fit_guard", recording)
+    params = make_params(project, reject={"score": score})
+    features.run(open_project(params, project))
+    trained = train_head.run(open_project(params, project))
+    assert trained.guard.threshold_from == "out-of-fold"
+    expected = np.quantile(trained.guard.scores(np.zeros((len(seen["labels"]), 0)), seen["logits"]), trained.guard.keep)
+    assert trained.guard.threshold == pytest.approx(float(expected))
 
 
 @pytest.mark.parametrize("keep", [0, -0.1, 1.5])

@@ -66,54 +66,65 @@ def build(variant: str = "efficientnet_lite0", include_top: bool = True, input_s
 
     width, depth, default_size, _, _ = VARIANTS[variant]
     size = input_size or default_size
-    names: dict[str, str] = {}
-
-    def conv_bn(x, filters, kernel, stride, name, torch_conv, torch_bn, activation=True, depthwise=False,
-                activation_name=None):
-        if depthwise:
-            x = layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=f"{name}_dwconv")(x)
-            names[f"{name}_dwconv"] = torch_conv
-        else:
-            x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
-            names[f"{name}_conv"] = torch_conv
-        x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
-        names[f"{name}_bn"] = torch_bn
-        if activation:
-            x = layers.ReLU(6.0, name=activation_name or f"{name}_relu6")(x)
-        return x
-
+    net = _Layers(layers)
     inputs = keras.Input((size, size, 3), name="image")
     x = layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="normalize")(inputs)
-    x = conv_bn(x, 32, 3, 2, "stem", "_conv_stem", "_bn0")
+    x = net.conv_bn(x, 32, 3, 2, "stem", ("_conv_stem", "_bn0"))
     block = 0
     for stage, (kernel, stride, expand, filters, repeats) in enumerate(_STAGES):
-        out_filters = _round_filters(filters, width)
         if stage not in (0, len(_STAGES) - 1):
             repeats = int(math.ceil(depth * repeats))
         for r in range(repeats):
-            in_filters = x.shape[-1]
-            block_stride = stride if r == 0 else 1
-            prefix = f"_blocks.{block}"
-            shortcut = x
-            name = f"block{block}"
-            if expand != 1:
-                x = conv_bn(x, in_filters * expand, 1, 1, f"{name}_expand", f"{prefix}._expand_conv", f"{prefix}._bn0")
-            x = conv_bn(x, None, kernel, block_stride, f"{name}_depthwise", f"{prefix}._depthwise_conv",
-                        f"{prefix}._bn1", depthwise=True)
-            x = conv_bn(x, out_filters, 1, 1, f"{name}_project", f"{prefix}._project_conv", f"{prefix}._bn2",
-                        activation=False)
-            if block_stride == 1 and in_filters == out_filters:
-                x = layers.Add(name=name)([shortcut, x])
-            else:
-                x = layers.Identity(name=name)(x)
+            x = net.block(x, block, (kernel, stride if r == 0 else 1, expand, _round_filters(filters, width)))
             block += 1
-    x = conv_bn(x, 1280, 1, 1, "top", "_conv_head", "_bn1", activation_name="top_activation")
+    x = net.conv_bn(x, 1280, 1, 1, "top", ("_conv_head", "_bn1"), activation="top_activation")
     x = layers.GlobalAveragePooling2D(name="pooled")(x)
     if include_top:
         x = layers.Dropout(0.2, name="top_dropout")(x)
         x = layers.Dense(1000, activation="softmax", name="predictions")(x)
-        names["predictions"] = "_fc"
-    return keras.Model(inputs, x, name=variant), names
+        net.names["predictions"] = "_fc"
+    return keras.Model(inputs, x, name=variant), net.names
+
+
+class _Layers:
+    """Builds the network's layers and records which checkpoint tensors each one loads."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.names: dict[str, str] = {}
+
+    def conv_bn(self, x, filters, kernel, stride, name, torch: tuple[str, str], activation: str | None = "relu6",
+                depthwise: bool = False):
+        """Conv (or depthwise conv) without bias, BatchNorm, ReLU6 (``activation``: its name suffix, or a whole
+        layer name; None: none). ``torch``: the checkpoint prefixes of the conv and the BatchNorm."""
+        layers = self.layers
+        if depthwise:
+            x = layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=f"{name}_dwconv")(x)
+            self.names[f"{name}_dwconv"] = torch[0]
+        else:
+            x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+            self.names[f"{name}_conv"] = torch[0]
+        x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
+        self.names[f"{name}_bn"] = torch[1]
+        if activation is not None:
+            x = layers.ReLU(6.0, name=f"{name}_relu6" if activation == "relu6" else activation)(x)
+        return x
+
+    def block(self, x, number: int, shape: tuple[int, int, int, int]):
+        """Inverted residual block ``number``: (kernel, stride, expansion, output filters)."""
+        kernel, stride, expand, out_filters = shape
+        in_filters = x.shape[-1]
+        prefix, name, shortcut = f"_blocks.{number}", f"block{number}", x
+        if expand != 1:
+            x = self.conv_bn(x, in_filters * expand, 1, 1, f"{name}_expand",
+                             (f"{prefix}._expand_conv", f"{prefix}._bn0"))
+        x = self.conv_bn(x, None, kernel, stride, f"{name}_depthwise", (f"{prefix}._depthwise_conv", f"{prefix}._bn1"),
+                         depthwise=True)
+        x = self.conv_bn(x, out_filters, 1, 1, f"{name}_project", (f"{prefix}._project_conv", f"{prefix}._bn2"),
+                         activation=None)
+        if stride == 1 and in_filters == out_filters:
+            return self.layers.Add(name=name)([shortcut, x])
+        return self.layers.Identity(name=name)(x)
 
 
 def load_torch_weights(model, names: dict[str, str], path: str | Path) -> None:

@@ -29,7 +29,6 @@ from pipeline.errors import PipelineError
 from pipeline.fingerprint import atomic_write_text
 from pipeline.params import DataParams
 
-SPLITS = ("train", "val", "test")
 EXCLUDED = "excluded in"  # the start of the skip reason of a photo the corrections exclude
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "test": "test", "testing": "test"}
@@ -106,21 +105,44 @@ def scan(params: DataParams, base_dir: str | Path = ".", index_path: Path | None
     if explicit and params.split_csv:
         raise DatasetError(f"{root} has train/val/test folders and data.split_csv is set; use one of them")
     csv_splits = _read_split_csv(Path(base_dir) / params.split_csv, root) if params.split_csv else None
+    candidates, class_dirs = _candidates(root, top if explicit else [root], explicit)
+    skipped: list[Skipped] = []
+    index = FileIndex(index_path)
+    records = _records(_by_content(candidates, root, index, csv_splits, params.split_csv, skipped), params, skipped)
+    classes = tuple(sorted(class_dirs))
+    decisions = corrections_mod.decided(corrections_mod.read(corrections_mod.file_of(params, base_dir)))
+    pool = _unlabelled(params, Path(base_dir), root, index, {r.sha256 for r in records}, skipped)
+    index.save()
+    records, pool = _corrected(records, pool, decisions, classes, root, Path(base_dir), params, skipped)
+    labelled = {r.label for r in records}
+    empty = [name for name in classes if name not in labelled]
+    if empty:
+        folders = ", ".join(str(d) for name in empty for d in class_dirs[name])
+        raise DatasetError(f"class folder {folders} has no usable images; add some or remove the folder")
+    mode = "folders" if explicit else ("csv" if csv_splits is not None else "hash")
+    present = {entry[3] for entry in index.new.values() if entry[3]}
+    return Dataset(root, classes, records, sorted(skipped, key=lambda s: s.path), mode, index.reads, pool, decisions,
+                   present)
 
-    # (path, label, forced split) for every candidate file
+
+def _candidates(root: Path, split_dirs: list[Path], explicit: bool):
+    """([(file, label, forced split or None)], {class: its folders}) of every file under the class folders."""
     candidates: list[tuple[Path, str, str | None]] = []
     class_dirs: dict[str, list[Path]] = {}
-    for split_dir in top if explicit else [root]:
+    for split_dir in split_dirs:
         forced = _SPLIT_ALIASES[split_dir.name.lower()] if explicit else None
         for class_dir in _class_dirs(split_dir):
             class_dirs.setdefault(class_dir.name, []).append(class_dir)
             candidates += [(f, class_dir.name, forced) for f in _walk_files(class_dir)]
     if len(class_dirs) < 2:
         raise DatasetError(f"data.root {root} has {len(class_dirs)} class folder(s); a classifier needs at least 2")
+    return candidates, class_dirs
 
-    skipped: list[Skipped] = []
+
+def _by_content(candidates, root: Path, index: FileIndex, csv_splits: dict | None, split_csv: str | None,
+                skipped: list[Skipped]) -> dict:
+    """{sha256: [(path, label, forced split, format)]} of the image files among ``candidates``."""
     by_sha: dict[str, list[tuple[str, str, str | None, str]]] = {}
-    index = FileIndex(index_path)
     for file, label, forced in candidates:
         relative = file.relative_to(root).as_posix()
         identified = _identify(index, file, relative, skipped)
@@ -130,10 +152,14 @@ def scan(params: DataParams, base_dir: str | Path = ".", index_path: Path | None
         if csv_splits is not None:
             forced = csv_splits.get(relative)
             if forced is None:
-                skipped.append(Skipped(relative, f"not listed in {params.split_csv}"))
+                skipped.append(Skipped(relative, f"not listed in {split_csv}"))
                 continue
         by_sha.setdefault(sha, []).append((relative, label, forced, image_format))
+    return by_sha
 
+
+def _records(by_sha: dict, params: DataParams, skipped: list[Skipped]) -> list[ImageRecord]:
+    """One record per distinct content, sorted by path; copies in two classes or two forced splits skipped."""
     records = []
     for sha, copies in by_sha.items():
         labels = sorted({label for _, label, _, _ in copies})
@@ -150,22 +176,7 @@ def scan(params: DataParams, base_dir: str | Path = ".", index_path: Path | None
         relative, label, forced, image_format = copies[0]
         split = forced or hash_split(sha, params)
         records.append(ImageRecord(sha, relative, label, split, image_format, tuple(c[0] for c in copies[1:])))
-    records.sort(key=lambda r: r.path)
-
-    classes = tuple(sorted(class_dirs))
-    decisions = corrections_mod.decided(corrections_mod.read(corrections_mod.file_of(params, base_dir)))
-    pool = _unlabelled(params, Path(base_dir), root, index, {r.sha256 for r in records}, skipped)
-    index.save()
-    records, pool = _corrected(records, pool, decisions, classes, root, Path(base_dir), params, skipped)
-    present = {r.label for r in records}
-    empty = [name for name in classes if name not in present]
-    if empty:
-        folders = ", ".join(str(d) for name in empty for d in class_dirs[name])
-        raise DatasetError(f"class folder {folders} has no usable images; add some or remove the folder")
-    mode = "folders" if explicit else ("csv" if csv_splits is not None else "hash")
-    present = {entry[3] for entry in index.new.values() if entry[3]}
-    return Dataset(root, classes, records, sorted(skipped, key=lambda s: s.path), mode, index.reads, pool, decisions,
-                   present)
+    return sorted(records, key=lambda r: r.path)
 
 
 def _identify(index: FileIndex, file: Path, relative: str, skipped: list[Skipped]) -> tuple[str, str] | None:

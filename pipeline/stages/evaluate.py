@@ -114,64 +114,26 @@ def run(project) -> EvaluateResult:
 
 
 def _evaluate(project, rung, trained: Trained) -> EvaluateResult:
-    params, base, advice = project.params, project.base, project.advice
-    for other in ladder.RUNGS.values():
-        found = other.find(project) if other is not rung else None
-        if found is not None:
-            found.inputs.close()
-            log.info("evaluate: a %s model is trained for these params too; evaluate it with train.strategy: %s",
-                     other.stage, other.name)
-    reports = base / params.paths.reports_dir
-    ingredients = {"train.strategy": params.train.strategy, "rung": rung.name, "model": trained.key,
-                   "reject": as_dict(params.reject), "evaluate": as_dict(params.evaluate)}
-    previous = _read_json(reports / "run.json")
-    changes = describe_changes(previous.get("inputs") if previous else None, json.loads(canonical_json(ingredients)))
-    log.info("evaluate: recomputing (%s)", ", ".join(changes) if changes else
-             ("the same model and settings as the last evaluation" if previous else "first evaluation"))
-
+    params = project.params
+    reports = project.reports_dir
+    ingredients = _say_why(project, rung, trained)
     result = evaluate_model(trained)
     classes, metrics, inputs = trained.classes, result["metrics"], trained.inputs
     paths = np.array(inputs.paths(result["positions"]), dtype=object)
     y_true = np.array(classes)[result["labels"]]
-    proba = result["proba"]
-    model_meta = trained.meta
-    run_info = {
-        "inputs": ingredients,
-        "rung": rung.name,
-        "strategy": params.train.strategy,
-        "advice": list(advice.reasons) if advice else None,
-        "model": {"stage": rung.stage, "key": trained.key, "folder": str(trained.folder.relative_to(base))
-                  if trained.folder.is_relative_to(base) else str(trained.folder),
-                  "params": model_meta["params"], "fit_seconds": trained.classifier.history.get("fit_seconds")},
-        "features": {k: inputs.attrs[k] for k in ("key", "backbone", "weights", "weights_sha256", "layer",
-                                                  "input_size", "resize", "dtype")},
-        "data": {"root": params.data.root, "splits": as_dict(params.data)},
-        "classes": classes,
-        "confusion_matrix": result["confusion"],
-        "rejection": {"score": trained.guard.score, "rule": trained.guard.rule, "label": trained.guard.label,
-                      "threshold_from": trained.guard.threshold_from, "calibrated_on": trained.guard.calibrated_on},
-        "reliability": result["reliability"],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    run_info = _run_info(project, rung, trained, ingredients, result)
     metrics_path = atomic_write_text(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     atomic_write_text(reports / "run.json", json.dumps(run_info, indent=2) + "\n")
-    wrong = misclassified(paths, y_true, proba, classes)
-    atomic_write_text(reports / "misclassified.csv", _misclassified_csv(wrong, proba, classes, params.evaluate.top_k))
-    predicted = np.array(classes)[np.argmax(proba, axis=1)]
-    accepted = trained.guard.accepted(result["scores"])
-    answered = np.where(accepted, predicted, trained.guard.label)
-    atomic_write_text(reports / "predictions.csv", _csv(
-        ["path", "actual", "predicted", "probability", "score", "answer"],
-        zip(paths, y_true, predicted, (f"{p:.6f}" for p in proba.max(axis=1)), (f"{s:.6f}" for s in result["scores"]),
-            answered)))
+    wrong = misclassified(paths, y_true, result["proba"], classes)
+    _write_tables(reports, paths, y_true, result, wrong, trained, params.evaluate.top_k)
     summary = {**metrics, "classes": classes, "confusion_matrix": result["confusion"], "rung": rung.name,
-               "model": rung.stage, "model_key": trained.key, "model_params": model_meta["params"],
+               "model": rung.stage, "model_key": trained.key, "model_params": trained.meta["params"],
                "backbone": inputs.attrs["backbone"], "layer": inputs.attrs["layer"],
                "features_key": inputs.attrs["key"], "reliability": result["reliability"],
                "rejection_rule": trained.guard.rule, "rejection_label": trained.guard.label}
     previous_entry, entry = report.append_history(reports / "history.jsonl", summary)
     page = report.write(
-        reports, base / params.data.root, summary, wrong, trained.classifier.history,
+        reports, project.data_root, summary, wrong, trained.classifier.history,
         report.read_history(reports / "history.jsonl"),
         provenance={**run_info["features"], "model": run_info["model"], "data_root": params.data.root,
                     "params": {name: as_dict(getattr(params, name)) for name in SECTIONS}},
@@ -183,6 +145,60 @@ def _evaluate(project, rung, trained: Trained) -> EvaluateResult:
     log.info("evaluate: accuracy %.4f, balanced accuracy %.4f on %d test images; wrote %s and %s",
              metrics["accuracy"], metrics["balanced_accuracy"], metrics["n_test"], metrics_path, page)
     return EvaluateResult(metrics, run_info, metrics_path, text)
+
+
+def _say_why(project, rung, trained: Trained) -> dict:
+    """What this evaluation is of (its ingredients); logs what changed since the last one, and other rungs
+    trained for these params."""
+    params = project.params
+    for other in ladder.RUNGS.values():
+        found = other.find(project) if other is not rung else None
+        if found is not None:
+            found.inputs.close()
+            log.info("evaluate: a %s model is trained for these params too; evaluate it with train.strategy: %s",
+                     other.stage, other.name)
+    ingredients = {"train.strategy": params.train.strategy, "rung": rung.name, "model": trained.key,
+                   "reject": as_dict(params.reject), "evaluate": as_dict(params.evaluate)}
+    previous = _read_json(project.reports_dir / "run.json")
+    changes = describe_changes(previous.get("inputs") if previous else None, json.loads(canonical_json(ingredients)))
+    log.info("evaluate: recomputing (%s)", ", ".join(changes) if changes else
+             ("the same model and settings as the last evaluation" if previous else "first evaluation"))
+    return ingredients
+
+
+def _run_info(project, rung, trained: Trained, ingredients: dict, result: dict) -> dict:
+    """run.json: what was evaluated."""
+    params, base, advice, inputs = project.params, project.base, project.advice, trained.inputs
+    return {
+        "inputs": ingredients,
+        "rung": rung.name,
+        "strategy": params.train.strategy,
+        "advice": list(advice.reasons) if advice else None,
+        "model": {"stage": rung.stage, "key": trained.key, "folder": str(trained.folder.relative_to(base))
+                  if trained.folder.is_relative_to(base) else str(trained.folder),
+                  "params": trained.meta["params"], "fit_seconds": trained.classifier.history.get("fit_seconds")},
+        "features": {k: inputs.attrs[k] for k in ("key", "backbone", "weights", "weights_sha256", "layer",
+                                                  "input_size", "resize", "dtype")},
+        "data": {"root": params.data.root, "splits": as_dict(params.data)},
+        "classes": trained.classes,
+        "confusion_matrix": result["confusion"],
+        "rejection": {"score": trained.guard.score, "rule": trained.guard.rule, "label": trained.guard.label,
+                      "threshold_from": trained.guard.threshold_from, "calibrated_on": trained.guard.calibrated_on},
+        "reliability": result["reliability"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _write_tables(reports: Path, paths, y_true, result: dict, wrong: list, trained: Trained, top_k: int) -> None:
+    """misclassified.csv and predictions.csv (dvc plots)."""
+    classes, proba = trained.classes, result["proba"]
+    atomic_write_text(reports / "misclassified.csv", _misclassified_csv(wrong, proba, classes, top_k))
+    predicted = np.array(classes)[np.argmax(proba, axis=1)]
+    answered = np.where(trained.guard.accepted(result["scores"]), predicted, trained.guard.label)
+    atomic_write_text(reports / "predictions.csv", _csv(
+        ["path", "actual", "predicted", "probability", "score", "answer"],
+        zip(paths, y_true, predicted, (f"{p:.6f}" for p in proba.max(axis=1)), (f"{s:.6f}" for s in result["scores"]),
+            answered)))
 
 
 def _content_hash(project) -> str | None:

@@ -64,8 +64,8 @@ def fit(inputs: CachedInputs, job: FitJob):
     model = keras.Model(x_in, layers.Dense(len(inputs.classes), activation="softmax", name="softmax")(x),
                         name="top_and_head")
     phases = keras_fit.pretrained_phases(top, p.epochs_head, p.learning_rate_head, p.epochs, p.learning_rate)
-    history = keras_fit.fit(model, inputs, job.train, job.val, phases, batch_size=p.batch_size, patience=p.patience,
-                            class_weight=p.class_weight, seed=p.seed, backup=job.backup, log=job.log)
+    schedule = keras_fit.Schedule(phases, p.batch_size, p.patience, p.class_weight, p.seed)
+    history = keras_fit.fit(model, inputs, job.train, job.val, schedule, job.backup, job.log)
     return KerasClassifier(model, inputs.classes, history)
 
 

@@ -34,7 +34,6 @@ log = logging.getLogger("pipeline.training")
 
 RESERVED = "unknown"  # never a class name, whatever reject.label says
 MIN_HELD_OUT = 20  # fewer val photos than this cannot set a threshold: out-of-fold scores instead
-SCORES = ("knn", "mahalanobis", "energy", "msp")
 ECE_BINS = 15
 
 
@@ -47,7 +46,7 @@ class Guard:
     score: str = "knn"
     k: int = 10
     threshold: float = 0.0
-    threshold_from: str = "none"  # val | out-of-fold | none
+    threshold_from: str = "none"  # val | out-of-fold | leave-one-out | train (in-sample) | none
     keep: float = 0.95
     label: str = "unknown"
     bank_rows: int = 0  # rows of the kNN bank; train photos or k-means centres
@@ -210,9 +209,6 @@ class Guarded:
         embedding = self.classifier.embed(x)
         return softmax(self.classifier.logits_of_embedding(embedding) / self.guard.temperature)
 
-    def uncalibrated_proba(self, x: np.ndarray) -> np.ndarray:
-        return softmax(self.classifier.logits(x))
-
     def as_keras(self, input_shape):
         """input -> [probabilities (N, K), score (N,)]."""
         from pipeline.tf_import import keras as quiet_keras
@@ -234,18 +230,17 @@ def fit_guard(classifier, train_embedding: np.ndarray, train_labels: np.ndarray,
     say = say or (lambda message: None)
     guard = Guard(score=reject.score, k=reject.k, keep=reject.keep, label=reject.label)
     held_out = len(val_labels) >= MIN_HELD_OUT
+    oof = oof_logits() if not held_out and oof_logits is not None else None  # (logits, labels) of unseen photos
     # calibration
     if held_out:
         guard.temperature = fit_temperature(classifier.logits_of_embedding(val_embedding), val_labels)
         guard.calibrated_on = "val"
-    elif oof_logits is not None:
-        logits, labels = oof_logits()
-        guard.temperature = fit_temperature(logits, labels)
+    elif oof is not None:
+        guard.temperature = fit_temperature(*oof)
         guard.calibrated_on = "out-of-fold"
     if not held_out:
         say(f"{len(val_labels)} val photos (fewer than {MIN_HELD_OUT}): the temperature and the rejection threshold "
-            f"come from {'out-of-fold' if oof_logits is not None else 'leave-one-out'} scores of the train photos"
-            + ("" if oof_logits is not None else "; no temperature (1.0)"))
+            f"come from scores of the train photos{'' if oof is not None else '; no temperature (1.0)'}")
     # the score's arrays
     if guard.score == "knn":
         bank, guard.bank_kind = make_bank(train_embedding, train_labels, reject.bank_size)
@@ -258,10 +253,13 @@ def fit_guard(classifier, train_embedding: np.ndarray, train_labels: np.ndarray,
     if held_out:
         scores = guard.scores(val_embedding, classifier.logits_of_embedding(val_embedding))
         guard.threshold_from = "val"
+    elif guard.score in ("energy", "msp") and oof is not None:  # scores of the logits alone: those of unseen photos
+        scores = guard.scores(train_embedding[:0], oof[0])
+        guard.threshold_from = "out-of-fold"
     else:
-        exclude = guard.score == "knn" and guard.bank_kind == "photos"
+        exclude = guard.score == "knn" and guard.bank_kind == "photos"  # each photo's own bank row left out
         scores = guard.scores(train_embedding, classifier.logits_of_embedding(train_embedding), exclude_self=exclude)
-        guard.threshold_from = "out-of-fold" if exclude or guard.score in ("energy", "msp") else "train"
+        guard.threshold_from = "leave-one-out" if exclude else "train (in-sample)"
     guard.threshold = float(np.quantile(scores, reject.keep))  # keep 1: the most unusual known photo
     say(f"calibrated: temperature {guard.temperature:.3g} ({guard.calibrated_on}); rejection: {guard.score} score, "
         f"threshold {guard.threshold:.4g} keeps {100 * reject.keep:g}% of the {guard.threshold_from} photos")

@@ -92,10 +92,22 @@ def dataset(inputs, rows: SplitRows, batch_size: int, shuffle: bool, seed: int, 
     return Batches()
 
 
-def fit(model, inputs, train: SplitRows, val: SplitRows, phases: list[Phase], *, batch_size: int, patience: int,
-        class_weight: str, seed: int, backup: Path, log=None) -> dict:
+@dataclass(frozen=True)
+class Schedule:
+    """How a Keras rung trains: its phases, and what every phase shares."""
+
+    phases: list  # [Phase]
+    batch_size: int
+    patience: int  # epochs without a better val loss before a phase stops (0: never early)
+    class_weight: str  # balanced | none
+    seed: int
+
+
+def fit(model, inputs, train: SplitRows, val: SplitRows, schedule: Schedule, backup: Path, log=None) -> dict:
     """Train ``model`` phase by phase; returns the history (per phase and concatenated)."""
     keras = quiet_keras()
+    phases, batch_size, patience = schedule.phases, schedule.batch_size, schedule.patience
+    class_weight, seed = schedule.class_weight, schedule.seed
     n_classes = len(inputs.classes)
     weights = class_weights(train.labels, n_classes, class_weight) if class_weight == "balanced" else None
     workers = getattr(inputs, "workers", 1)

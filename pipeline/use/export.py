@@ -60,7 +60,7 @@ def build_export_model(backbone, classifier_model, size: int, resize: str, views
     x = FitToSize(size, resize, name="fit_to_size")(image)
     if backbone is not None:  # None: the classifier takes the resized image itself (fine-tuned network)
         activations = [backbone.model(x if view == "original" else keras.ops.flip(x, axis=2), training=False)
-                       for view in views]  # the views of runtime.VIEWS: original, hflip (mirrored left-right)
+                       for view in views]  # every view but the original is the photo mirrored left-right (hflip)
         x = activations[0] if len(activations) == 1 else keras.layers.Average(name="views")(activations)
     probabilities, score = classifier_model(x, training=False)
     return keras.Model(image, [probabilities, score], name="classifier")
@@ -163,66 +163,70 @@ def _runners(folder: Path, live_model, names: list[str]) -> dict:
     return runners
 
 
-def _check_parity(runners: dict, samples, tolerance: float, min_agreement: float, guard) -> dict:
-    """Run every test photo through every format and compare with the pipeline's probabilities and scores:
-    float formats within ``tolerance``, quantised ones on the top-1 label and on the accept/reject decision."""
-    diffs: dict = {name: [] for name in runners}
-    agree: dict = {name: [] for name in runners}
-    score_diffs: dict = {name: [] for name in runners}
-    decisions: dict = {name: [] for name in runners}
-    seconds = dict.fromkeys(runners, 0.0)
-    paths = []
+def _run_formats(runners: dict, samples, threshold: float) -> dict:
+    """Every sample through every format: per format the max |difference| of the probabilities, top-1
+    agreement, score difference, accept/reject agreement (None: borderline) and seconds; and the paths."""
+    runs = {key: {name: [] for name in runners} for key in ("diff", "agree", "score_diff", "decision")}
+    runs["seconds"], runs["paths"] = dict.fromkeys(runners, 0.0), []
     for sample in samples:
-        paths.append(sample.path)
+        runs["paths"].append(sample.path)
+        # a photo whose score is within DECISION_BAND of the threshold may fall either side after 8-bit
+        # rounding: counted apart (borderline), not as a disagreement
+        borderline = abs(sample.score - threshold) <= DECISION_BAND * max(abs(threshold), 1e-6)
         for name, runner in runners.items():
             started = time.perf_counter()
             output, score = runner(sample.pixels[None])
-            seconds[name] += time.perf_counter() - started
-            diffs[name].append(float(np.abs(output - sample.reference).max()))
-            agree[name].append(bool(output.argmax() == sample.reference.argmax()))
-            score_diffs[name].append(abs(score - sample.score))
-            # a photo whose score is within DECISION_BAND of the threshold may fall either side after 8-bit
-            # rounding: counted apart (borderline), not as a disagreement
-            borderline = abs(sample.score - guard.threshold) <= DECISION_BAND * max(abs(guard.threshold), 1e-6)
-            decisions[name].append(None if borderline else
-                                   bool((score <= guard.threshold) == (sample.score <= guard.threshold)))
-    if not paths:
+            runs["seconds"][name] += time.perf_counter() - started
+            runs["diff"][name].append(float(np.abs(output - sample.reference).max()))
+            runs["agree"][name].append(bool(output.argmax() == sample.reference.argmax()))
+            runs["score_diff"][name].append(abs(score - sample.score))
+            runs["decision"][name].append(None if borderline else
+                                          bool((score <= threshold) == (sample.score <= threshold)))
+    return runs
+
+
+def _judge(name: str, runs: dict, quantized: bool, tolerance: float, min_agreement: float) -> tuple[dict, str]:
+    """(the format's parity figures, the failure line or "")."""
+    paths = runs["paths"]
+    diff, same = np.array(runs["diff"][name]), np.array(runs["agree"][name])
+    score_diff = np.array(runs["score_diff"][name])
+    decided = np.array([d is not False for d in runs["decision"][name]])
+    clear = [d for d in runs["decision"][name] if d is not None]
+    entry = {"n_images": len(paths), "max_abs_diff": float(diff.max()), "top1_agreement": float(same.mean()),
+             "score_max_abs_diff": float(score_diff.max()), "decision_agreement": float(np.mean(clear)) if clear else 1.0,
+             "borderline": len(paths) - len(clear), "seconds": runs["seconds"][name]}
+    if quantized:
+        ok = entry["top1_agreement"] >= min_agreement and entry["decision_agreement"] >= min_agreement
+        log.info("export: parity %-20s top-1 agreement %.2f%%, accept/reject agreement %.2f%% on %d test images "
+                 "(%d borderline)", name, 100 * entry["top1_agreement"], 100 * entry["decision_agreement"],
+                 len(paths), entry["borderline"])
+        worst = np.flatnonzero(~same | ~decided)[:3]
+        limit = (f"top-1 agreement {100 * entry['top1_agreement']:.1f}%, accept/reject agreement "
+                 f"{100 * entry['decision_agreement']:.1f}% (need {100 * min_agreement:g}%)")
+    else:
+        ok = entry["max_abs_diff"] <= tolerance and entry["score_max_abs_diff"] <= tolerance
+        log.info("export: parity %-20s max |diff| %.2e, score %.2e on %d test images", name,
+                 entry["max_abs_diff"], entry["score_max_abs_diff"], len(paths))
+        worst = np.argsort(-np.maximum(diff, score_diff))[:3]
+        limit = f"max |diff| {entry['max_abs_diff']:.2g}, score {entry['score_max_abs_diff']:.2g} (limit {tolerance:g})"
+    if ok:
+        return entry, ""
+    names = ", ".join(f"{paths[i]} ({max(diff[i], score_diff[i]):.2g})" for i in worst)
+    return entry, f"{name}: {limit}; worst: {names}"
+
+
+def _check_parity(runners: dict, samples, tolerance: float, min_agreement: float, guard) -> dict:
+    """Run every test photo through every format and compare with the pipeline's probabilities and scores:
+    float formats within ``tolerance``, quantised ones on the top-1 label and on the accept/reject decision."""
+    runs = _run_formats(runners, samples, guard.threshold)
+    if not runs["paths"]:
         raise ExportError("no test images to check parity on; set data.test_fraction > 0")
     report, failures = {}, []
     for name in runners:
-        diff, same = np.array(diffs[name]), np.array(agree[name])
-        score_diff = np.array(score_diffs[name])
-        decided = np.array([d is not False for d in decisions[name]])
-        clear = [d for d in decisions[name] if d is not None]
         quantized = name in formats.FORMATS and formats.FORMATS[name].quantized
-        entry = {"n_images": len(paths), "max_abs_diff": float(diff.max()), "top1_agreement": float(same.mean()),
-                 "score_max_abs_diff": float(score_diff.max()),
-                 "decision_agreement": float(np.mean(clear)) if clear else 1.0,
-                 "borderline": len(paths) - len(clear),
-                 "seconds": seconds[name]}
-        report[name] = entry
-        if quantized:
-            ok = entry["top1_agreement"] >= min_agreement and entry["decision_agreement"] >= min_agreement
-        else:
-            ok = entry["max_abs_diff"] <= tolerance and entry["score_max_abs_diff"] <= tolerance
-        if quantized:
-            log.info("export: parity %-20s top-1 agreement %.2f%%, accept/reject agreement %.2f%% on %d test images "
-                     "(%d borderline)", name, 100 * entry["top1_agreement"], 100 * entry["decision_agreement"],
-                     len(paths), entry["borderline"])
-        else:
-            log.info("export: parity %-20s max |diff| %.2e, score %.2e on %d test images", name,
-                     entry["max_abs_diff"], entry["score_max_abs_diff"], len(paths))
-        if not ok:
-            if quantized:
-                worst = np.flatnonzero(~same | ~decided)[:3]
-                limit = (f"top-1 agreement {100 * entry['top1_agreement']:.1f}%, accept/reject agreement "
-                         f"{100 * entry['decision_agreement']:.1f}% (need {100 * min_agreement:g}%)")
-            else:
-                worst = np.argsort(-np.maximum(diff, score_diff))[:3]
-                limit = (f"max |diff| {entry['max_abs_diff']:.2g}, score {entry['score_max_abs_diff']:.2g} "
-                         f"(limit {tolerance:g})")
-            names = ", ".join(f"{paths[i]} ({max(diff[i], score_diff[i]):.2g})" for i in worst)
-            failures.append(f"{name}: {limit}; worst: {names}")
+        report[name], failure = _judge(name, runs, quantized, tolerance, min_agreement)
+        if failure:
+            failures.append(failure)
     if failures:
         raise ExportError("export does not answer like the pipeline, nothing written: " + " | ".join(failures))
     return report
@@ -265,7 +269,8 @@ def _write_metadata(folder: Path, project, trained, size: int, features_params, 
         "calibration": {"method": "temperature scaling", "temperature": trained.guard.temperature,
                         "fitted_on": trained.guard.calibrated_on},
         "preprocessing": {"resize": features_params.resize, "input_size": size,
-                          "method": "box filter by the integer factor side // size, then bilinear",
+                          "method": "box filter by the integer factor side // size, then the area-weighted mean "
+                                    "of the blocks under each output pixel (bilinear where the photo is smaller)",
                           "normalization": attrs["preprocessing"]},
         "provenance": {"rung": trained.rung.name, "stage": trained.rung.stage, "backbone": attrs["backbone"],
                        "weights": attrs["weights"], "weights_sha256": attrs["weights_sha256"],

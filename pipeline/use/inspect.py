@@ -77,11 +77,7 @@ def run(project, processes: int | None = None) -> InspectResult:
     """The findings on the cached features. ``processes``: cleanlab's worker processes for the label issues
     (None: one per core; the same findings either way). A process serving requests on threads passes 1:
     its forked workers inherit locks other threads held at the fork, and one hung the app's review page."""
-    from cleanlab.filter import find_label_issues
-    from cleanlab.outlier import OutOfDistribution
-    from cleanlab.rank import get_label_quality_scores
-
-    params, base = project.params, project.base
+    params = project.params
     started = time.perf_counter()
     path = project.features_file()
     if not path.is_file():
@@ -97,14 +93,37 @@ def run(project, processes: int | None = None) -> InspectResult:
     x = rows.features.reshape(len(rows.labels), -1) if rows.features.ndim == 2 else \
         rows.features.mean(axis=(1, 2))
     vectors = near_duplicates.unit_vectors(x)
+    label_issues, folds = _label_issues(rows, x, y, classes, p, processes)
+    threshold, calibration = _threshold(p, path)
+    pairs = _pairs(rows, vectors, threshold)
+    outliers = _outliers(rows, vectors, y, classes, p.outliers)
+    summary = {"features_key": rows.attrs["key"], "content_hash": rows.attrs["content_hash"], "photos": len(y),
+               "classes": len(classes), "folds": folds, "label_issues": len(label_issues),
+               "near_duplicate_pairs": len(pairs), "leaking_pairs": sum(q["leak"] for q in pairs),
+               "pairs_with_different_labels": sum(q["labels_differ"] for q in pairs),
+               "near_duplicate_threshold": threshold, "threshold_from": "inspect.near_duplicate_threshold"
+               if p.near_duplicate_threshold is not None else "calibration", "calibration": calibration,
+               "outliers": len(outliers), "seconds": time.perf_counter() - started}
+    _write_findings(project.reports_dir, summary, label_issues, pairs, outliers)
+    text = _summary_text(summary, label_issues, pairs, outliers, Path(params.paths.reports_dir))
+    log.info("inspect: %d photos in %.1f s", len(y), summary["seconds"])
+    return InspectResult(summary, label_issues, pairs, outliers, text)
+
+
+def _label_issues(rows, x, y, classes, p, processes) -> tuple[list[dict], int]:
+    """Likely label errors by confident learning on out-of-fold probabilities, least likely label first."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
 
     probabilities, folds = out_of_fold_probabilities(x, y, classes, p.folds, p.C)
     flagged = find_label_issues(y, probabilities, return_indices_ranked_by="self_confidence", n_jobs=processes)
     quality = get_label_quality_scores(y, probabilities, method="self_confidence")
-    label_issues = [{"path": rows.paths[i], "given": classes[y[i]], "suggested": classes[int(np.argmax(probabilities[i]))],
-                     "score": float(quality[i]), "split": rows.splits[i]} for i in flagged]
+    return [{"path": rows.paths[i], "given": classes[y[i]], "suggested": classes[int(np.argmax(probabilities[i]))],
+             "score": float(quality[i]), "split": rows.splits[i]} for i in flagged], folds
 
-    threshold, calibration = _threshold(p, path)
+
+def _pairs(rows, vectors, threshold: float) -> list[dict]:
+    """Near-duplicate pairs, those straddling splits first, then those with different labels."""
     pairs = []
     for i, j, similarity in near_duplicates.pairs(vectors, threshold):
         pairs.append({"path_a": rows.paths[i], "path_b": rows.paths[j], "similarity": similarity,
@@ -112,6 +131,12 @@ def run(project, processes: int | None = None) -> InspectResult:
                       "label_b": rows.labels[j], "leak": bool(rows.splits[i] != rows.splits[j]),
                       "labels_differ": bool(rows.labels[i] != rows.labels[j])})
     pairs.sort(key=lambda q: (not q["leak"], not q["labels_differ"], -q["similarity"]))
+    return pairs
+
+
+def _outliers(rows, vectors, y, classes, share: float) -> list[dict]:
+    """The ``share`` of photos least typical of the cache (cleanlab's k-NN score), least typical first."""
+    from cleanlab.outlier import OutOfDistribution
 
     k = min(10, len(vectors) - 1)
     typicality = np.ones(len(vectors))
@@ -125,32 +150,23 @@ def run(project, processes: int | None = None) -> InspectResult:
     centroids = near_duplicates.unit_vectors(np.stack([vectors[y == c].mean(axis=0) if np.any(y == c)
                                                        else np.zeros(vectors.shape[1]) for c in range(len(classes))]))
     to_centroids = vectors @ centroids.T  # (N, K)
-    n_outliers = max(1, math.ceil(p.outliers * len(vectors)))
     outliers = []
-    for i in np.argsort(typicality, kind="stable")[:n_outliers]:
+    for i in np.argsort(typicality, kind="stable")[:max(1, math.ceil(share * len(vectors)))]:
         others = [(float(to_centroids[i, c]), classes[c]) for c in range(len(classes)) if c != y[i]]
         nearest = max(others)
         outliers.append({"path": rows.paths[i], "label": rows.labels[i], "split": rows.splits[i],
                          "score": float(typicality[i]), "similarity_own_class": float(to_centroids[i, y[i]]),
                          "nearest_other_class": nearest[1], "similarity_nearest_other": nearest[0]})
+    return outliers
 
-    reports = base / params.paths.reports_dir
+
+def _write_findings(reports: Path, summary: dict, label_issues, pairs, outliers) -> None:
     _write_csv(reports / "label_issues.csv", ["path", "given", "suggested", "score"], label_issues)
     _write_csv(reports / "near_duplicates.csv", ["path_a", "path_b", "similarity", "split_a", "split_b", "label_a",
                                                  "label_b", "leak", "labels_differ"], pairs)
     _write_csv(reports / "outliers.csv", ["path", "label", "split", "score", "similarity_own_class",
                                           "nearest_other_class", "similarity_nearest_other"], outliers)
-    summary = {"features_key": rows.attrs["key"], "content_hash": rows.attrs["content_hash"], "photos": len(y),
-               "classes": len(classes), "folds": folds, "label_issues": len(label_issues),
-               "near_duplicate_pairs": len(pairs), "leaking_pairs": sum(q["leak"] for q in pairs),
-               "pairs_with_different_labels": sum(q["labels_differ"] for q in pairs),
-               "near_duplicate_threshold": threshold, "threshold_from": "inspect.near_duplicate_threshold"
-               if p.near_duplicate_threshold is not None else "calibration", "calibration": calibration,
-               "outliers": len(outliers), "seconds": time.perf_counter() - started}
     atomic_write_text(reports / "inspect.json", json.dumps(summary, indent=2) + "\n")
-    text = _summary_text(summary, label_issues, pairs, outliers, Path(params.paths.reports_dir))
-    log.info("inspect: %d photos in %.1f s", len(y), summary["seconds"])
-    return InspectResult(summary, label_issues, pairs, outliers, text)
 
 
 def _labelled(rows: table.FeatureTable) -> table.FeatureTable:

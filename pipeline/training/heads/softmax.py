@@ -62,13 +62,12 @@ class SoftmaxHead(Head):
 
     def fit_inputs(self, inputs, train, val, backup, log=None):
         """Train on the rows ``train`` of a rung's ``inputs``, streamed; early stopping on ``val``."""
-        from pipeline.training.keras_fit import Phase, fit
+        from pipeline.training.keras_fit import Phase, Schedule, fit
 
         model = self.build(inputs.shape, len(inputs.classes))
-        phases = [Phase("head", self.epochs, self.learning_rate, lambda model: None)]
-        self.history_ = fit(model, inputs, train, val, phases, batch_size=self.batch_size,
-                                      patience=self.patience, class_weight=self.class_weight, seed=self.seed,
-                                      backup=backup, log=log)
+        schedule = Schedule([Phase("head", self.epochs, self.learning_rate, lambda model: None)], self.batch_size,
+                            self.patience, self.class_weight, self.seed)
+        self.history_ = fit(model, inputs, train, val, schedule, backup, log)
         self.model_ = model
         self.n_classes_ = len(inputs.classes)
         return self
