@@ -10,10 +10,10 @@ from pipeline.project import open_project
 from pipeline.stages import evaluate, features, train_head
 from pipeline.training import guard as guard_mod
 from pipeline.training.classifiers import HeadClassifier
-from pipeline.vectors import unit_rows as normalise
 from pipeline.training.contract import TrainingError
 from pipeline.training.heads import HEADS, KNNHead, NCMHead
 from pipeline.use import export, predict
+from pipeline.vectors import unit_rows as normalise
 
 from conftest import CLASS_COLOURS, make_dataset, make_image, make_params
 

@@ -216,7 +216,7 @@ def test_one_process_finds_the_same_label_issues_without_forking(tmp_path, monke
     the app's review asks for that."""
     import multiprocessing
 
-    from pipeline.app import server
+    from pipeline.app import findings
 
     make_dataset(tmp_path / "photos", per_class=20, classes=("misty", "tigger"))
     for i in range(3):
@@ -245,5 +245,5 @@ def test_one_process_finds_the_same_label_issues_without_forking(tmp_path, monke
 
     monkeypatch.setattr(inspect, "run", spy)
     with pytest.raises(RuntimeError, match="spied"):
-        server._findings(SimpleNamespace(project=open_project(params, tmp_path)))
+        findings.findings(SimpleNamespace(project=open_project(params, tmp_path)))
     assert asked == {"processes": 1}

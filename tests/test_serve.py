@@ -274,3 +274,21 @@ def test_a_port_in_use_is_one_line_naming_the_setting(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (f"error: serve: cannot listen on 127.0.0.1:{port} (Address "
                                                       "already in use); set serve.port to a free port (0: any)")
     assert not (project / "cache" / "features").exists()  # said before any work
+
+
+def test_every_page_shares_one_layout_and_a_missing_report_is_a_page(served):
+    navs = {}
+    for path in ["/", "/review", "/label", "/photos?true=misty&predicted=misty"]:
+        status, _, page = served.get(path)
+        assert status == 200
+        navs[path] = re.search(r"<nav>(.*?)</nav>", page).group(1)
+        assert page.count("<nav>") == 1
+    assert len({re.sub(r' class="here"', "", nav) for nav in navs.values()}) == 1  # the same links everywhere
+    assert '<a class="here" href="/review">' in navs["/review"] and '<a class="here" href="/">' in navs["/"]
+    report = served.project / "reports" / "index.html"
+    report.rename(report.with_suffix(".away"))
+    try:
+        status, _, page = served.get("/report")
+    finally:
+        report.with_suffix(".away").rename(report)
+    assert status == 404 and "<nav>" in page and "photohead evaluate" in page
