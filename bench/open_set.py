@@ -42,6 +42,7 @@ from _photos import DATASETS, require  # noqa: E402
 from quality import strangers  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
+from pipeline.params import RejectParams  # noqa: E402
 from pipeline.project import open_project
 from pipeline.stages import features  # noqa: E402
 from pipeline.store import layout  # noqa: E402
@@ -49,7 +50,6 @@ from pipeline.store import table as feature_store  # noqa: E402
 from pipeline.training import guard as guard_mod  # noqa: E402
 from pipeline.training.classifiers import HeadClassifier  # noqa: E402
 from pipeline.training.heads import HEADS  # noqa: E402
-from pipeline.params import RejectParams  # noqa: E402
 
 SHOTS = (1, 2, 5, 10, 20)
 

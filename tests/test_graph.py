@@ -130,7 +130,7 @@ LAYERS = (
      "pipeline.training.layers", "pipeline.training.keras_fit", "pipeline.training.inputs", "pipeline.store.table",
      "pipeline.store.labels", "pipeline.store.batches", "pipeline.store.parts", "pipeline.data.decode",
      "pipeline.data.resize_layer", "pipeline.data.resize", "pipeline.data.corrections", "pipeline.data.generic"),
-    ("pipeline.fingerprint", "pipeline.tf_import", "pipeline.errors", "pipeline.vectors", "pipeline"),
+    ("pipeline.fingerprint", "pipeline.tf_import", "pipeline.errors", "pipeline.vectors", "pipeline.templates", "pipeline"),
 )
 
 

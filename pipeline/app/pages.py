@@ -1,11 +1,10 @@
-"""The app's pages: one route and one template each (``app/templates``, all extending ``base.html``, whose
-navigation lists ``NAV``), the report, and the photos by content hash. A new page is a template, a route
-here and a line of ``NAV``."""
+"""The app's pages: one route and one template each (``app/templates``, all extending the shared
+``templates/base.html``, whose navigation lists ``templates.NAV``), the report, and the photos by content
+hash. A new page is a template, a route here and a line of ``NAV``."""
 from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -16,21 +15,16 @@ from starlette.exceptions import HTTPException
 from pipeline.app import safety
 from pipeline.app.state import AppState, app_state
 from pipeline.data.decode import ImageError, thumbnail_jpeg
+from pipeline.templates import FOLDER as SHARED_TEMPLATES
+from pipeline.templates import NAV
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
-TEMPLATES = Jinja2Templates(directory=HERE / "templates")  # autoescapes every value
+TEMPLATES = Jinja2Templates(directory=[HERE / "templates", SHARED_TEMPLATES])  # autoescapes every value
 SHA = re.compile(r"^[0-9a-f]{64}$")
 THUMBNAIL_SIZES = (96, 192, 384, 768)
 
 
-@dataclass(frozen=True)
-class Page:
-    path: str
-    label: str  # in the navigation
-
-
-NAV = (Page("/", "Try"), Page("/review", "Review"), Page("/label", "Label"), Page("/report", "Report"))
 router = APIRouter(include_in_schema=False)
 
 

@@ -132,15 +132,14 @@ def _evaluate(project, rung, trained: Trained) -> EvaluateResult:
                "features_key": inputs.attrs["key"], "reliability": result["reliability"],
                "rejection_rule": trained.guard.rule, "rejection_label": trained.guard.label}
     previous_entry, entry = report.append_history(reports / "history.jsonl", summary)
-    page = report.write(
-        reports, project.data_root, summary, wrong, trained.classifier.history,
-        report.read_history(reports / "history.jsonl"),
+    page = report.write(reports, report.ReportPage(
+        project.data_root, summary, wrong, trained.classifier.history, report.read_history(reports / "history.jsonl"),
         provenance={**run_info["features"], "model": run_info["model"], "data_root": params.data.root,
                     "params": {name: as_dict(getattr(params, name)) for name in SECTIONS}},
         counts=_counts(trained), skipped=_read_skipped(project.skipped_csv),
         quality=report.data_quality_section(reports, project.data_root, _content_hash(project),
                                             params.inspect.thumbnails),
-        rejected=rejected_photos(paths, y_true, result["scores"], trained.guard, params.inspect.thumbnails))
+        rejected=rejected_photos(paths, y_true, result["scores"], trained.guard, params.inspect.thumbnails)))
     text = format_table(metrics, classes, result["confusion"]) + "\n\n" + report.diff(previous_entry, entry)
     log.info("evaluate: accuracy %.4f, balanced accuracy %.4f on %d test images; wrote %s and %s",
              metrics["accuracy"], metrics["balanced_accuracy"], metrics["n_test"], metrics_path, page)

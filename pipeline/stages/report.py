@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -301,125 +302,59 @@ Probabilities are calibrated by temperature scaling (T = {c['temperature']:.3g})
 """
 
 
-def _matrix_table(metrics: dict, classes: list[str]) -> str:
-    """The confusion matrix as a table (rows true, columns predicted), each cell naming its pair; up to
-    ``MATRIX_CLASSES`` classes (beyond, the plots show the most confused ones)."""
-    if len(classes) > MATRIX_CLASSES:
-        return ""
-    e = html.escape
-    head = "".join(f"<th>{e(c)}</th>" for c in classes)
-    rows = "".join(
-        f"<tr><th>{e(t)}</th>" + "".join(f"<td data-true='{e(t)}' data-predicted='{e(p)}'>{int(n)}</td>"
-                                         for p, n in zip(classes, row)) + "</tr>"
-        for t, row in zip(classes, metrics["confusion_matrix"]))
-    return f"<table class='matrix'><tr><th>true \\ predicted</th>{head}</tr>{rows}</table>"
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; padding: 0 1rem; }
+header { display: flex; gap: 1rem; align-items: baseline; } nav a { margin-right: .8rem; } nav a.here { font-weight: 600; }
+h1 { margin-bottom: .2rem; } .sub { color: #666; margin-top: 0; }
+.cards { display: flex; gap: 1rem; flex-wrap: wrap; }
+.card { border: 1px solid #ddd; border-radius: 8px; padding: .8rem 1.2rem; min-width: 10rem; }
+.card .v { font-size: 2rem; font-weight: 600; }
+table { border-collapse: collapse; margin: .5rem 0 1.5rem; }
+td, th { border-bottom: 1px solid #eee; padding: .3rem .8rem; text-align: left; }
+.plots img { max-width: 100%; margin: .5rem 1rem .5rem 0; }
+.gallery { display: flex; flex-wrap: wrap; gap: .8rem; }
+figure { margin: 0; width: 170px; font-size: .8rem; } figure img { max-width: 160px; max-height: 160px; }
+.pair { display: flex; gap: .3rem; border: 1px solid #eee; padding: .3rem; }
+figcaption span { color: #888; word-break: break-all; }
+pre { background: #f6f6f6; padding: .8rem; overflow-x: auto; }
+"""
 
 
-def write(reports: Path, data_root: Path, metrics: dict, misclassified: list[dict], head_history: dict,
-          history: list[dict], provenance: dict, counts: dict, skipped: list[dict], quality: str = "",
-          rejected: list[dict] | None = None) -> Path:
+@dataclass(frozen=True)
+class ReportPage:
+    """What ``write`` shows: the evaluation's summary and the material of its sections."""
+
+    data_root: Path  # the photos, for thumbnails
+    metrics: dict  # metrics.json and more: classes, confusion_matrix, model, ...
+    misclassified: list  # wrong test predictions, most confident first
+    head_history: dict  # the classifier's training history (curves)
+    history: list  # history.jsonl's entries
+    provenance: dict
+    counts: dict  # {class: {train, val, test: photos}}
+    skipped: list  # skipped.csv's rows
+    quality: str = ""  # the data-quality section (data_quality_section)
+    rejected: list = field(default_factory=list)  # test photos the guard would reject
+
+
+def write(reports: Path, page: ReportPage) -> Path:
     """Write the PNG plots and index.html into ``reports``; returns the page's path."""
-    plots = _figures(metrics, head_history, history)
+    from pipeline import templates
+
+    metrics, classes = page.metrics, page.metrics["classes"]
+    plots = _figures(metrics, page.head_history, page.history)
     for name, png in plots.items():
         (reports / name).write_bytes(png)
-    e = html.escape
-    classes = metrics["classes"]
-    worst_first = sorted(metrics["per_class"].items(), key=lambda item: (item[1]["f1"], item[0]))
-    per_class = "".join(
-        f"<tr data-class='{e(c)}'><td>{e(c)}</td><td data-metric='precision.{e(c)}'>{m['precision']:.4f}</td>"
-        f"<td data-metric='recall.{e(c)}'>{m['recall']:.4f}</td><td data-metric='f1.{e(c)}'>{m['f1']:.4f}</td>"
-        f"<td data-metric='support.{e(c)}'>{m['support']}</td></tr>"
-        for c, m in worst_first)
-    confusions = "".join(
-        f"<tr data-true='{e(q['true'])}' data-predicted='{e(q['predicted'])}'><td>{e(q['true'])}</td>"
-        f"<td>{e(q['predicted'])}</td><td>{q['photos']}</td><td>{q['share']:.1%}</td></tr>"
-        for q in confused_pairs(np.array(metrics["confusion_matrix"]), classes))
-    gallery = [_figure(_thumbnail(data_root / item["path"]), item["path"],
-                       f"<b>{e(item['true'])}</b> called <b>{e(item['predicted'])}</b> ({item['p_predicted']:.2f})"
-                       f"<br><span>{e(item['path'])}</span>") for item in misclassified[:MAX_GALLERY]]
-    more = len(misclassified) - MAX_GALLERY
-    counts_rows = "".join(f"<tr><td>{e(c)}</td>" + "".join(f"<td>{n}</td>" for n in row.values()) +
-                          f"<td>{sum(row.values())}</td></tr>" for c, row in counts.items())
-    skipped_rows = "".join(f"<tr><td>{e(s['path'])}</td><td>{e(s['reason'])}</td></tr>" for s in skipped[:200])
-    history_rows = "".join(
-        f"<tr><td>{i}</td><td>{e(h['time'])}</td><td>{e(h.get('model', ''))}</td><td>{h['accuracy']:.4f}</td>"
-        f"<td>{h['balanced_accuracy']:.4f}</td><td>{h['n_test']}</td></tr>"
-        for i, h in reversed(list(enumerate(history, start=1))))
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Evaluation report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; padding: 0 1rem; }}
-h1 {{ margin-bottom: .2rem; }} .sub {{ color: #666; margin-top: 0; }}
-.cards {{ display: flex; gap: 1rem; flex-wrap: wrap; }}
-.card {{ border: 1px solid #ddd; border-radius: 8px; padding: .8rem 1.2rem; min-width: 10rem; }}
-.card .v {{ font-size: 2rem; font-weight: 600; }}
-table {{ border-collapse: collapse; margin: .5rem 0 1.5rem; }}
-td, th {{ border-bottom: 1px solid #eee; padding: .3rem .8rem; text-align: left; }}
-.plots img {{ max-width: 100%; margin: .5rem 1rem .5rem 0; }}
-.gallery {{ display: flex; flex-wrap: wrap; gap: .8rem; }}
-figure {{ margin: 0; width: 170px; font-size: .8rem; }} figure img {{ max-width: 160px; max-height: 160px; }}
-.pair {{ display: flex; gap: .3rem; border: 1px solid #eee; padding: .3rem; }}
-figcaption span {{ color: #888; word-break: break-all; }}
-pre {{ background: #f6f6f6; padding: .8rem; overflow-x: auto; }}
-</style></head>
-<body data-images-loaded="pending">
-<h1>Evaluation report</h1>
-<p class="sub">{e(metrics['model'])} model on {e(provenance['backbone'])} activations ({e(provenance['layer'])}),
-{metrics['n_test']} test images, {e(history[-1]['time'] if history else '')}</p>
-<div class="cards">
-<div class="card">accuracy<div class="v" data-metric="accuracy">{metrics['accuracy']:.4f}</div></div>
-<div class="card">balanced accuracy<div class="v" data-metric="balanced_accuracy">{metrics['balanced_accuracy']:.4f}</div></div>
-<div class="card">test images<div class="v" data-metric="n_test">{metrics['n_test']}</div></div>
-<div class="card">classes<div class="v">{len(classes)}</div></div>
-</div>
-{_trust_section(metrics, plots, data_root, rejected or [])}
-<h2>Per class, worst first</h2>
-<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{per_class}</table>
-<h2>Most confused pairs</h2>
-{f'<table><tr><th>true</th><th>predicted as</th><th>test photos</th><th>share of the true class</th></tr>{confusions}</table>' if confusions else '<p>No mistakes.</p>'}
-<h2>Confusion matrix</h2>
-{_matrix_table(metrics, classes)}
-<div class="plots"><img src="{_data_uri(plots['confusion_matrix.png'])}" alt="confusion matrix">
-<img src="{_data_uri(plots['confusion_matrix_normalized.png'])}" alt="normalised confusion matrix"></div>
-<h2>Misclassified test photos ({len(misclassified)}), most confident mistakes first</h2>
-<div class="gallery">{''.join(gallery) or '<p>None: every test photo was classified correctly.</p>'}</div>
-{f'<p>{more} more in misclassified.csv</p>' if more > 0 else ''}
-{quality}
-<h2>Training</h2>
-<div class="plots"><img src="{_data_uri(plots['training_curves.png'])}" alt="training curves"></div>
-<h2>History</h2>
-<div class="plots"><img src="{_data_uri(plots['history.png'])}" alt="metrics over evaluations"></div>
-<table><tr><th>#</th><th>time</th><th>model</th><th>accuracy</th><th>balanced accuracy</th><th>test images</th></tr>
-{history_rows}</table>
-<h2>Data</h2>
-<table><tr><th>class</th><th>train</th><th>val</th><th>test</th><th>all</th></tr>{counts_rows}</table>
-<p>{len(skipped)} file(s) skipped{':' if skipped else '.'}</p>
-{f'<table><tr><th>path</th><th>reason</th></tr>{skipped_rows}</table>' if skipped else ''}
-<h2>Provenance</h2>
-<pre>{e(json.dumps(provenance, indent=2))}</pre>
-<script>
-// Served by 'make serve', the matrix cells and the class rows link to the photos they count; opened as a
-// file, the page stays as it is.
-if (location.protocol.startsWith("http")) {{
-  fetch("/api/health").then(r => {{ if (r.ok) linkCells(); }}).catch(() => {{}});
-}}
-function linkCells() {{
-  document.querySelectorAll("[data-true]").forEach(node => {{
-    const url = "/photos?true=" + encodeURIComponent(node.dataset.true) + "&predicted=" + encodeURIComponent(node.dataset.predicted);
-    const cell = node.tagName === "TR" ? node.cells[2] : node;
-    const link = document.createElement("a"); link.href = url; link.append(...cell.childNodes); cell.append(link);
-  }});
-  document.querySelectorAll("tr[data-class]").forEach(row => {{
-    const link = document.createElement("a"); link.href = "/photos?cls=" + encodeURIComponent(row.dataset.class);
-    link.append(...row.cells[0].childNodes); row.cells[0].append(link);
-  }});
-}}
-window.addEventListener("load", () => {{
-  const images = Array.from(document.images);
-  const loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.dataset.imagesLoaded = loaded + "/" + images.length;
-}});
-</script>
-</body></html>
-"""
-    return atomic_write_text(reports / "index.html", page)
+    matrix = [(t, list(zip(classes, (int(n) for n in row)))) for t, row in zip(classes, metrics["confusion_matrix"])]
+    gallery = [{**item, "uri": _thumbnail(page.data_root / item["path"])} for item in page.misclassified[:MAX_GALLERY]]
+    html_text = templates.render(
+        "report.html", title="Evaluation report", here="/report", standalone=True, inline_style=STYLE,
+        metrics=metrics, classes=classes, provenance=page.provenance, history=page.history,
+        trust=_trust_section(metrics, plots, page.data_root, page.rejected),
+        worst_first=sorted(metrics["per_class"].items(), key=lambda item: (item[1]["f1"], item[0])),
+        confusions=confused_pairs(np.array(metrics["confusion_matrix"]), classes),
+        matrix=matrix if len(classes) <= MATRIX_CLASSES else [],
+        plots={name: _data_uri(png) for name, png in plots.items()},
+        misclassified=page.misclassified, gallery=gallery, more=len(page.misclassified) - MAX_GALLERY,
+        quality=page.quality, history_rows=list(reversed(list(enumerate(page.history, start=1)))),
+        counts=page.counts, skipped=page.skipped, provenance_json=json.dumps(page.provenance, indent=2))
+    return atomic_write_text(reports / "index.html", html_text)
