@@ -10,8 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pipeline.backbones import keras_models  # noqa: E402
 from pipeline.tf_import import keras as quiet_keras  # noqa: E402
 

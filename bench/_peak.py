@@ -2,7 +2,7 @@
 
     python -S bench/_peak.py REPORT.json COMMAND [ARG ...]
 
-A fresh, small interpreter: the command it starts inherits no large maximum (see bench/_run.py).
+A fresh, small interpreter: the command it starts inherits no large maximum (see bench/harness.py).
 """
 import json
 import os

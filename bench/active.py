@@ -20,17 +20,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from _photos import DATASETS, require  # noqa: E402
 from default_c import featurise, splits  # noqa: E402
+from harness import DATASETS, ROOT, require  # noqa: E402
 
 from pipeline.app import active  # noqa: E402
 from pipeline.vectors import unit_rows  # noqa: E402

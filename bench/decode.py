@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/decode.py [--work DIR] [--seeds 5] [--skip-decoders]
 
-Every phone-sized photo here is made by the benchmark (bench/_photos.py): a shared-dataset photo
+Every phone-sized photo here is made by the benchmark (bench/harness.py): a shared-dataset photo
 upscaled to 4032 x 3024 with mild noise and re-encoded as JPEG quality 92.
 
 1. Decoders, on 40 phone-sized photos: per photo, ms of one core to decode, to decode and resize to
@@ -36,11 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from _photos import DATASETS, make_phone_dataset, make_phone_images, require, seeded_split  # noqa: E402
+from harness import DATASETS, ROOT, make_phone_dataset, make_phone_images, require, seeded_split  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.project import open_project

@@ -25,11 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from _photos import DATASETS, require  # noqa: E402
+from harness import DATASETS, ROOT, require  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.project import open_project

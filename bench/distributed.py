@@ -30,14 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from _photos import require  # noqa: E402
-
-DATASETS = ROOT.parent / "shared" / "datasets"
-
-from _run import measured, run_measured  # noqa: E402
+from harness import DATASETS, ROOT, cli, measured, require  # noqa: E402
 
 MERGE = r"""
 import json, sys, time, hashlib, os
@@ -100,7 +93,7 @@ def scan_cost(work: Path, n: int = 10_000) -> dict:
 
 def cpu_seconds(work: Path) -> dict:
     """Seconds of one core per photo: decode + resize, and the backbone alone."""
-    from _photos import SOURCE, make_phone_images
+    from harness import SOURCE, make_phone_images
 
     from pipeline.backbones.litert import LiteRTBackbone
     from pipeline.data.decode import decode_rgb
@@ -121,8 +114,8 @@ def cpu_seconds(work: Path) -> dict:
     project = work / "cpu"
     project.mkdir()
     (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(SOURCE)}}))
-    run_measured(project, "features", "--set", "features.precision=int8")
-    run_measured(project, "features")
+    cli(project, "features", "--set", "features.precision=int8")
+    cli(project, "features")
     import numpy as np
 
     x = np.random.default_rng(0).uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
@@ -143,7 +136,7 @@ def engines(work: Path, repeats: int) -> dict:
     warm = work / "warm"
     warm.mkdir()
     (warm / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(DATASETS / "dogs_vs_cats_1k")}}))
-    run_measured(warm, "features")
+    cli(warm, "features")
     runs: dict = {"local": [], "ray": []}
     for repeat in range(repeats):
         for engine in (("local", "ray") if repeat % 2 == 0 else ("ray", "local")):
@@ -152,7 +145,7 @@ def engines(work: Path, repeats: int) -> dict:
             shutil.copytree(warm / "cache" / "weights", project / "cache" / "weights")
             (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(DATASETS / "dogs_vs_cats_1k")},
                                                              "features": {"engine": engine}}))
-            result = run_measured(project, "features")
+            result = cli(project, "features")
             runs[engine].append(result["seconds"])
             shutil.rmtree(project)
     local, distributed = statistics.median(runs["local"]), statistics.median(runs["ray"])

@@ -6,7 +6,7 @@ Trains the default pipeline (EfficientNet-Lite0 + logreg) on a shared dataset in
 project, exports it twice (dynamic-range and int8 quantised TFLite beside the float formats),
 then times each format in this process on the dataset's own JPEGs, decoded beforehand:
 - latency: one photo at its own size (about 500 x 375), median over --runs photos; and one
-  phone-sized photo (4032 x 3024, made by bench/_photos.py), median over 10: the resize inside
+  phone-sized photo (4032 x 3024, made by bench/harness.py), median over 10: the resize inside
   the model is part of it;
 - throughput: batches of 32 of the photos resized beforehand to 224 x 224 (the resize does nothing)
   and to 500 x 375 (it does its work), images per second, median of 5 batches.
@@ -16,29 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from _photos import require  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ROOT.parent / "shared" / "datasets"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-
-def cli(project: Path, *args: str) -> None:
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "pipeline", *args, "--params", str(project / "params.yaml")],
-                         cwd=project, env=env, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr}")
+from harness import DATASETS, ROOT, cli, require  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     root = DATASETS / args.dataset
     require(root)
-    from _photos import make_phone_images
+    from harness import make_phone_images
     from PIL import Image
 
     from pipeline.data.decode import decode_rgb

@@ -27,18 +27,12 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from _photos import DATASETS, require, seeded_split  # noqa: E402
-from _run import run_measured  # noqa: E402
+from harness import DATASETS, ROOT, cli, require, seeded_split  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
 from pipeline import runtime  # noqa: E402
@@ -64,7 +58,7 @@ def process(root: Path, work: Path, machine: Path, precision: str) -> dict:
     project = Path(tempfile.mkdtemp(dir=work))
     (project / "params.yaml").write_text(json.dumps({"data": {"root": str(root)},
                                                      "features": {"precision": precision}}))
-    result = run_measured(project, "features", env={"XDG_CACHE_HOME": str(machine)})
+    result = cli(project, "features", env={"XDG_CACHE_HOME": str(machine)})
     shutil.rmtree(project)
     return {"seconds": result["seconds"], "peak_mb": result["peak_mb"]}
 

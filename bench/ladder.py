@@ -18,18 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATASETS = ROOT.parent / "shared" / "datasets"
-
-from _photos import require  # noqa: E402
+from harness import DATASETS, ROOT, require  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.project import open_project

@@ -26,19 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 import typing
 from pathlib import Path
 
 import numpy as np
+from harness import DATASETS, ROOT, require  # noqa: E402
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from _photos import DATASETS, require  # noqa: E402
 from quality import strangers  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
@@ -50,6 +45,7 @@ from pipeline.store import table as feature_store  # noqa: E402
 from pipeline.training import guard as guard_mod  # noqa: E402
 from pipeline.training.classifiers import HeadClassifier  # noqa: E402
 from pipeline.training.heads import HEADS  # noqa: E402
+from pipeline.training.heads.softmax import Steps  # noqa: E402
 
 SHOTS = (1, 2, 5, 10, 20)
 
@@ -148,7 +144,7 @@ def few_shot(known, seeds: int) -> dict:
                                                     replace=False) for k in range(int(train_y.max()) + 1)])
                 head = HEADS[name](k=min(10, len(chosen))) if name == "knn" else HEADS[name]()
                 if name == "softmax":
-                    head.set_params(epochs=100, patience=0)
+                    head.set_params(steps=Steps(epochs=100, patience=0))
                 head.fit(train_x[chosen], train_y[chosen])
                 accuracies.append(float(np.mean(head.predict(test_x) == test_y)))
             table[name][shots] = {"mean": statistics.mean(accuracies),

@@ -21,19 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from harness import DATASETS, ROOT, make_phone_images, require  # noqa: E402
 from PIL import Image, ImageOps
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-DATASETS = ROOT.parent / "shared" / "datasets"
-
-from _photos import make_phone_images, require  # noqa: E402
 
 from pipeline import params as params_mod  # noqa: E402
 from pipeline import runtime

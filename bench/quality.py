@@ -23,19 +23,12 @@ import argparse
 import json
 import random
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from harness import DATASETS, ROOT, cli, require  # noqa: E402
 from PIL import Image, ImageEnhance, ImageOps
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-DATASETS = ROOT.parent / "shared" / "datasets"
-
-from _photos import require  # noqa: E402
-from _run import run_measured  # noqa: E402
 from scale import make_photos  # noqa: E402
 
 STRANGERS = ["rocket", "coffee", "astronaut", "camera", "chelsea_never", "coins", "moon", "page", "text", "horse",
@@ -118,8 +111,8 @@ def planted_run(work: Path, seed: int) -> dict:
     project = photos.parent
     (project / "params.yaml").write_text(json.dumps({"data": {"root": "photos"},
                                                      "inspect": {"outliers": 0.012}}))
-    run_measured(project, "features")
-    timed = run_measured(project, "inspect")
+    cli(project, "features")
+    timed = cli(project, "inspect")
     reports = project / "reports"
     issues = {r["path"] for r in read_csv(reports / "label_issues.csv")}
     found_pairs = {frozenset((r["path_a"], r["path_b"])) for r in read_csv(reports / "near_duplicates.csv")}
@@ -135,8 +128,8 @@ def as_is(work: Path) -> dict:
     project = work / "breeds"
     project.mkdir()
     (project / "params.yaml").write_text(json.dumps({"data": {"root": str(DATASETS / "cat_breeds_web5")}}))
-    run_measured(project, "features")
-    timed = run_measured(project, "inspect")
+    cli(project, "features")
+    timed = cli(project, "inspect")
     summary = json.loads((project / "reports" / "inspect.json").read_text())
     reports = project / "reports"
     return {"summary": {k: summary[k] for k in ("photos", "label_issues", "near_duplicate_pairs", "leaking_pairs",
@@ -149,8 +142,8 @@ def at_scale(work: Path, n: int) -> dict:
     project = work / f"n{n}"
     make_photos(project / "photos", n)
     (project / "params.yaml").write_text(json.dumps({"data": {"root": "photos"}}))
-    run_measured(project, "features")
-    timed = run_measured(project, "inspect")
+    cli(project, "features")
+    timed = cli(project, "inspect")
     summary = json.loads((project / "reports" / "inspect.json").read_text())
     return {"photos": summary["photos"], "seconds": timed["seconds"], "peak_mb": timed["peak_mb"],
             "seconds_inside": summary["seconds"]}

@@ -30,20 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATASET = ROOT.parent / "shared" / "datasets" / "dogs_vs_cats_1k"
-
-import h5py  # noqa: E402
-from _photos import require  # noqa: E402
+import h5py
+from harness import ROOT, SOURCE, require
 
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.project import open_project
 from pipeline.stages import features  # noqa: E402
-from pipeline.store import (
-    layout,
-    table,  # noqa: E402
-)
+from pipeline.store import layout, table
 from pipeline.store import parts as parts_mod  # noqa: E402
 
 
@@ -121,7 +114,7 @@ def one_run(safe: bool, weights: Path) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
         shutil.copytree(weights, project / "cache" / "weights")
-        params = params_mod.build({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(DATASET)}}, "bench")
+        params = params_mod.build({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(SOURCE)}}, "bench")
         patches, inside = Patches(), [0.0]
         if safe:
             patches.timed(parts_mod, "write", inside)
@@ -176,7 +169,7 @@ def kill_test(point: str, weights: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
         shutil.copytree(weights, project / "cache" / "weights")
-        (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(DATASET)}}))
+        (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(SOURCE)}}))
         env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
         process = subprocess.Popen([sys.executable, "-m", "pipeline", "features"], cwd=project, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -209,10 +202,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=6)
     args = parser.parse_args()
-    require(DATASET)
+    require(SOURCE)
     with tempfile.TemporaryDirectory() as tmp:
         warm = Path(tmp)
-        features.run(open_project(params_mod.build({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(DATASET)}}, "bench"), warm))  # converts once
+        features.run(open_project(params_mod.build({"paths": {"weights_dir": "cache/weights"}, "data": {"root": str(SOURCE)}}, "bench"), warm))  # converts once
         weights = warm / "cache" / "weights"
         one_run(True, weights)  # warm-up: file system cache
         on, off, inside = [], [], []

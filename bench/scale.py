@@ -23,12 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-DATASETS = ROOT.parent / "shared" / "datasets"
-
-from _photos import require  # noqa: E402
-from _run import run_measured  # noqa: E402
+from harness import DATASETS, ROOT, cli, require  # noqa: E402
 
 STAGES = [  # (label, command, extra --set)
     ("features", ["features"], []),
@@ -84,8 +79,8 @@ def main() -> None:
                                                              "features": {"backbone": args.backbone}}))
             (project / "cache").mkdir()
             if not weights.exists():
-                run_measured(project, "features")
-                run_measured(project, "top-features")
+                cli(project, "features")
+                cli(project, "top-features")
                 os.replace(project / "cache" / "weights", weights)
                 for folder in ("features", "top_features"):
                     os.system(f"rm -rf {project / 'cache' / folder}")
@@ -93,7 +88,7 @@ def main() -> None:
             rows = {}
             for label, command, sets in STAGES:
                 extra = [a for s in sets for a in ("--set", s)]
-                result = run_measured(project, *command, *extra)
+                result = cli(project, *command, *extra)
                 rows[label] = {"seconds": result["seconds"], "peak_mb": result["peak_mb"]}
                 print(f"{n} {label}: {result['seconds']:.1f} s, {result['peak_mb']:.0f} MB", file=sys.stderr)
             cache = {folder: sum(p.stat().st_size for p in (project / "cache" / folder).rglob("*.h5")) / 1e6

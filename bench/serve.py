@@ -31,9 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from _photos import DATASETS, require  # noqa: E402
+from harness import DATASETS, ROOT, require  # noqa: E402
 
 
 def memory_mb(pid: int) -> dict:

@@ -19,7 +19,7 @@ Methods, per image set, in alternating order, --repeats times, medians:
 - pipeline, ``precision: int8``;
 - pipeline, ``runtime: keras``.
 Image sets: the 1,000 dogs-vs-cats JPEGs (~500 x 375); phone-sized: the first --phone-images
-upscaled to 4032 x 3024 with mild noise, JPEG quality 92 (bench/_photos.py).
+upscaled to 4032 x 3024 with mild noise, JPEG quality 92 (bench/harness.py).
 
 Also: the ceiling, the LiteRT backbone alone (random inputs made beforehand, 1 and 2 threads,
 batch 1 and 32; float32 and int8) and the stage's in-stage rate as a share of the best of it; an incremental run adding 10
@@ -40,12 +40,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from harness import ROOT, SOURCE, cli, make_phone_images, measured, require  # noqa: E402
 from PIL import Image, ImageOps
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from _photos import SOURCE, make_phone_images, require  # noqa: E402
-from _run import measured, run_measured  # noqa: E402
 
 
 def measure_naive(root: Path, cache: Path) -> dict:
@@ -70,7 +66,7 @@ def project_for(root: Path, work: Path, warm: Path | None, **features) -> Path:
 
 def measure_pipeline(root: Path, work: Path, warm: Path | None, **features) -> dict:
     project = project_for(root, work, warm, **features)
-    result = run_measured(project, "features")
+    result = cli(project, "features")
     stage = re.search(r"featurised (\d+) image\(s\) in ([\d.]+) s", result["stderr"])
     shutil.rmtree(project)
     return {"seconds": result["seconds"], "peak_mb": result["peak_mb"], "images": int(stage.group(1)),
@@ -86,9 +82,9 @@ def warm_weights(work: Path) -> Path:
         for path in sorted((SOURCE / label).iterdir())[:8]:
             shutil.copy(path, small / label / path.name)
     (project / "params.yaml").write_text(json.dumps({"paths": {"weights_dir": "cache/weights"}, "data": {"root": "photos"}}))
-    run_measured(project, "features")
-    run_measured(project, "features", "--set", "features.runtime=keras")
-    run_measured(project, "features", "--set", "features.precision=int8")  # calibrated on generic photos
+    cli(project, "features")
+    cli(project, "features", "--set", "features.runtime=keras")
+    cli(project, "features", "--set", "features.precision=int8")  # calibrated on generic photos
     return project / "cache" / "weights"
 
 
@@ -192,12 +188,12 @@ def main() -> None:
         # Incremental: 10 new photos on top of a cached 1,000.
         root = link_tree(work / "incremental", [(l, p) for l in ("cats", "dogs") for p in sorted((SOURCE / l).iterdir())])
         project = project_for(root, work, warm)
-        full = run_measured(project, "features")
+        full = cli(project, "features")
         for i, path in enumerate(sorted((SOURCE / "cats").iterdir())[:10]):
             with Image.open(path) as image:
                 ImageOps.flip(image.convert("RGB")).save(root / "cats" / f"new_{i}.jpg", quality=90)
-        added = run_measured(project, "features")
-        hit = run_measured(project, "features")
+        added = cli(project, "features")
+        hit = cli(project, "features")
         results["incremental"] = {"full_seconds": full["seconds"], "add_10_seconds": added["seconds"],
                                   "ratio": added["seconds"] / full["seconds"], "nothing_changed_seconds": hit["seconds"]}
 

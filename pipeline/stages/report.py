@@ -110,6 +110,22 @@ def _figures(metrics: dict, head_history: dict, history: list[dict]) -> dict[str
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    plots = _confusion_figures(plt, metrics)
+    plots["training_curves.png"] = _training_figure(plt, metrics, head_history)
+    if metrics.get("reliability"):
+        plots["reliability.png"] = _reliability_figure(plt, metrics["reliability"], metrics.get("calibration", {}))
+    plots["history.png"] = _history_figure(plt, history)
+    return plots
+
+
+def _saved(plt, figure) -> bytes:
+    png = _png(figure)
+    plt.close(figure)
+    return png
+
+
+def _confusion_figures(plt, metrics: dict) -> dict[str, bytes]:
+    """Counts and row-normalised rates, over the most confused classes when there are many."""
     full = np.array(metrics["confusion_matrix"], dtype=float)
     shown = confused_classes(full)
     classes = [metrics["classes"][i] for i in shown]
@@ -135,9 +151,12 @@ def _figures(metrics: dict, head_history: dict, history: list[dict]) -> dict[str
                 axes.text(j, i, fmt.format(values[i, j]), ha="center", va="center",
                           color="white" if values[i, j] > 0.6 * peak else "black")
         figure.colorbar(image, ax=axes, fraction=0.046)
-        plots[name] = _png(figure)
-        plt.close(figure)
+        plots[name] = _saved(plt, figure)
+    return plots
 
+
+def _training_figure(plt, metrics: dict, head_history: dict) -> bytes:
+    """Loss and accuracy per epoch (Keras heads), or CV accuracy over C and accuracy by split (the regression)."""
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     epochs = head_history.get("epochs")
     if epochs:
@@ -149,7 +168,8 @@ def _figures(metrics: dict, head_history: dict, history: list[dict]) -> dict[str
             ax.set_xlabel("epoch")
             ax.set_title(metric)
             ax.legend()
-    elif head_history.get("cv_balanced_accuracy"):
+        return _saved(plt, figure)
+    if head_history.get("cv_balanced_accuracy"):
         grid = {float(c): s for c, s in head_history["cv_balanced_accuracy"].items()}
         axes[0].semilogx(list(grid), list(grid.values()), "o-")
         axes[0].set_xlabel("C")
@@ -161,16 +181,13 @@ def _figures(metrics: dict, head_history: dict, history: list[dict]) -> dict[str
         axes[0].set_axis_off()
     bars = {k: head_history[k] for k in ("train_accuracy", "val_accuracy") if k in head_history}
     bars["test_accuracy"] = metrics["accuracy"]
-    if not epochs:
-        axes[1].bar(list(bars), list(bars.values()), color=["#4c72b0", "#dd8452", "#55a868"][:len(bars)])
-        axes[1].set_ylim(0, 1)
-        axes[1].set_title("accuracy by split")
-    plots["training_curves.png"] = _png(figure)
-    plt.close(figure)
+    axes[1].bar(list(bars), list(bars.values()), color=["#4c72b0", "#dd8452", "#55a868"][:len(bars)])
+    axes[1].set_ylim(0, 1)
+    axes[1].set_title("accuracy by split")
+    return _saved(plt, figure)
 
-    if metrics.get("reliability"):
-        plots["reliability.png"] = _reliability_figure(plt, metrics["reliability"], metrics.get("calibration", {}))
 
+def _history_figure(plt, history: list[dict]) -> bytes:
     figure, axes = plt.subplots(figsize=(8, 3))
     runs = range(1, len(history) + 1)
     axes.plot(runs, [h["accuracy"] for h in history], "o-", label="accuracy")
@@ -179,9 +196,7 @@ def _figures(metrics: dict, head_history: dict, history: list[dict]) -> dict[str
     axes.set_xticks(list(runs))
     axes.set_title("test metrics over evaluations")
     axes.legend()
-    plots["history.png"] = _png(figure)
-    plt.close(figure)
-    return plots
+    return _saved(plt, figure)
 
 
 def _reliability_figure(plt, bins: dict, numbers: dict) -> bytes:

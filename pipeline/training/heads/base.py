@@ -84,6 +84,13 @@ class Head:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
 
+    @classmethod
+    def from_section(cls, params: HeadParams, class_weight: str, seed: int) -> "Head":
+        """The head for its ``train_head`` section: ``class_weight``, ``seed`` and its own keys, each where
+        ``__init__`` takes one of that name (a head whose arguments group its keys says how)."""
+        values = {"class_weight": class_weight, "seed": seed, **{key: getattr(params, key) for key in params.keys()}}
+        return cls(**{name: values[name] for name in cls._get_param_names() if name in values})
+
     def embed(self, X) -> np.ndarray:
         return np.asarray(X, np.float32).reshape(len(X), -1)
 
@@ -121,12 +128,8 @@ def registered(cls: type[Head]):
 
 
 def from_params(section) -> Head:
-    """The head ``train_head.model`` names, with its hyperparameters: the section's ``class_weight`` and
-    ``seed`` and its own (``section.head``) where its ``__init__`` takes them."""
-    cls = HEADS[section.model]
-    values = {"class_weight": section.class_weight, "seed": section.seed,
-              **{name: getattr(section.head, name) for name in section.head.keys()}}
-    return cls(**{name: values[name] for name in cls._get_param_names() if name in values})
+    """The head ``train_head.model`` names, with its hyperparameters (``Head.from_section``)."""
+    return HEADS[section.model].from_section(section.head, section.class_weight, section.seed)
 
 
 def folds(y: np.ndarray, wanted: int, seed: int, error: str) -> list:

@@ -3,6 +3,7 @@ kernel, Adam, early stopping on val (the best epoch's weights kept). Its rung st
 batch at a time (``fit_inputs``), so memory is flat in the number of photos."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -29,6 +30,16 @@ class SoftmaxParams(HeadParams):
         return self
 
 
+@dataclass(frozen=True)
+class Steps:
+    """How the softmax head's gradient steps go (its ``train_head`` keys of the same names)."""
+
+    learning_rate: float = 0.001
+    epochs: int = 100
+    batch_size: int = 32
+    patience: int = 10
+
+
 @register
 class SoftmaxHead(Head):
     Params = SoftmaxParams
@@ -37,11 +48,15 @@ class SoftmaxHead(Head):
     uses_val = True
     streams = True
 
-    def __init__(self, learning_rate=0.001, epochs=100, batch_size=32, l2=0.0001, dropout=0.2, patience=10,
-                 hidden_units=(), class_weight="balanced", seed=0):
-        self.learning_rate, self.epochs, self.batch_size, self.l2 = learning_rate, epochs, batch_size, l2
-        self.dropout, self.patience, self.hidden_units = dropout, patience, hidden_units
+    def __init__(self, hidden_units=(), dropout=0.2, l2=0.0001, steps=None, class_weight="balanced", seed=0):
+        self.hidden_units, self.dropout, self.l2 = hidden_units, dropout, l2
+        self.steps = steps  # Steps (None: its defaults)
         self.class_weight, self.seed = class_weight, seed
+
+    @classmethod
+    def from_section(cls, params: SoftmaxParams, class_weight: str, seed: int) -> "SoftmaxHead":
+        steps = Steps(params.learning_rate, params.epochs, params.batch_size, params.patience)
+        return cls(params.hidden_units, params.dropout, params.l2, steps, class_weight, seed)
 
     def build(self, input_shape, n_classes: int):
         from pipeline.tf_import import keras as quiet_keras
@@ -65,8 +80,9 @@ class SoftmaxHead(Head):
         from pipeline.training.keras_fit import Phase, Schedule, fit
 
         model = self.build(inputs.shape, len(inputs.classes))
-        schedule = Schedule([Phase("head", self.epochs, self.learning_rate, lambda model: None)], self.batch_size,
-                            self.patience, self.class_weight, self.seed)
+        steps = self.steps or Steps()
+        schedule = Schedule([Phase("head", steps.epochs, steps.learning_rate, lambda model: None)], steps.batch_size,
+                            steps.patience, self.class_weight, self.seed)
         self.history_ = fit(model, inputs, train, val, schedule, backup, log)
         self.model_ = model
         self.n_classes_ = len(inputs.classes)
