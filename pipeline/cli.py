@@ -120,24 +120,51 @@ def _dispatch(args) -> int:
         print(f"demo dataset in {demo.build(args.out)}")
         return 0
     if args.command == "init":
-        target = Path(args.params)
-        if target.exists():
-            raise params_mod.ParamsError(f"{target} exists; edit it, or pass --params to write another file")
-        text = (Path(__file__).resolve().parent / "params.yaml").read_text(encoding="utf-8")
-        target.write_text(text.replace("  root: data/demo ", f"  root: {args.root} ", 1), encoding="utf-8")
-        from pipeline.data import corrections
-
-        decisions = target.parent / "corrections.csv"  # where the params' data.corrections points
-        if not decisions.exists():
-            decisions.write_text(corrections.render({}), encoding="utf-8")
-        print(f"wrote {target} (data.root: {args.root}) and {decisions.name}; next: 'features', 'train-head', "
-              "'evaluate' or 'serve'")
-        return 0
+        return _init(Path(args.params), args.root)
     params = params_mod.load(args.params, args.overrides)
     project = open_project(params, Path(args.params).resolve().parent)  # resolved once, passed down
     if args.command in ("all", *graph.BY_NAME, graph.TRAIN.name):
         return _run_stages(args, project)
     return _use(args, project)
+
+
+def _init(target: Path, root: str) -> int:
+    """Write a params file for photos under ``root`` (and an empty corrections file), never over one; say
+    what the photos are: classes, photo counts, formats not read."""
+    import re
+
+    import yaml
+
+    from pipeline.data import corrections, scan
+
+    if target.exists():
+        raise params_mod.ParamsError(f"{target} exists; edit it, or pass --params to write another file")
+    text = (Path(__file__).resolve().parent / "params.yaml").read_text(encoding="utf-8")
+    text = re.sub(r"(?m)^  root: .*$", lambda _: f"  root: {root}  # one sub-folder per class (or train/ val/ test/ "
+                  "above them)", text, count=1)
+    params = params_mod.build(yaml.safe_load(text), str(target))
+    found, problem = None, f"no folder {root} yet: put one sub-folder of photos per class in it"
+    if (target.parent / root).is_dir():
+        try:
+            found = scan.scan(params.data, target.parent)
+        except scan.DatasetError as error:  # the params are still worth writing: say what to fix
+            problem = str(error)
+    target.write_text(text, encoding="utf-8")
+    decisions = target.parent / "corrections.csv"  # where the params' data.corrections points
+    if not decisions.exists():
+        decisions.write_text(corrections.render({}), encoding="utf-8")
+    print(f"wrote {target} (data.root: {root}) and {decisions.name}")
+    if found is None:
+        print(problem)
+    else:
+        counts = {c: sum(1 for r in found.records if r.label == c) for c in found.classes}
+        print(f"{len(counts)} classes, {sum(counts.values())} photos: "
+              + ", ".join(f"{c} {n}" for c, n in counts.items()))
+        unread = scan.unread_summary(found.skipped)
+        if unread:
+            print(f"{unread}; convert them to JPEG, PNG, HEIC or AVIF to use them")
+    print("next: 'features', 'train-head', 'evaluate' or 'serve'")
+    return 0
 
 
 def _use(args, project) -> int:

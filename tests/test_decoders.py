@@ -25,11 +25,12 @@ def test_a_throwaway_decoder_is_read_everywhere_the_scan_looks(project):
         Image.fromarray(array).save(project / "photos" / "misty" / f"scan_{i}.tif", format="TIFF")
     params = make_params(project)
     before = features.run(open_project(params, project))
-    assert sum(s.path.endswith(".tif") for s in before.skipped) == 0 and before.n_rows == 36  # not images to it
+    reported = [s for s in before.skipped if s.path.endswith(".tif")]
+    assert len(reported) == 3 and {s.format for s in reported} == {"TIFF"} and before.n_rows == 36  # not read yet
     tiff = decode.Decoder("TIFF", lambda head: head[:4] in (b"II*\x00", b"MM\x00*"), (".tif", ".tiff"))
     with decode.registered(tiff):
         after = features.run(open_project(params, project))
-        assert after.n_new == 3 and after.n_rows == 39
+        assert after.n_new == 3 and after.n_rows == 39 and not after.skipped
     assert "TIFF" not in decode.DECODERS
 
 

@@ -178,3 +178,20 @@ def test_users_of_a_model_never_branch_on_the_rung(module):
         if isinstance(node, ast.Compare):
             compared = [n.value for n in (node.left, *node.comparators) if isinstance(n, ast.Constant)]
             assert not rung_names & set(compared), f"{module}:{node.lineno} compares with a rung's name"
+
+
+def _functions(path):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs if a.arg not in ("self", "cls")]
+            names += [a.arg for a in (args.vararg, args.kwarg) if a]
+            yield f"{path.relative_to(ROOT)}:{node.lineno} {node.name}", node.end_lineno - node.lineno + 1, len(names)
+
+
+def test_functions_stay_small():
+    found = [f for path in (ROOT / "pipeline").rglob("*.py") for f in _functions(path)]
+    assert len(found) > 300  # the walk sees the package
+    too_long = [f"{name} ({lines} lines)" for name, lines, _ in found if lines > 60]
+    too_many = [f"{name} ({count} parameters)" for name, _, count in found if count > 8]
+    assert not too_long and not too_many, "; ".join(too_long + too_many)

@@ -181,8 +181,8 @@ def test_the_report_stays_readable_and_small_at_100_classes(tmp_path):
                       "p_predicted": 0.9, "p_true": 0.05})
     reports = tmp_path / "reports"
     reports.mkdir()
-    page = report.write(reports, photos, metrics, wrong, {}, [], {"backbone": "x", "layer": "pooled"},
-                        {c: {"train": 1, "val": 1, "test": 1} for c in classes}, [])
+    page = report.write(reports, report.ReportPage(photos, metrics, wrong, {}, [], {"backbone": "x", "layer": "pooled"},
+                                                   {c: {"train": 1, "val": 1, "test": 1} for c in classes}, []))
     text = page.read_text()
     assert page.stat().st_size < 3_000_000
     assert text.count("<figure>") == 60

@@ -47,7 +47,7 @@ def run(command, cwd, env, *args):
 def test_the_wheel_is_named_photohead_and_carries_the_app(installed):
     wheel, command, site, env = installed
     names = zipfile.ZipFile(wheel).namelist()
-    for needed in ("pipeline/app/templates/base.html", "pipeline/app/templates/try.html", "pipeline/app/static/app.js",
+    for needed in ("pipeline/templates/base.html", "pipeline/templates/report.html", "pipeline/app/templates/try.html", "pipeline/app/static/app.js",
                    "pipeline/app/static/favicon.svg",
                    "pipeline/params.yaml"):
         assert needed in names

@@ -292,3 +292,16 @@ def test_every_page_shares_one_layout_and_a_missing_report_is_a_page(served):
     finally:
         report.with_suffix(".away").rename(report)
     assert status == 404 and "<nav>" in page and "photohead evaluate" in page
+
+
+def test_the_app_answers_phone_photos_as_predict_does(served, tmp_path):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    colour = np.clip(np.array(CLASS_COLOURS["tigger"]) + np.random.default_rng(3).normal(0, 20, (40, 48, 3)), 0, 255)
+    array = colour.astype(np.uint8)
+    heic, avif = tmp_path / "phone.heic", tmp_path / "phone.avif"
+    pillow_heif.from_pillow(Image.fromarray(array)).save(heic, quality=90)
+    Image.fromarray(array).save(avif, format="AVIF", quality=90)
+    status, answers = served.upload("/api/predict", [(f.name, f.read_bytes()) for f in (heic, avif)])
+    assert status == 200, answers
+    assert without_path(answers) == without_path(predict_cli(served.project, [heic, avif]))
+    assert [a["answer"] for a in answers] == ["tigger", "tigger"]

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import graph
 from pipeline.app import active
 from pipeline.data import corrections
-from pipeline.data.decode import sniff
+from pipeline.data.decode import DECODERS, sniff
 from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.project import open_project
@@ -31,7 +31,6 @@ from pipeline.use import predict
 from pipeline.vectors import nearest, unit_rows
 
 log = logging.getLogger("pipeline.serve")
-SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif"}
 
 
 class UnknownPhoto(PipelineError, LookupError):
@@ -119,7 +118,7 @@ class Served:
             sha = hashlib.sha256(data).hexdigest()
             shas.append(sha)
             folder = Path(self.uploads.name)
-            target = folder / f"{sha}{SUFFIXES.get(kind, '.bin')}"
+            target = folder / f"{sha}{DECODERS[kind].suffixes[0] if kind in DECODERS else '.bin'}"
             files.append((name, target, data))
         with self.lock:
             for _, target, data in files:

@@ -1,10 +1,14 @@
 """Recognise images by content and decode them to the backbone's input.
 
 Each format the tool reads is one entry of the decoder registry (``register``): how to tell it from
-its first bytes, the file names it usually has, and whether a large photo can be decoded at a
-reduced DCT scale. ``sniff`` asks every entry, so a PNG named ``.jpg`` is a PNG and a text file
+its first bytes, the file names it usually has, whether a large photo can be decoded at a reduced
+DCT scale, and the Pillow plugin that reads it when Pillow does not itself (HEIC: ``pi-heif``, a
+decoder-only build of libheif, registered on first use). Formats that are images but that the tool
+does not read (TIFF, JPEG XL, camera RAW, ...) are recognised too (``unread_format``), so that such a
+file is reported, never passed over. ``sniff`` asks every entry, so a PNG named ``.jpg`` is a PNG and a text file
 named ``.jpg`` is not an image. ``decode_rgb`` applies EXIF orientation and converts every mode
-(grayscale, palette, alpha, CMYK, 16-bit) to 8-bit RGB. Large JPEGs are decoded at a reduced DCT
+(grayscale, palette, alpha, CMYK, 16-bit) to 8-bit RGB; HEIF's own rotation and mirroring
+(``irot``, ``imir``) are applied by libheif while decoding. Large JPEGs are decoded at a reduced DCT
 scale (``draft``): never decode pixels only to throw them away. No TensorFlow here.
 
 A file is bad when the decoder refuses its bytes: an error raised inside Pillow or OpenCV. An error
@@ -26,7 +30,7 @@ from pipeline.errors import PipelineError
 
 # Bump when a file that failed to decode might decode now (a new decoder, a fixed bug): bad marks made by
 # another version are retried.
-VERSION = 2
+VERSION = 3  # 3: HEIF and AVIF
 
 # Images over this many pixels are refused from their header, before any pixel is decoded
 # (decompression bombs). Pillow's own check is switched off so that this one, with its message,
@@ -52,6 +56,7 @@ class Decoder:
     suffixes: tuple[str, ...]  # the names its files usually have (a file so named that is not one is reported)
     aliases: tuple[str, ...] = ()  # other names Pillow gives the same decoder's images (MPO: a JPEG with more frames)
     draft: bool = False  # can be decoded at a reduced DCT scale (Pillow's ``draft``)
+    plugin: Callable[[], None] | None = None  # registers the Pillow plugin that reads it (called once, first use)
 
 
 DECODERS: dict[str, Decoder] = {}
@@ -80,6 +85,64 @@ register(Decoder("PNG", lambda head: head.startswith(b"\x89PNG\r\n\x1a\n"), (".p
 register(Decoder("WEBP", lambda head: head[:4] == b"RIFF" and head[8:12] == b"WEBP", (".webp",)))
 register(Decoder("GIF", lambda head: head.startswith((b"GIF87a", b"GIF89a")), (".gif",)))
 register(Decoder("BMP", lambda head: head.startswith(b"BM") and len(head) >= 26, (".bmp", ".dib")))
+
+
+def _brands(head: bytes) -> set[bytes]:
+    """The major and compatible brands of an ISO base media file (HEIF, AVIF, MP4, ...) from its ``ftyp``
+    box, as far as the first bytes hold them; empty for any other file."""
+    if head[4:8] != b"ftyp":
+        return set()
+    end = min(int.from_bytes(head[:4], "big"), len(head))
+    return {head[8:12]} | {head[i:i + 4] for i in range(16, end - 3, 4)}
+
+
+AVIF_BRANDS = {b"avif", b"avis"}
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+
+def _pi_heif() -> None:
+    # pi-heif, not pillow-heif: the same libheif for reading, without the GPL x265 encoder in its wheels
+    import pi_heif
+
+    pi_heif.register_heif_opener()
+    _DECODER_CODE.append(str(Path(pi_heif.__file__).parent))
+
+
+register(Decoder("AVIF", lambda head: bool(_brands(head) & AVIF_BRANDS), (".avif",)))
+register(Decoder("HEIF", lambda head: bool(_brands(head) & HEIF_BRANDS) and not _brands(head) & AVIF_BRANDS,
+                 (".heic", ".heif", ".hif"), plugin=_pi_heif))
+
+
+@dataclass(frozen=True)
+class Unread:
+    """An image format the tool recognises but does not read: reported, with what to do instead."""
+
+    name: str
+    sniff: Callable[[bytes, str], bool]  # (first 32 bytes, lower-case suffix)
+
+
+_RAW_SUFFIXES = {".cr2", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".dng", ".pef", ".raw", ".rwl", ".3fr", ".erf",
+                 ".kdc", ".mrw", ".srw", ".x3f"}
+_TIFF = (b"II*\x00", b"MM\x00*")
+UNREAD = (
+    # TIFF-based camera RAW files (CR2, NEF, ARW, DNG, ...) tell themselves apart from TIFF by name only
+    Unread("camera RAW", lambda head, suffix: (head.startswith(_TIFF) and suffix in _RAW_SUFFIXES)
+           or head.startswith((b"FUJIFILMCCD-RAW", b"IIRO", b"IIRS", b"IIU\x00", b"MMOR"))
+           or b"crx " in _brands(head)),
+    Unread("TIFF", lambda head, suffix: head.startswith(_TIFF)),
+    Unread("JPEG XL", lambda head, suffix: head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n"))),
+    Unread("JPEG 2000", lambda head, suffix: head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"))),
+    Unread("PSD", lambda head, suffix: head.startswith(b"8BPS")),
+    Unread("HEIF sequence or other ISO media", lambda head, suffix: bool(_brands(head))
+           and suffix in (".heic", ".heif", ".hif", ".avif")),
+    Unread("ICO", lambda head, suffix: head.startswith(b"\x00\x00\x01\x00") and suffix == ".ico"),
+)
+
+
+def unread_format(head: bytes, suffix: str) -> str | None:
+    """The name of the image format of a file that ``sniff`` does not read (TIFF, JPEG XL, camera RAW,
+    PSD, ...), or None when its content is not an image this module knows of."""
+    return next((u.name for u in UNREAD if u.sniff(head, suffix.lower())), None)
 
 
 def image_suffixes() -> set[str]:
@@ -120,7 +183,17 @@ def check_header(image: Image.Image) -> None:
         raise ImageError(f"{width}x{height} pixels is over the {MAX_PIXELS:,} limit (decompression bomb?)")
 
 
-_DECODER_CODE = tuple(str(Path(module.__file__).parent) for module in (Image,))
+_DECODER_CODE = [str(Path(Image.__file__).parent)]  # and each plugin's, once registered
+_READY: set[str] = set()
+
+
+def open_image(path) -> Image.Image:
+    """``Image.open``, with the plugins of the registered decoders that need one registered first."""
+    for decoder in DECODERS.values():
+        if decoder.plugin is not None and decoder.format not in _READY:
+            decoder.plugin()
+            _READY.add(decoder.format)
+    return Image.open(path)
 
 
 def _raised_by_decoder(error: BaseException) -> bool:
@@ -129,7 +202,7 @@ def _raised_by_decoder(error: BaseException) -> bool:
     frame = error.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
-    return frame is not None and frame.tb_frame.f_code.co_filename.startswith(_DECODER_CODE)
+    return frame is not None and frame.tb_frame.f_code.co_filename.startswith(tuple(_DECODER_CODE))
 
 
 def decode_rgb(path, draft_size: int = 0) -> np.ndarray:
@@ -139,7 +212,7 @@ def decode_rgb(path, draft_size: int = 0) -> np.ndarray:
     sides at least that many pixels: several times faster on 12 MP photos, but not the pixels an
     app that decodes the whole photo gets (docs: the figures). Raises ImageError with the reason."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             check_header(image)
             shrink = reduces(image, draft_size)
             if decoder_of(image.format).draft and image.mode == "RGB" and not shrink:
@@ -196,7 +269,7 @@ def thumbnail_jpeg(path, side: int, quality: int = 80) -> bytes:
     import io
 
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             check_header(image)
             image.draft("RGB", (side, side))
             image = ImageOps.exif_transpose(image).convert("RGB")

@@ -18,17 +18,20 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.data import corrections as corrections_mod
 from pipeline.data import decode
 from pipeline.data.corrections import UNLABELLED
-from pipeline.data.decode import image_suffixes, sniff
+from pipeline.data.decode import image_suffixes, sniff, unread_format
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import atomic_write_text
 from pipeline.params import DataParams
 
+UNREAD_PREFIX = "unread:"  # the file index's format of an image in a format not read
+UNREAD_REASON = "an image format not read"  # the start of its skip reason
 EXCLUDED = "excluded in"  # the start of the skip reason of a photo the corrections exclude
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "test": "test", "testing": "test"}
@@ -53,6 +56,7 @@ class ImageRecord:
 class Skipped:
     path: str
     reason: str
+    format: str = ""  # the image format, where the content is one (skipped.csv's format column)
 
 
 @dataclass
@@ -66,6 +70,16 @@ class Dataset:
     unlabelled: list[ImageRecord] = field(default_factory=list)  # data.unlabelled's photos without a label yet
     corrections: dict = field(default_factory=dict)  # path -> corrections.Correction, as read
     present: set = field(default_factory=set)  # sha256 of every image file found, used or skipped
+
+
+def unread_summary(skipped: list[Skipped]) -> str:
+    """"3 photos in formats not read: 2 JPEG XL, 1 camera RAW", or "" when there are none."""
+    counts = Counter(s.format for s in skipped if s.reason.startswith(UNREAD_REASON))
+    if not counts:
+        return ""
+    total = sum(counts.values())
+    return (f"{total} photo{'s' if total > 1 else ''} in formats not read: "
+            + ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))))
 
 
 def hash_split(sha256: str, params: DataParams) -> str:
@@ -188,10 +202,15 @@ def _identify(index: FileIndex, file: Path, relative: str, skipped: list[Skipped
         skipped.append(Skipped(relative, f"cannot read: {error.strerror or error}"))
         return None
     if image_format is None:
-        if file.suffix.lower() in image_suffixes() or not size:
-            skipped.append(Skipped(relative, "empty file" if not size else "not an image (unrecognised content)"))
         return None
-    return sha, image_format
+    if image_format.startswith(UNREAD_PREFIX):
+        name = image_format.removeprefix(UNREAD_PREFIX)
+        skipped.append(Skipped(relative, f"{UNREAD_REASON} (convert it to JPEG, PNG, HEIC or AVIF)", name))
+    elif not sha:
+        skipped.append(Skipped(relative, "empty file" if not size else "not an image (unrecognised content)"))
+    else:
+        return sha, image_format
+    return None
 
 
 def _unlabelled(params: DataParams, base: Path, root: Path, index: FileIndex, labelled: set[str],
@@ -259,7 +278,7 @@ class FileIndex:
     rsync and git use: a file whose stat is unchanged is not read and hashed again. Anything that
     rewrites a file changes its mtime; a copy over it with the mtime preserved also changes the inode."""
 
-    VERSION = 1
+    VERSION = 2  # 2: formats not read, and files named as images that are not
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -275,7 +294,10 @@ class FileIndex:
                 self.old = {}  # a damaged index only costs a full rehash
 
     def identify(self, file: Path, relative: str) -> tuple[str | None, str | None, int]:
-        """(sha256 or None for a non-image, image format or None, size in bytes)."""
+        """(sha256 or None, image format or None, size in bytes). The format is ``UNREAD_PREFIX`` + its name
+        for an image in a format not read; None for a file that is not an image at all, and then the
+        sha256 is "" when the file's name or size says it was meant to be one (reported) and None otherwise
+        (notes, .DS_Store: passed over)."""
         stat = file.stat()
         signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
         known = self.old.get(relative)
@@ -286,6 +308,12 @@ class FileIndex:
         self.reads += 1
         image_format = sniff(data[:32])
         sha = hashlib.sha256(data).hexdigest() if image_format else None
+        if image_format is None:
+            unread = unread_format(data[:32], file.suffix)
+            if unread:
+                image_format = UNREAD_PREFIX + unread
+            elif file.suffix.lower() in image_suffixes() or not data:
+                sha = ""  # meant to be an image: reported
         self.new[relative] = [*signature, sha, image_format]
         return sha, image_format, len(data)
 

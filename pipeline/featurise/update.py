@@ -114,7 +114,7 @@ class Update:
         for record in self.wanted:
             if record.sha256 in bad:
                 for path in (record.path, *record.duplicates):
-                    skipped.append(scan_mod.Skipped(path, bad[record.sha256]))
+                    skipped.append(scan_mod.Skipped(path, bad[record.sha256], record.format))
                     log.warning("%s: skipped %s: %s", self.stage, path, bad[record.sha256])
         return sorted(skipped, key=lambda s: s.path)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from pipeline.data.decode import open_image
+
 from pipeline.vectors import unit_rows
 
 SAMPLE = 32  # photos copied for the calibration
@@ -59,7 +61,7 @@ def calibrate(sample: list[tuple[str, Path]], originals: np.ndarray, distinct: n
         made = []  # (row in sample, kind, path)
         for i, (_, file) in enumerate(sample):
             try:
-                with Image.open(file) as image:
+                with open_image(file) as image:
                     for kind, copy in copies(image).items():
                         path = Path(tmp) / f"{i}-{kind}.jpg"
                         copy.save(path, quality=40 if kind == "recompressed" else 90)

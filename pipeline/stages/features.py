@@ -37,7 +37,8 @@ __all__ = ["FeaturesResult", "run", "run_top"]
 log = logging.getLogger("pipeline.features")
 
 # Skipped for a reason other than the file itself: not counted against data.max_bad_fraction.
-_NOT_BAD = ("label conflict", "split conflict", "not listed", scan_mod.EXCLUDED)
+# skip reasons that are not a bad photo (data.max_bad_fraction): a choice, a conflict, a format not read
+_NOT_BAD = ("label conflict", "split conflict", "not listed", scan_mod.EXCLUDED, scan_mod.UNREAD_REASON)
 
 
 class BadDataError(PipelineError, RuntimeError):
@@ -71,6 +72,9 @@ def _run(project, f: FeaturesParams, folder: str, stage: str, ingredients: dict)
     params = project.params
     data = scan_mod.scan(params.data, project.base, index_path=project.file_index)
     check_class_names(list(data.classes), params.reject.label)
+    unread = scan_mod.unread_summary(data.skipped)
+    if unread:
+        log.warning("%s: %s (%s/skipped.csv)", stage, unread, params.paths.reports_dir)
     out = project.features_file(f, folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = RunRecord(out.parent / "last.json")
@@ -105,6 +109,6 @@ def _check_bad_share(params, data, result: FeaturesResult) -> None:
 def _write_skipped(path: Path, skipped) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["path", "reason"])
-    writer.writerows((s.path, s.reason) for s in skipped)
+    writer.writerow(["path", "format", "reason"])
+    writer.writerows((s.path, s.format, s.reason) for s in skipped)
     atomic_write_text(path, buffer.getvalue())

@@ -73,7 +73,7 @@ def recommend(summary: Summary) -> Advice:
 
 def summarise(dataset, sample: int = 200) -> Summary:
     """Counts per class in the train split, and the median shorter side of up to ``sample`` images."""
-    from PIL import Image
+    from pipeline.data.decode import open_image
 
     counts = {c: 0 for c in dataset.classes}
     for record in dataset.records:
@@ -83,7 +83,7 @@ def summarise(dataset, sample: int = 200) -> Summary:
     step = max(1, len(dataset.records) // sample)
     for record in dataset.records[::step][:sample]:
         try:
-            with Image.open(dataset.root / record.path) as image:
+            with open_image(dataset.root / record.path) as image:
                 sides.append(min(image.size))
         except OSError:
             continue

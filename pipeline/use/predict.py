@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from pipeline import runtime
-from pipeline.data.decode import reduces, sniff
+from pipeline.data.decode import open_image, reduces, sniff
 from pipeline.errors import PipelineError
 from pipeline.params import FeaturesParams
 from pipeline.stages import ladder
@@ -135,7 +134,7 @@ def _reduced_in_cache(path: Path, draft: int) -> bool:
     if not draft:
         return False
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return reduces(image, draft)
     except (OSError, ValueError):
         return False  # unreadable now: the cached row is all there is
