@@ -25,6 +25,51 @@ import numpy as np
 from harness import DATASETS, ROOT, cli, require  # noqa: E402
 
 
+def browser_latency(web: Path, photos: list[Path], phones: list[Path]) -> dict:
+    """Median ms of ``window.photohead.classify`` in headless Chromium (the browser's decode included), on the
+    page served by Python's static file server on 127.0.0.1; None where Chromium is not installed."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return {"photo": float("nan"), "phone": float("nan")}
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for i, path in enumerate(photos + phones):
+        shutil.copy(path, web / f"bench_{i}.jpg")
+    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory",
+                               str(web)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = int(re.search(r"port (\d+)", server.stdout.readline()).group(1))
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/index.html")
+        driver.set_script_timeout(600)
+        timed = driver.execute_async_script("""
+            const [names, done] = [arguments[0], arguments[1]];
+            (async () => {
+              await window.photohead.ready;
+              await window.photohead.classify(names[0]);  // warm up
+              const ms = [];
+              for (const name of names) {
+                const started = performance.now();
+                await window.photohead.classify(name);
+                ms.push(performance.now() - started);
+              }
+              return ms;
+            })().then(done, e => done(String(e)));""", [f"bench_{i}.jpg" for i in range(len(photos) + len(phones))])
+    finally:
+        driver.quit()
+        server.terminate()
+    return {"photo": statistics.median(timed[:len(photos)]), "phone": statistics.median(timed[len(photos):])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="dogs_vs_cats_1k")
@@ -36,7 +81,7 @@ def main() -> None:
     from PIL import Image
 
     from pipeline.data.decode import decode_rgb
-    from pipeline.use.export import _tflite_runner
+    from pipeline.use import formats
 
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
@@ -59,24 +104,12 @@ def main() -> None:
 
         batches = {"224x224": same_size_batch(224, 224), "500x375": same_size_batch(500, 375)}
 
-        import keras
-        import tensorflow as tf
-
-        import pipeline.data.resize_layer  # noqa: F401
-
-        keras_model = keras.saving.load_model(folder / "model.keras")
-        traced = tf.function(lambda x: keras_model(x, training=False), reduce_retracing=True)
-        serving = tf.saved_model.load(str(folder / "saved_model")).signatures["serve"]
-        runners = {
-            "model.keras (tf.function)": lambda x: traced(x).numpy(),
-            "saved_model (serve)": lambda x: next(iter(serving(tf.constant(x)).values())).numpy(),
-        }
-        for name in ("model.tflite", "model_dynamic.tflite", "model_int8.tflite"):
-            runners[name] = _tflite_runner(folder / name)
-        sizes = {"model.keras (tf.function)": (folder / "model.keras").stat().st_size,
-                 "saved_model (serve)": sum(p.stat().st_size for p in (folder / "saved_model").rglob("*") if p.is_file())}
-        sizes.update({n: (folder / n).stat().st_size for n in ("model.tflite", "model_dynamic.tflite", "model_int8.tflite")})
-
+        names = ["model.keras", "saved_model", "model.tflite", "model_dynamic.tflite", "model_int8.tflite",
+                 "model.onnx"]
+        runners = {name: formats.FORMATS[name].runner(folder / name) for name in names}
+        sizes = {name: sum(p.stat().st_size for p in (folder / name).rglob("*") if p.is_file())
+                 if (folder / name).is_dir() else (folder / name).stat().st_size for name in names}
+        browser = browser_latency(folder / "web", files, sorted(make_phone_images(200).rglob("*.jpg"))[:10])
         results = {}
         for name, run in runners.items():
             run(singles[0]), run(singles[1])  # warm up (tracing, allocation)
@@ -98,9 +131,12 @@ def main() -> None:
                     run(batch)
                     rates.append(len(batch) / (time.perf_counter() - started))
                 throughput[label] = statistics.median(rates)
-            key = name.split(" ")[0]
             results[name] = {"latency_ms_median": latency, "batch32_images_per_second_median": throughput,
-                             "size_mb": sizes[name] / 1e6, "parity": parity.get(key, {})}
+                             "size_mb": sizes[name] / 1e6, "parity": parity.get(name, {})}
+        results["web (Chromium, onnxruntime-web)"] = {
+            "latency_ms_median": browser, "batch32_images_per_second_median": {"224x224": None, "500x375": None},
+            "size_mb": sum(p.stat().st_size for p in (folder / "web").iterdir()) / 1e6,
+            "parity": parity.get("model.onnx", {})}
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "export.json").write_text(json.dumps(results, indent=2))
     print("| format | size MB | latency, 1 photo ~500x375 (ms) | latency, 1 photo 4032x3024 (ms) "
@@ -111,8 +147,9 @@ def main() -> None:
         check = (f"max diff {p['max_abs_diff']:.1e}" if "dynamic" not in name and "int8" not in name
                  else f"top-1 agreement {100 * p['top1_agreement']:.1f}%") if p else ""
         lat, thr = r["latency_ms_median"], r["batch32_images_per_second_median"]
-        print(f"| {name} | {r['size_mb']:.1f} | {lat['photo']:.1f} | {lat['phone']:.1f} | {thr['224x224']:.0f} | "
-              f"{thr['500x375']:.0f} | {check} |")
+        rate = {k: "" if v is None else f"{v:.0f}" for k, v in thr.items()}
+        print(f"| {name} | {r['size_mb']:.1f} | {lat['photo']:.1f} | {lat['phone']:.1f} | {rate['224x224']} | "
+              f"{rate['500x375']} | {check} |")
 
 
 if __name__ == "__main__":

@@ -264,6 +264,7 @@ class ExportParams:
     tolerance: float = Field(1e-4, gt=0)  # max |p_export - p_pipeline| for float exports
     min_top1_agreement: float = Field(0.99, ge=0, le=1)  # for quantised exports
     representative_images: int = Field(100, gt=0)  # train images used to calibrate int8
+    web: bool = True  # the browser bundle web/ (model.onnx in a page, onnxruntime-web vendored from npm)
 
 
 @dataclass(frozen=True, config=_CONFIG)

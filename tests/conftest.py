@@ -50,6 +50,7 @@ def make_params(tmp: Path, **sections) -> params_mod.Params:
         "data": {"root": "photos", "train_fraction": 0.6, "val_fraction": 0.2, "test_fraction": 0.2},
         "features": {"backbone": "tiny", "batch_size": 8},
         "train_head": {"model": "logreg"},
+        "export": {"web": False},  # the browser bundle has its own tests (test_web_bundle.py)
     }
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values}

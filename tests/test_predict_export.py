@@ -93,10 +93,9 @@ out = {}
 meta = json.load(open(folder + "/model.json"))
 labels = open(folder + "/labels.txt").read().split()
 
-def answer(outputs):  # probabilities are the 2-D output, the score the 1-D one (model.json "outputs")
-    arrays = [np.asarray(o) for o in outputs]
-    p = next(a for a in arrays if a.ndim == 2)[0]
-    s = float(next(a for a in arrays if a.ndim == 1)[0])
+def answer(outputs):  # the outputs by name, in every format (model.json "outputs")
+    p = np.asarray(outputs["probabilities"])[0]
+    s = float(np.asarray(outputs["score"])[0])
     said = labels[int(p.argmax())] if s <= meta["rejection"]["threshold"] else meta["rejection"]["label"]
     return {"p": p.tolist(), "s": s, "answer": said}
 
@@ -105,18 +104,16 @@ import pipeline.training.layers  # registers the layers inside model.keras (the 
 model = keras.saving.load_model(folder + "/model.keras")
 out["model.keras"] = [answer(model(x)) for x in images]
 serve = tf.saved_model.load(folder + "/saved_model").signatures["serve"]
-out["saved_model"] = [answer([v.numpy() for v in serve(tf.constant(x)).values()]) for x in images]
+out["saved_model"] = [answer({k: v.numpy() for k, v in serve(image=tf.constant(x)).items()}) for x in images]
 from ai_edge_litert.interpreter import Interpreter
 import glob, os
 for path in sorted(glob.glob(folder + "/*.tflite")):
-    it = Interpreter(model_path=path)
-    index = it.get_input_details()[0]["index"]
-    answers = []
-    for x in images:
-        it.resize_tensor_input(index, x.shape); it.allocate_tensors()
-        it.set_tensor(index, x); it.invoke()
-        answers.append(answer([it.get_tensor(d["index"]) for d in it.get_output_details()]))
-    out[os.path.basename(path)] = answers
+    run = Interpreter(model_path=path).get_signature_runner("serving_default")
+    out[os.path.basename(path)] = [answer(run(image=x)) for x in images]
+import onnxruntime
+session = onnxruntime.InferenceSession(folder + "/model.onnx", providers=["CPUExecutionProvider"])
+out["model.onnx"] = [answer(dict(zip(["probabilities", "score"], session.run(["probabilities", "score"], {"image": x}))))
+                     for x in images]
 print(json.dumps(out))
 """
 
@@ -159,7 +156,7 @@ def test_an_app_decoding_whole_photos_gets_the_pipelines_answers(large_jpeg_proj
     train_head.run(open_project(params, project))
     result = export.run(open_project(params, project))
     folder = result.folder
-    assert {"model.keras", "saved_model", "model.tflite", "model_int8.tflite", "labels.txt",
+    assert {"model.keras", "saved_model", "model.tflite", "model.onnx", "model_int8.tflite", "labels.txt",
             "model.json"} <= set(result.files)
     assert (folder / "labels.txt").read_text().split() == ["misty", "neither", "tigger"]
     meta = json.loads((folder / "model.json").read_text())
@@ -172,7 +169,7 @@ def test_an_app_decoding_whole_photos_gets_the_pipelines_answers(large_jpeg_proj
     reference = np.stack([expected[p] for p in test_paths])
     reference_scores = np.array([scores[p] for p in test_paths])
     assert meta["rejection"]["threshold"] == pytest.approx(threshold)
-    for name in ("model.keras", "saved_model", "model.tflite"):
+    for name in ("model.keras", "saved_model", "model.tflite", "model.onnx"):
         assert (answers[name]["p"].argmax(axis=1) == reference.argmax(axis=1)).all(), name
         if decode == "full":  # the pipeline decoded what the app decodes: the same numbers
             np.testing.assert_allclose(answers[name]["p"], reference, atol=1e-4, err_msg=name)
@@ -216,7 +213,7 @@ def test_a_failed_parity_check_leaves_the_previous_export_as_it_was(trained_proj
         import keras
 
         model = real_build(*args)
-        image = keras.Input((None, None, 3), dtype="uint8")
+        image = keras.Input((None, None, 3), dtype="uint8", name="image")
         darker = keras.layers.Rescaling(0.8)(keras.layers.Rescaling(1.0)(image))  # a preprocessing mismatch
         return keras.Model(image, model(keras.ops.cast(darker, "uint8")))
 
@@ -302,3 +299,23 @@ def test_phone_sized_photos_through_the_exported_model_agree_with_the_pipeline(t
     # the full-integer model, resize included: the same labels on these photos (a resize whose pixel
     # positions were quantised to 8 bits once gave 67% here)
     assert (answers["model_int8.tflite"]["p"].argmax(axis=1) == reference.argmax(axis=1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("shape", [(20, 26), (31, 90), (32, 32), (77, 50), (250, 190)])
+def test_the_resize_in_onnx_is_the_resize_in_tensorflow_growing_or_shrinking(shape):
+    """ONNX's integer Div truncates where TensorFlow's floors: a photo smaller than the input once
+    picked other source pixels in model.onnx only."""
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+
+    from pipeline.training.layers import FitToSize, keras
+
+    image = keras.Input((None, None, 3), dtype="uint8", name="image")
+    model = keras.Model(image, {"resized": FitToSize(64, "squash")(image)})
+    signature = [tf.TensorSpec((None, None, None, 3), tf.uint8, name="image")]
+    proto, _ = tf2onnx.convert.from_function(tf.function(lambda image: model(image)), input_signature=signature,
+                                             opset=17)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).integers(0, 256, (1, *shape, 3), dtype=np.uint8)
+    np.testing.assert_allclose(session.run(None, {"image": x})[0], np.asarray(model(x)["resized"]), atol=1e-3)

@@ -82,7 +82,9 @@ def _taps(n, size: int):
     area_weights = tf.cast(overlap, tf.float32) / tf.cast(n, tf.float32)
     # growing (f = 1): source position ((2 i + 1) n - size) / (2 size), bilinear between its neighbours
     twice = (2 * i + 1) * n - size
-    first = twice // (2 * size)
+    # floor(twice / (2 size)) for twice >= -size: divided while non-negative, since ONNX's integer Div
+    # truncates toward zero where TensorFlow's floors (tf2onnx converts one to the other)
+    first = (twice + 2 * size) // (2 * size) - 1
     fraction = tf.cast(twice - first * 2 * size, tf.float32) / float(2 * size)
     linear_weights = tf.concat([1.0 - fraction, fraction, tf.zeros_like(fraction)], axis=1)
     shrink = n >= size

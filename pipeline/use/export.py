@@ -9,8 +9,10 @@ head is folded into one Dense layer; the fine-tuned network is the whole model) 
 (temperature, score: ``training.guard``).
 
 Files in ``export.dir`` (default ``models/``): ``model.keras``, ``saved_model/`` (signature
-``serve``), ``model.tflite`` (float32), optionally ``model_dynamic.tflite`` or
-``model_int8.tflite``, ``labels.txt`` and ``model.json``. They are written to a temporary folder
+``serve``), ``model.tflite`` (float32, signature ``serving_default``), ``model.onnx`` (float32; the
+labels and threshold in its metadata), optionally ``model_dynamic.tflite`` or ``model_int8.tflite``,
+``labels.txt``, ``model.json`` and ``web/`` (the browser bundle: ``use.web``). The input is named ``image``, the outputs ``probabilities`` and
+``score`` in every format. They are written to a temporary folder
 and moved into place only after the parity check on the test split passed.
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pipeline.use.predict import features_params_of
 log = logging.getLogger("pipeline.export")
 # Quantised formats: scores within this share of the threshold are borderline (either answer is fair)
 DECISION_BAND = 0.05
-FORMAT_VERSION = 2  # 2: two outputs (probabilities, score), rejection and calibration in model.json
+FORMAT_VERSION = 3  # 2: two outputs (probabilities, score), rejection and calibration in model.json; 3: named, ONNX
 
 
 class ExportError(PipelineError, RuntimeError):
@@ -63,7 +65,8 @@ def build_export_model(backbone, classifier_model, size: int, resize: str, views
                        for view in views]  # every view but the original is the photo mirrored left-right (hflip)
         x = activations[0] if len(activations) == 1 else keras.layers.Average(name="views")(activations)
     probabilities, score = classifier_model(x, training=False)
-    return keras.Model(image, [probabilities, score], name="classifier")
+    # named outputs: the signatures of SavedModel, TFLite and ONNX carry these names
+    return keras.Model(image, {"probabilities": probabilities, "score": score}, name="classifier")
 
 
 def run(project) -> ExportResult:
@@ -98,7 +101,7 @@ def _export(project, rung, trained) -> ExportResult:
     with replaced_folder(target) as tmp:  # moved into place only after parity held
         files = _write_formats(model, tmp, formats.WriteJob(project, trained, draft, size))
         parity = _check_parity(_runners(tmp, model, files), _test_samples(project, trained, draft), tolerance,
-                               params.export.min_top1_agreement, trained.guard)
+                               params.export.min_top1_agreement, trained.guard, len(trained.inputs.rows("test")))
         _write_metadata(tmp, project, trained, size, f, parity)
     sizes = {name: _size(target / name) for name in files}
     for name, size_bytes in sizes.items():
@@ -147,7 +150,9 @@ def _write_formats(model, folder: Path, job: formats.WriteJob) -> list[str]:
     written = []
     for fmt in formats.wanted(job.project.params.export):
         if not (folder / fmt.name).exists():  # a quantised format may have written the SavedModel it needs
+            started = time.perf_counter()
             fmt.write(model, folder, job)
+            log.info("export: wrote %-20s in %.1f s", fmt.name, time.perf_counter() - started)
         written.append(fmt.name)
     (folder / "labels.txt").write_text("\n".join(job.trained.classes) + "\n")
     return written + ["labels.txt", "model.json"]
@@ -156,19 +161,22 @@ def _write_formats(model, folder: Path, job: formats.WriteJob) -> list[str]:
 def _runners(folder: Path, live_model, names: list[str]) -> dict:
     """Each written format as a function (1, H, W, 3) uint8 -> ((n_classes,) probabilities, score), after the
     model in memory."""
-    runners = {"keras (in memory)": lambda x: formats.split_outputs(live_model(x, training=False))}
+    runners = {"keras (in memory)": formats.traced(live_model)}
     for name in names:
-        if name in formats.FORMATS:
+        if name in formats.FORMATS and formats.FORMATS[name].runner is not None:
             runners[name] = formats.FORMATS[name].runner(folder / name)
     return runners
 
 
-def _run_formats(runners: dict, samples, threshold: float) -> dict:
+def _run_formats(runners: dict, samples, threshold: float, total: int) -> dict:
     """Every sample through every format: per format the max |difference| of the probabilities, top-1
     agreement, score difference, accept/reject agreement (None: borderline) and seconds; and the paths."""
     runs = {key: {name: [] for name in runners} for key in ("diff", "agree", "score_diff", "decision")}
+    from tqdm import tqdm
+
     runs["seconds"], runs["paths"] = dict.fromkeys(runners, 0.0), []
-    for sample in samples:
+    for sample in tqdm(samples, desc=f"export: parity of {len(runners)} formats", total=total, unit="photo",
+                       leave=False, mininterval=1.0, disable=None):
         runs["paths"].append(sample.path)
         # a photo whose score is within DECISION_BAND of the threshold may fall either side after 8-bit
         # rounding: counted apart (borderline), not as a disagreement
@@ -198,15 +206,15 @@ def _judge(name: str, runs: dict, quantized: bool, tolerance: float, min_agreeme
     if quantized:
         ok = entry["top1_agreement"] >= min_agreement and entry["decision_agreement"] >= min_agreement
         log.info("export: parity %-20s top-1 agreement %.2f%%, accept/reject agreement %.2f%% on %d test images "
-                 "(%d borderline)", name, 100 * entry["top1_agreement"], 100 * entry["decision_agreement"],
-                 len(paths), entry["borderline"])
+                 "(%d borderline; %.1f s)", name, 100 * entry["top1_agreement"], 100 * entry["decision_agreement"],
+                 len(paths), entry["borderline"], entry["seconds"])
         worst = np.flatnonzero(~same | ~decided)[:3]
         limit = (f"top-1 agreement {100 * entry['top1_agreement']:.1f}%, accept/reject agreement "
                  f"{100 * entry['decision_agreement']:.1f}% (need {100 * min_agreement:g}%)")
     else:
         ok = entry["max_abs_diff"] <= tolerance and entry["score_max_abs_diff"] <= tolerance
-        log.info("export: parity %-20s max |diff| %.2e, score %.2e on %d test images", name,
-                 entry["max_abs_diff"], entry["score_max_abs_diff"], len(paths))
+        log.info("export: parity %-20s max |diff| %.2e, score %.2e on %d test images (%.1f s)", name,
+                 entry["max_abs_diff"], entry["score_max_abs_diff"], len(paths), entry["seconds"])
         worst = np.argsort(-np.maximum(diff, score_diff))[:3]
         limit = f"max |diff| {entry['max_abs_diff']:.2g}, score {entry['score_max_abs_diff']:.2g} (limit {tolerance:g})"
     if ok:
@@ -215,10 +223,10 @@ def _judge(name: str, runs: dict, quantized: bool, tolerance: float, min_agreeme
     return entry, f"{name}: {limit}; worst: {names}"
 
 
-def _check_parity(runners: dict, samples, tolerance: float, min_agreement: float, guard) -> dict:
+def _check_parity(runners: dict, samples, tolerance: float, min_agreement: float, guard, total: int) -> dict:
     """Run every test photo through every format and compare with the pipeline's probabilities and scores:
     float formats within ``tolerance``, quantised ones on the top-1 label and on the accept/reject decision."""
-    runs = _run_formats(runners, samples, guard.threshold)
+    runs = _run_formats(runners, samples, guard.threshold, total)
     if not runs["paths"]:
         raise ExportError("no test images to check parity on; set data.test_fraction > 0")
     report, failures = {}, []
@@ -261,7 +269,8 @@ def _write_metadata(folder: Path, project, trained, size: int, features_params, 
                               "meaning": "calibrated class probabilities (temperature scaling), in labels.txt order"},
             "score": {"shape": [None], "dtype": "float32",
                       "meaning": "how unlike the training photos the image is; higher is less like them"},
-            "note": "tell them apart by rank: probabilities are 2-D, the score 1-D"},
+            "note": "by name in every format: the SavedModel signature serve, the TFLite signature "
+                    "serving_default, ONNX; the input is named image"},
         "rejection": {"rule": trained.guard.rule, "label": trained.guard.label, "threshold": trained.guard.threshold,
                       "score": trained.guard.score, "k": trained.guard.k, "keep": trained.guard.keep,
                       "threshold_from": trained.guard.threshold_from, "bank_rows": trained.guard.bank_rows,
@@ -280,3 +289,5 @@ def _write_metadata(folder: Path, project, trained, size: int, features_params, 
         "parity": parity,
     }
     (folder / "model.json").write_text(json.dumps(description, indent=2) + "\n")
+    if (folder / "web").is_dir():  # the browser bundle reads the labels and the threshold from its own copy
+        (folder / "web" / "model.json").write_text(json.dumps(description, indent=2) + "\n")

@@ -30,7 +30,9 @@ class WriteJob:
 class ExportFormat:
     name: str  # the file or folder written in export.dir
     write: Callable  # (keras model, folder, WriteJob) -> None: writes folder / name
-    runner: Callable  # (path) -> ((1, H, W, 3) uint8 -> ((n_classes,) probabilities, score))
+    # (path) -> ((1, H, W, 3) uint8 -> ((n_classes,) probabilities, score)); None: a bundle of files checked
+    # elsewhere (the browser bundle runs model.onnx, checked as its own format, and the tests run the page)
+    runner: Callable | None
     quantized: bool = False  # checked on the top-1 label and the decision, not within the float tolerance
     wanted: Callable = lambda export_params: True  # (params.export) -> whether export writes it
 
@@ -59,12 +61,12 @@ def wanted(export_params) -> list[ExportFormat]:
     return [fmt for fmt in FORMATS.values() if fmt.wanted(export_params)]
 
 
-def split_outputs(outputs) -> tuple[np.ndarray, float]:
-    """(probabilities (n_classes,), score) of one photo from an exported model's two outputs, in whatever
-    order or container a format returns them: the probabilities are the 2-D one, the score the 1-D one."""
-    arrays = [np.asarray(o) for o in (outputs.values() if isinstance(outputs, dict) else outputs)]
-    probabilities = next(a for a in arrays if a.ndim == 2)
-    score = next(a for a in arrays if a.ndim == 1)
+OUTPUTS = ("probabilities", "score")  # every format's output names: (1, n_classes) and (1,)
+
+
+def split_outputs(outputs: dict) -> tuple[np.ndarray, float]:
+    """(probabilities (n_classes,), score) of one photo from an exported model's outputs, by name."""
+    probabilities, score = (np.asarray(outputs[name]) for name in OUTPUTS)
     return probabilities[0].astype(np.float64), float(score[0])
 
 
@@ -74,13 +76,20 @@ def _write_keras(model, folder: Path, job: WriteJob) -> None:
     model.save(folder / "model.keras")
 
 
+def traced(model):
+    """A Keras model's call as one traced function for photos of every size (an eager call costs ~10x)."""
+    import tensorflow as tf
+
+    call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return lambda x: split_outputs({k: v.numpy() for k, v in call(tf.constant(x)).items()})
+
+
 def _run_keras(path: Path):
     import keras
 
     import pipeline.training.layers  # noqa: F401  (registers FitToSize and the guard's layers for loading)
 
-    reloaded = keras.saving.load_model(path)
-    return lambda x: split_outputs(reloaded(x, training=False))
+    return traced(keras.saving.load_model(path))
 
 
 # ---- SavedModel ----------------------------------------------------------------------------------------
@@ -110,20 +119,9 @@ def tflite_interpreter(path: Path):
 
 
 def _run_tflite(path: Path):
-    interpreter = tflite_interpreter(path)
-    input_index = interpreter.get_input_details()[0]["index"]
-    shape = [None]
-
-    def run(x):
-        if shape[0] != x.shape:
-            interpreter.resize_tensor_input(input_index, x.shape)
-            interpreter.allocate_tensors()
-            shape[0] = x.shape
-        interpreter.set_tensor(input_index, x)
-        interpreter.invoke()
-        return split_outputs([interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()])
-
-    return run
+    # the signature runner: inputs and outputs by name, the input resized to each photo's shape
+    runner = tflite_interpreter(path).get_signature_runner("serving_default")
+    return lambda x: split_outputs(runner(image=x))
 
 
 def _quantized_writer(mode: str) -> Callable:
@@ -138,9 +136,57 @@ def _quantized_writer(mode: str) -> Callable:
     return write
 
 
+# ---- ONNX ----------------------------------------------------------------------------------------------
+
+ONNX_OPSET = 17  # onnxruntime 1.16+ and onnxruntime-web run it
+
+
+def _write_onnx(model, folder: Path, job: WriteJob) -> None:
+    """tf2onnx from the Keras model's traced call (its public ``from_function``), the labels, rejection
+    threshold and label in the file's ``metadata_props``."""
+    import tensorflow as tf
+    import tf2onnx
+
+    @tf.autograph.experimental.do_not_convert
+    def serve(image):
+        return model(image, training=False)
+
+    signature = [tf.TensorSpec((None, None, None, 3), tf.uint8, name="image")]
+    proto, _ = tf2onnx.convert.from_function(tf.function(serve), input_signature=signature, opset=ONNX_OPSET)
+    guard = job.trained.guard
+    for key, value in {"labels": "\n".join(job.trained.classes), "threshold": repr(float(guard.threshold)),
+                       "reject_label": guard.label, "model_key": job.trained.key,
+                       "outputs": "probabilities (1, classes), calibrated, in labels order; score (1,): answer "
+                                  "reject_label when above threshold"}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    (folder / "model.onnx").write_bytes(proto.SerializeToString())
+
+
+def _run_onnx(path: Path):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: split_outputs(dict(zip(OUTPUTS, session.run(list(OUTPUTS), {"image": x}))))
+
+
 register(ExportFormat("model.keras", _write_keras, _run_keras))
 register(ExportFormat("saved_model", _write_saved_model, _run_saved_model))
 register(ExportFormat("model.tflite", _write_tflite, _run_tflite))
+register(ExportFormat("model.onnx", _write_onnx, _run_onnx))
+
+
+# ---- the browser bundle --------------------------------------------------------------------------------
+
+def _write_web(model, folder: Path, job: WriteJob) -> None:
+    from pipeline.use import web
+
+    if not (folder / "model.onnx").is_file():
+        _write_onnx(model, folder, job)
+    web.write(folder / "web", folder / "model.onnx", job.project.weights_dir.parent)
+
+
+register(ExportFormat("web", _write_web, None, wanted=lambda export_params: export_params.web))
 for _mode in ("dynamic", "int8"):
     register(ExportFormat(f"model_{_mode}.tflite", _quantized_writer(_mode), _run_tflite, quantized=True,
                           wanted=lambda export_params, mode=_mode: export_params.quantize == mode))
