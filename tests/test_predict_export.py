@@ -319,3 +319,24 @@ def test_the_resize_in_onnx_is_the_resize_in_tensorflow_growing_or_shrinking(sha
     session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).integers(0, 256, (1, *shape, 3), dtype=np.uint8)
     np.testing.assert_allclose(session.run(None, {"image": x})[0], np.asarray(model(x)["resized"]), atol=1e-3)
+
+
+def test_the_labels_and_threshold_travel_inside_the_onnx_and_tflite_files(trained_project):
+    import onnxruntime
+
+    from pipeline.use import formats
+
+    params = make_params(trained_project, export={"quantize": "dynamic"})
+    folder = export.run(open_project(params, trained_project)).folder
+    meta = json.loads((folder / "model.json").read_text())
+    want = {"labels": meta["classes"], "threshold": meta["rejection"]["threshold"],
+            "reject_label": meta["rejection"]["label"]}
+    for name in ("model.tflite", "model_dynamic.tflite"):
+        inside = formats.tflite_metadata(folder / name)
+        assert {k: inside[k] for k in want} == want, name
+    onnx = onnxruntime.InferenceSession(str(folder / "model.onnx")).get_modelmeta().custom_metadata_map
+    assert onnx["labels"].split("\n") == want["labels"] and float(onnx["threshold"]) == want["threshold"]
+    assert onnx["reject_label"] == want["reject_label"]
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "score"]

@@ -107,8 +107,49 @@ def _run_saved_model(path: Path):
 
 # ---- TFLite (LiteRT) -----------------------------------------------------------------------------------
 
+TFLITE_METADATA = "photohead"  # the name of the model's metadata entry holding labels and threshold (JSON)
+
+
+def described(job: WriteJob) -> dict:
+    """What an app needs besides the outputs, carried inside the files that allow it."""
+    guard = job.trained.guard
+    return {"labels": list(job.trained.classes), "threshold": float(guard.threshold), "reject_label": guard.label,
+            "model_key": job.trained.key,
+            "outputs": "probabilities (1, classes), calibrated, in labels order; score (1,): answer reject_label "
+                       "when above threshold"}
+
+
+def with_tflite_metadata(data: bytes, job: WriteJob) -> bytes:
+    """The TFLite flatbuffer with a metadata entry ``TFLITE_METADATA``: ``described(job)`` as JSON."""
+    import json
+
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(described(job)).encode(), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = TFLITE_METADATA, len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def tflite_metadata(path: Path) -> dict:
+    """The ``TFLITE_METADATA`` entry of a TFLite file written by export."""
+    import json
+
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    entry = next(m for m in model.metadata if m.name.decode() == TFLITE_METADATA)
+    return json.loads(bytes(model.buffers[entry.buffer].data))
+
+
 def _write_tflite(model, folder: Path, job: WriteJob) -> None:
     model.export(str(folder / "model.tflite"), format="litert", verbose=False)
+    (folder / "model.tflite").write_bytes(with_tflite_metadata((folder / "model.tflite").read_bytes(), job))
 
 
 def tflite_interpreter(path: Path):
@@ -131,7 +172,7 @@ def _quantized_writer(mode: str) -> Callable:
         saved_model = folder / "saved_model"
         if not saved_model.is_dir():  # the converter reads a SavedModel
             _write_saved_model(model, folder, job)
-        (folder / f"model_{mode}.tflite").write_bytes(quantized(saved_model, mode, job))
+        (folder / f"model_{mode}.tflite").write_bytes(with_tflite_metadata(quantized(saved_model, mode, job), job))
 
     return write
 
@@ -153,13 +194,10 @@ def _write_onnx(model, folder: Path, job: WriteJob) -> None:
 
     signature = [tf.TensorSpec((None, None, None, 3), tf.uint8, name="image")]
     proto, _ = tf2onnx.convert.from_function(tf.function(serve), input_signature=signature, opset=ONNX_OPSET)
-    guard = job.trained.guard
-    for key, value in {"labels": "\n".join(job.trained.classes), "threshold": repr(float(guard.threshold)),
-                       "reject_label": guard.label, "model_key": job.trained.key,
-                       "outputs": "probabilities (1, classes), calibrated, in labels order; score (1,): answer "
-                                  "reject_label when above threshold"}.items():
+    for key, value in described(job).items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+        entry.key = key
+        entry.value = "\n".join(value) if key == "labels" else repr(value) if key == "threshold" else value
     (folder / "model.onnx").write_bytes(proto.SerializeToString())
 
 
