@@ -84,7 +84,7 @@ def test_an_excluded_photo_leaves_every_split_and_a_keep_changes_no_key(project)
     assert "neither/neither_05.png" not in _column(result, "path")[0]
     assert train_head.run(open_project(params, project)).key != first.key
     skipped = (project / "reports" / "skipped.csv").read_text()
-    assert "neither/neither_05.png,excluded in corrections.csv" in skipped
+    assert "neither/neither_05.png,,excluded in corrections.csv" in skipped
 
 
 def test_unlabelled_photos_are_cached_retrain_nothing_and_join_train_when_labelled(project, monkeypatch):

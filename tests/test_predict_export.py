@@ -294,8 +294,9 @@ def test_phone_sized_photos_through_the_exported_model_agree_with_the_pipeline(t
     paths = sorted(expected)
     answers = app_answers(folder, [tmp_path / "photos" / p for p in paths])
     reference = np.stack([expected[p] for p in paths])
-    assert (answers["model.tflite"]["p"].argmax(axis=1) == reference.argmax(axis=1)).all()
-    np.testing.assert_allclose(answers["model.tflite"]["p"], reference, atol=1e-3)
+    for name in ("model.tflite", "model.onnx"):
+        assert (answers[name]["p"].argmax(axis=1) == reference.argmax(axis=1)).all(), name
+        np.testing.assert_allclose(answers[name]["p"], reference, atol=1e-3, err_msg=name)
     # the full-integer model, resize included: the same labels on these photos (a resize whose pixel
     # positions were quantised to 8 bits once gave 67% here)
     assert (answers["model_int8.tflite"]["p"].argmax(axis=1) == reference.argmax(axis=1)).mean() >= 0.9

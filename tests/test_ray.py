@@ -49,7 +49,7 @@ def test_the_ray_cache_equals_the_local_cache(tmp_path, cluster):
         assert list(getattr(a, column)) == list(getattr(b, column)), column
     np.testing.assert_allclose(b.features, a.features, atol=1e-4)
     assert (tmp_path / "reports" / "skipped.csv").read_text() == skipped_local
-    assert "misty/broken.jpg,cannot decode: " in skipped_local
+    assert "misty/broken.jpg,JPEG,cannot decode: " in skipped_local
     with __import__("h5py").File(result.path) as f:
         assert f["bad_sha256"].shape == (1,)
 

@@ -201,9 +201,9 @@ def _identify(index: FileIndex, file: Path, relative: str, skipped: list[Skipped
     except OSError as error:
         skipped.append(Skipped(relative, f"cannot read: {error.strerror or error}"))
         return None
-    if image_format is None:
-        return None
-    if image_format.startswith(UNREAD_PREFIX):
+    if image_format is None and sha is None:
+        return None  # not an image, nor meant to be one: passed over quietly
+    if image_format and image_format.startswith(UNREAD_PREFIX):
         name = image_format.removeprefix(UNREAD_PREFIX)
         skipped.append(Skipped(relative, f"{UNREAD_REASON} (convert it to JPEG, PNG, HEIC or AVIF)", name))
     elif not sha:

@@ -157,5 +157,5 @@ def centred_unit(x, mean: np.ndarray):
     """Keras layers: ``x`` minus the train mean, scaled to unit L2 norm (what ncm and knn compare)."""
     from keras import layers
 
-    centred = layers.Normalization(mean=mean.astype(np.float32), variance=np.ones_like(mean), name="centre")(x)
+    centred = layers.Rescaling(1.0, offset=(-mean).astype(np.float32).tolist(), name="centre")(x)
     return layers.UnitNormalization(name="unit")(centred)
