@@ -34,7 +34,8 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1200,900"):
+                 "--window-size=1200,900",
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"):  # a test-pattern webcam
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "SEVERE"})  # script errors, refused resources
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # no browser download: Debian's

@@ -107,3 +107,32 @@ def test_the_docs_snippet_runs_in_the_page_as_printed(browser, bundle):  # noqa:
     assert isinstance(result, dict), result
     assert result["answer"] == predict.run(project, [folder / "photo.jpg"])[0].answer == "tigger"
     assert set(result) == {"answer", "label", "probabilities", "score", "accepted"}
+
+
+def test_the_webcam_answers_every_frame_as_predict_answers_that_frame(browser, bundle, tmp_path):  # noqa: F811
+    """Chromium's fake webcam (a moving test pattern): the page answers frame after frame, and the last
+    frame's answer is predict's on the same pixels (saved losslessly by the page)."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+
+    project, folder, origin = bundle
+    browser.get(origin + "/index.html")
+    browser.set_script_timeout(120)
+    meta = browser.execute_async_script("window.photohead.ready.then(arguments[0], e => arguments[0](String(e)))")
+    browser.find_element(By.ID, "camera").click()
+    frames = browser.execute_async_script("""
+        const done = arguments[0];
+        const poll = () => { const f = window.photohead.lastFrame(); f && f.frames >= 3 ? done(f) : setTimeout(poll, 100); };
+        setTimeout(() => done("no frame in 60 s: " + document.getElementById("status").textContent), 60000);
+        poll();""")
+    assert isinstance(frames, dict), frames
+    assert browser.find_element(By.ID, "answer").text in {*meta["classes"], meta["rejection"]["label"]}
+    photo = tmp_path / "frame.png"
+    photo.write_bytes(base64.b64decode(frames["png"].split(",", 1)[1]))
+    want = predict.run(project, [photo], 3)[0]
+    probabilities = dict(zip(want.labels, want.probabilities))
+    assert frames["answer"] == want.answer and frames["label"] == want.labels[0]
+    assert max(abs(frames["probabilities"][c] - p) for c, p in probabilities.items()) <= TOLERANCE
+    assert abs(frames["score"] - want.score) <= TOLERANCE
+    assert not browser.find_element(By.ID, "video").get_attribute("hidden")

@@ -13,8 +13,7 @@
   })();
 
   // RGB uint8 (1, H, W, 3) of a decoded image, upright (the browser applies the file's orientation)
-  function pixels(source, width, height) {
-    const canvas = document.createElement("canvas");
+  function pixels(source, width, height, canvas = document.createElement("canvas")) {
     canvas.width = width;
     canvas.height = height;
     const context = canvas.getContext("2d", { willReadFrequently: true });
@@ -90,6 +89,9 @@
     }
   }
 
+  // the webcam's frames, one after another: the last frame's pixels (as a lossless PNG) and its answer
+  // stay readable through window.photohead.lastFrame(), so the live answer can be checked against predict
+  const frame = { canvas: null, result: null, count: 0 };
   async function webcam() {
     const video = document.getElementById("video");
     video.srcObject = await navigator.mediaDevices.getUserMedia({ video: true });
@@ -98,14 +100,20 @@
     const loop = async () => {
       if (video.videoWidth) {
         const started = performance.now();
-        show(await run(pixels(video, video.videoWidth, video.videoHeight)), (performance.now() - started) / 1000);
+        const canvas = document.createElement("canvas");
+        const result = await run(pixels(video, video.videoWidth, video.videoHeight, canvas));
+        Object.assign(frame, { canvas, result, count: frame.count + 1 });
+        show(result, (performance.now() - started) / 1000);
       }
       requestAnimationFrame(loop);
     };
     loop();
   }
+  function lastFrame() {
+    return frame.result && { ...frame.result, frames: frame.count, png: frame.canvas.toDataURL("image/png") };
+  }
 
-  window.photohead = { classify, ready: ready.then(({ meta }) => meta) };
+  window.photohead = { classify, lastFrame, ready: ready.then(({ meta }) => meta) };
   ready.then(({ meta }) => {
     document.getElementById("model").textContent =
       `${meta.classes.join(", ")} · answers "${meta.rejection.label}" above score ${meta.rejection.threshold.toFixed(3)}`;
