@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from harness import DATASETS, ROOT, require  # noqa: E402
 
+from pipeline import layout  # noqa: E402
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.project import open_project
 from pipeline.stages import features  # noqa: E402
-from pipeline.store import layout  # noqa: E402
 from pipeline.store import table as feature_store  # noqa: E402
 from pipeline.training.heads import LogRegHead  # noqa: E402
 

@@ -11,7 +11,7 @@
 2. The driver's merge: N synthetic rows (1280 float32 each, random sha256s) committed as part
    files of 256 rows, then merged into the cache file exactly as the features stage does; in a
    process of its own: seconds, peak memory, file size.
-3. Scanning: ``data.scan`` of 10k files (the shared photos, copied with other trailing bytes), first
+3. Scanning: ``scan`` of 10k files (the shared photos, copied with other trailing bytes), first
    with every file read and hashed, then again with the stat index (unchanged files are not read).
 4. CPU-seconds per photo on one core: decoding and resizing (the dogs-vs-cats JPEGs, ~500 x 375,
    and phone-sized 4032 x 3024 ones, whole and draft), and the LiteRT backbone alone with one
@@ -74,7 +74,7 @@ def scan_cost(work: Path, n: int = 10_000) -> dict:
     from scale import make_photos
 
     from pipeline import params as params_mod
-    from pipeline.data import scan
+    from pipeline import scan
 
     root = make_photos(work / "scan" / "photos", n)
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

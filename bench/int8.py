@@ -109,7 +109,7 @@ def table(root: Path, work: Path, precision: str, calibration=None) -> tuple:
     real = runtime.calibration_images
     converted = 0.0
     if calibration is not None:
-        from pipeline.data import scan
+        from pipeline import scan
 
         data = scan.scan(params.data, work)
         train = [root / r.path for r in sorted(data.records, key=lambda r: r.sha256) if r.split == "train"]

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from harness import DATASETS, ROOT, require  # noqa: E402
 
+from pipeline import layout
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.project import open_project
 from pipeline.stages import evaluate, features, finetune, train_head, train_top  # noqa: E402
-from pipeline.store import layout
 from pipeline.store import table as feature_store  # noqa: E402
 
 

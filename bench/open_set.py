@@ -36,11 +36,11 @@ from harness import DATASETS, ROOT, require  # noqa: E402
 from PIL import Image
 from quality import strangers  # noqa: E402
 
+from pipeline import layout  # noqa: E402
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.params import RejectParams  # noqa: E402
 from pipeline.project import open_project
 from pipeline.stages import features  # noqa: E402
-from pipeline.store import layout  # noqa: E402
 from pipeline.store import table as feature_store  # noqa: E402
 from pipeline.training import guard as guard_mod  # noqa: E402
 from pipeline.training.classifiers import HeadClassifier  # noqa: E402

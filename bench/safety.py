@@ -33,11 +33,12 @@ from pathlib import Path
 import h5py
 from harness import ROOT, SOURCE, require
 
+from pipeline import layout
 from pipeline import params as params_mod  # noqa: E402
 from pipeline.project import open_project
 from pipeline.stages import features  # noqa: E402
-from pipeline.store import layout, table
 from pipeline.store import parts as parts_mod  # noqa: E402
+from pipeline.store import table
 
 
 class Patches:

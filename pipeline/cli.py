@@ -135,7 +135,8 @@ def _init(target: Path, root: str) -> int:
 
     import yaml
 
-    from pipeline.data import corrections, scan
+    from pipeline import scan
+    from pipeline.data import corrections
 
     if target.exists():
         raise params_mod.ParamsError(f"{target} exists; edit it, or pass --params to write another file")
@@ -183,7 +184,7 @@ def _use(args, project) -> int:
         print(f"exported to {result.folder}: {', '.join(result.files)}")
         return 0
     if args.command == "advise":
-        from pipeline.data import scan
+        from pipeline import scan
         from pipeline.training import advise
 
         advice = project.advice or advise.recommend(advise.summarise(scan.scan(params.data, project.base)))

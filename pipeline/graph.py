@@ -23,11 +23,11 @@ from typing import Callable
 
 import yaml
 
+from pipeline import layout
 from pipeline.params import SECTIONS, FeaturesParams, TrainHeadParams, key_field_names
 from pipeline.project import Project
 from pipeline.stages import evaluate, features, ladder
-from pipeline.store import layout
-from pipeline.training.contract import Rung
+from pipeline.stages.contract import Rung
 
 CACHE, REPORTS, ROOT = "${paths.cache_dir}", "${paths.reports_dir}", "${data.root}"
 CORRECTIONS = "${data.corrections}"  # the user's decisions change labels and splits: a dep where the photos are

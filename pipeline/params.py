@@ -15,17 +15,9 @@ from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 from pipeline.backbones.registry import BACKBONES
-from pipeline.errors import PipelineError
+from pipeline.errors import ParamsError, PipelineError  # noqa: F401  (ParamsError: re-exported)
 
 _CONFIG = ConfigDict(extra="forbid", strict=True)
-
-
-class ParamsError(PipelineError, ValueError):
-    """A params file or override that cannot be used; the message names the key and the file, on one
-    line: characters that would break it (newlines, line separators, ...) are shown escaped."""
-
-    def __init__(self, message: str):
-        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
 
 
 def _meta(default, *, key: bool = True, output: bool = False, **constraints):

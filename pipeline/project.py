@@ -5,7 +5,7 @@ every stage and command takes it. It holds:
 - ``params`` and ``base`` (the params file's folder: relative paths in the params are relative to it);
 - ``rung_name``: the rung ``train.strategy`` chooses, decided here once (under ``auto``, from one
   scan of the photos and ``training.advise``), never again by a module on its own;
-- where every file of the project lives (``store.layout``): the caches, the labelling of these
+- where every file of the project lives (``layout``): the caches, the labelling of these
   params, the reports, the converted weights.
 
 State is the params: the labels and splits a model trains and answers on are those of the
@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import layout
 from pipeline.params import FeaturesParams, Params
-from pipeline.store import layout
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Project:
     params: Params
     base: Path
     rung_name: str  # head | top | finetune: the rung train.strategy chooses for these params
-    # what the labels and splits depend on (store.layout.labels_key): the data params and the content of the
+    # what the labels and splits depend on (layout.labels_key): the data params and the content of the
     # split CSV and of the corrections they name, as they were when the project was opened
     labels_key: str
     advice: object | None = None  # training.advise.Advice, when train.strategy is auto
@@ -81,7 +81,7 @@ def open_project(params: Params, base: str | Path = ".") -> Project:
     labels_key = layout.labels_key(params, base)
     if params.train.strategy != "auto":
         return Project(params, base, params.train.strategy, labels_key)
-    from pipeline.data import scan
+    from pipeline import scan
     from pipeline.training import advise
 
     advice = advise.recommend(advise.summarise(scan.scan(params.data, base)))

@@ -25,8 +25,8 @@ import numpy as np
 from pipeline.backbones.keras_models import weights_fingerprint
 from pipeline.backbones.registry import BACKBONES
 from pipeline.data.decode import ImageError, decode_rgb
+from pipeline.layout import input_size  # noqa: F401  (the input size, for callers of runtime)
 from pipeline.params import FeaturesParams
-from pipeline.store.layout import input_size  # noqa: F401  (the input size, for callers of runtime)
 
 IMAGE = "image"  # the layer name of the network's input: resized photos, nothing frozen
 # The views of a photo that the features stage can cache, applied to the resized input (S, S, 3);
@@ -71,7 +71,7 @@ def draft_size(f: FeaturesParams) -> int:
 def open_backbone(f: FeaturesParams, weights_dir: Path, layer: str | None = None):
     """What runs the frozen part up to ``layer`` (default ``f.layer``): ``.predict((B, S, S, 3) float32)
     -> (B, *feature_shape)``, ``.input_size``, ``.weights_sha256``, ``.feature_shape``. Converted backbones
-    are read from and kept in ``weights_dir`` (``store.layout.weights_dir``); an int8 one is calibrated on
+    are read from and kept in ``weights_dir`` (``layout.weights_dir``); an int8 one is calibrated on
     ``calibration_images`` once, when it is first converted."""
     layer = layer or f.layer
     if layer == IMAGE:

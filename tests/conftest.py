@@ -147,7 +147,7 @@ def shared_dataset(name: str) -> Path:
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The machine's cache of converted backbones (store.layout.weights_dir), for this test session alone:
+# The machine's cache of converted backbones (layout.weights_dir), for this test session alone:
 # shared by the tests, as by a user's projects, and never the user's own.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="photohead-tests-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)

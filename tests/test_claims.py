@@ -8,12 +8,11 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import runtime
+from pipeline import layout, runtime
+from pipeline import scan as dataset
 from pipeline.backbones import litert
-from pipeline.data import scan as dataset
 from pipeline.project import open_project
 from pipeline.stages import features, train_head
-from pipeline.store import layout
 from pipeline.training import heads
 from pipeline.training.classifiers import softmax
 

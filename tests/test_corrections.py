@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from pipeline.data import corrections, scan
+from pipeline import scan
+from pipeline.data import corrections
 from pipeline.project import open_project
 from pipeline.stages import features, train_head
 from pipeline.use import inspect

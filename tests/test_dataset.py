@@ -2,8 +2,8 @@ import shutil
 
 import pytest
 
-from pipeline.data import scan as dataset
-from pipeline.data.scan import DatasetError
+from pipeline import scan as dataset
+from pipeline.scan import DatasetError
 
 from conftest import CLASS_COLOURS, make_dataset, make_image, make_params
 

@@ -4,10 +4,10 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline import layout
 from pipeline.project import open_project
 from pipeline.stages import features
 from pipeline.stages.features import BadDataError
-from pipeline.store import layout
 from pipeline.store import parts as parts_mod
 from pipeline.store import table as feature_store
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import layout
 from pipeline.project import open_project
 from pipeline.quality import near_duplicates
 from pipeline.stages import features, report
-from pipeline.store import labels, layout
+from pipeline.store import labels
 from pipeline.store import table as feature_store
 from pipeline.store.table import CacheError
 from pipeline.use import inspect

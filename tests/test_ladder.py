@@ -211,7 +211,7 @@ def test_advice_notes_small_images():
 def test_advice_from_a_scanned_dataset(project):
     import hashlib
 
-    from pipeline.data import scan
+    from pipeline import scan
 
     params = make_params(project)
     summary = advise.summarise(scan.scan(params.data, project))

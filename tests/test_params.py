@@ -5,11 +5,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from pipeline import layout
 from pipeline import params as params_mod
 from pipeline.fingerprint import stage_key
 from pipeline.params import ParamsError
 from pipeline.stages import train_head
-from pipeline.store import layout
 
 from conftest import ROOT
 
@@ -92,7 +92,7 @@ def test_speed_only_params_stay_out_of_the_features_key():
 
 
 def test_key_is_the_same_in_another_process_and_directory(tmp_path):
-    code = ("from pipeline import params; from pipeline.store import layout; "
+    code = ("from pipeline import params; from pipeline import layout; "
             "print(layout.cache_key(params.load(None, ['features.backbone=tiny']).features))")
     other = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
+from pipeline import layout
 from pipeline.backbones import litert
 from pipeline.project import open_project
 from pipeline.stages import features, train_head
-from pipeline.store import layout
 from pipeline.use import export, predict
 
 from conftest import CountingBackbone, cached_table, cli, make_params, table_of

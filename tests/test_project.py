@@ -95,7 +95,7 @@ def test_a_labelling_the_params_have_not_made_yet_is_an_error_naming_the_stage(p
 
 
 def test_the_rung_is_resolved_once_per_project(project, monkeypatch):
-    from pipeline.data import scan
+    from pipeline import scan
 
     calls = []
     real = scan.scan

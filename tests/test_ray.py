@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
+from pipeline import layout
 from pipeline.project import open_project
 from pipeline.stages import features
-from pipeline.store import layout
 from pipeline.store import table as feature_store
 
 from conftest import ROOT, cli, make_dataset, make_params, table_of

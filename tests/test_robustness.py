@@ -15,12 +15,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from pipeline import layout, scan
 from pipeline import params as params_mod
-from pipeline.data import scan
 from pipeline.data.decode import ImageError, decode_rgb
 from pipeline.project import open_project
 from pipeline.stages import features
-from pipeline.store import layout
 from pipeline.store import parts as parts_mod
 from pipeline.store import table as feature_store
 from pipeline.store.table import CacheError

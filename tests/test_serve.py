@@ -83,6 +83,20 @@ def test_the_api_answers_as_predict_does(served, tmp_path):
     assert status == 200 and body  # the neighbour's thumbnail, by content hash
 
 
+def test_the_api_gives_as_many_labels_as_top_k_asks(served):
+    """Each top_k gives that many labels, the most probable first, as predict --top-k does; the default is
+    predict.top_k's (3), and more than there are classes gives them all."""
+    photo = served.project / "photos" / "tigger" / "tigger_00.png"
+    for top_k, wanted in ((None, 3), (1, 1), (2, 2), (50, 3)):
+        query = "" if top_k is None else f"?top_k={top_k}"
+        status, answers = served.upload(f"/api/predict{query}", [(photo.name, photo_bytes(photo))])
+        listed = [p["probability"] for p in answers[0]["predictions"]]
+        assert status == 200 and len(listed) == wanted and listed == sorted(listed, reverse=True), top_k
+        wanted_by_cli = ["--top-k", str(top_k)] if top_k else []
+        result = cli(served.project, "predict", str(photo), "--format", "json", *wanted_by_cli)
+        assert without_path(answers) == without_path(json.loads(result.stdout)), top_k
+
+
 def test_health_names_the_model_backbone_and_classes(served):
     status, health = served.json("/api/health")
     assert status == 200
@@ -120,7 +134,7 @@ def test_a_foreign_host_or_origin_is_refused(served):
     assert status == 403 and "evil.example" in body["error"]
     assert served.json("/api/decide", decision, **{"Sec-Fetch-Site": "cross-site"})[0] == 403
     assert served.json("/api/retrain", {}, token=False)[0] == 403
-    assert served.json("/api/decide", {"path": "photos/misty/misty_03.png", "action": "exclude"})[0] == 400
+    assert served.json("/api/decide", {"path": "photos/misty/misty_03.png", "action": "exclude"})[0] == 422
     assert corrections.read(served.project / "corrections.csv").get("photos/misty/misty_03.png") is None
     for bad in ("../../etc/passwd", "..%2F..%2Fparams.yaml", "0" * 64):
         assert served.get(f"/photo/{bad}")[0] in (400, 404)

@@ -9,9 +9,9 @@ import pytest
 from pipeline.backbones import keras_models
 from pipeline.project import open_project
 from pipeline.stages import evaluate, features, train_head
+from pipeline.stages.contract import TrainingError
 from pipeline.store import batches
 from pipeline.store.table import CacheError
-from pipeline.training.contract import TrainingError
 
 from conftest import CLASS_COLOURS, ROOT, cached_table, make_dataset, make_image, make_params
 

@@ -123,7 +123,10 @@ def test_the_webcam_answers_every_frame_as_predict_answers_that_frame(browser, b
     browser.find_element(By.ID, "camera").click()
     frames = browser.execute_async_script("""
         const done = arguments[0];
-        const poll = () => { const f = window.photohead.lastFrame(); f && f.frames >= 3 ? done(f) : setTimeout(poll, 100); };
+        const poll = () => {
+          const f = window.photohead.lastFrame();
+          f && f.frames >= 3 ? done(f) : setTimeout(poll, 100);
+        };
         setTimeout(() => done("no frame in 60 s: " + document.getElementById("status").textContent), 60000);
         poll();""")
     assert isinstance(frames, dict), frames

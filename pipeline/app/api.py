@@ -13,7 +13,28 @@ from starlette.exceptions import HTTPException
 from pipeline.app.model import DecisionRefused, UnknownPhoto
 from pipeline.app.state import AppState, app_state, same_origin
 
-router = APIRouter(prefix="/api")
+
+class ErrorBody(BaseModel):
+    """Every error the API sends: one line saying what was wrong and what to do."""
+
+    error: str
+
+
+def _errors(*codes: int) -> dict:
+    """The error responses a route sends, documented with their one body."""
+    reasons = {400: "the photo or the decision cannot be used", 403: "not from this app's pages (token, origin)",
+               404: "no such photo", 409: "a retrain is running", 413: "request body over serve.max_upload_mb",
+               422: "a parameter or body field outside its type"}
+    return {code: {"model": ErrorBody, "description": reasons[code]} for code in codes}
+
+
+# the photos /api/predict takes: multipart files, or one photo's bytes as the body
+_PHOTOS_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+router = APIRouter(prefix="/api", responses=_errors(422))
 
 
 class Decision(BaseModel):
@@ -27,7 +48,8 @@ def health(state: AppState = Depends(app_state)):
     return state.served.health()
 
 
-@router.post("/predict", summary="top-k labels of uploaded photos, as predict --format json gives them")
+@router.post("/predict", summary="top-k labels of uploaded photos, as predict --format json gives them",
+             responses=_errors(400, 413), openapi_extra=_PHOTOS_BODY)
 async def predict(request: Request, top_k: int | None = Query(None, ge=1, le=1000),
                   neighbours: int = Query(0, ge=0, le=20), state: AppState = Depends(app_state)):
     uploads = await _uploads(request)
@@ -60,7 +82,7 @@ def label(limit: int = Query(60, ge=1, le=500), state: AppState = Depends(app_st
 
 
 @router.post("/decide", summary="relabel, exclude or keep a photo (written to data.corrections)",
-             dependencies=[Depends(same_origin)])
+             dependencies=[Depends(same_origin)], responses=_errors(400, 403, 404, 413))
 def decide(decision: Decision, state: AppState = Depends(app_state)):
     try:
         return state.served.decide(decision.sha256, decision.action, decision.label)
@@ -71,7 +93,7 @@ def decide(decision: Decision, state: AppState = Depends(app_state)):
 
 
 @router.post("/retrain", summary="apply the corrections and retrain the model (the head: seconds)",
-             dependencies=[Depends(same_origin)])
+             dependencies=[Depends(same_origin)], responses=_errors(403, 409, 413))
 async def retrain(state: AppState = Depends(app_state)):
     if not state.retrain_lock.acquire(blocking=False):
         raise HTTPException(409, "a retrain is running; wait for it")

@@ -67,13 +67,15 @@ def create_app(project, served: Served | None = None) -> FastAPI:
 
 
 async def _http_error(request: Request, error: HTTPException):
-    return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
+    # the headers it carries stay (405's Allow, ...)
+    return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
 
 
 async def _invalid(request: Request, error: RequestValidationError):
+    """422, as the API's description documents it, with the API's one-line error body."""
     first = error.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=400)
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
 
 
 def listen(serve_params):

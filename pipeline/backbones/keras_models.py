@@ -14,8 +14,8 @@ import numpy as np
 
 from pipeline.backbones import efficientnet_lite
 from pipeline.backbones.registry import BACKBONES, BackboneError, BackboneSpec
+from pipeline.errors import ParamsError
 from pipeline.fingerprint import file_sha256
-from pipeline.params import ParamsError
 
 log = logging.getLogger("pipeline.backbones")
 

@@ -7,7 +7,7 @@
 - an empty action: not decided yet (``inspect --corrections-template`` writes such rows, with a note).
 
 Paths are relative to the params file's folder, with forward slashes. The last row of a path wins.
-The scan applies the file (``data.scan``): the photos themselves are never moved, renamed or deleted.
+The scan applies the file (``scan``): the photos themselves are never moved, renamed or deleted.
 Writers merge their decisions under a lock and replace the file whole, so two writers lose no
 decision and a writer killed mid-write leaves the old file.
 """

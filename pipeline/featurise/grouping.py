@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import runtime
-from pipeline.data import scan as scan_mod
+from pipeline import layout, runtime
+from pipeline import scan as scan_mod
 from pipeline.fingerprint import atomic_write_text
 from pipeline.params import FeaturesParams
 from pipeline.quality import near_duplicates
-from pipeline.store import labels, layout
+from pipeline.store import labels
 
 log = logging.getLogger("pipeline.features")
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline import runtime
+from pipeline import layout, runtime
 from pipeline.backbones.registry import BACKBONES
 from pipeline.data.decode import DECODE_METHODS
 from pipeline.fingerprint import os_reason, temp_path_for
 from pipeline.params import FeaturesParams, as_dict
-from pipeline.store import layout, table
+from pipeline.store import table
 from pipeline.store.table import CacheError
 
 log = logging.getLogger("pipeline.features")

@@ -11,11 +11,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data import scan as scan_mod
+from pipeline import layout
+from pipeline import scan as scan_mod
 from pipeline.featurise import grouping, passes
 from pipeline.featurise.merge import Existing, Sources, merge, provenance, read_existing
 from pipeline.params import FeaturesParams, as_dict
-from pipeline.store import labels, layout
+from pipeline.store import labels
 from pipeline.store import parts as parts_mod
 
 log = logging.getLogger("pipeline.features")

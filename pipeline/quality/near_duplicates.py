@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from pipeline.data.decode import open_image
-
 from pipeline.vectors import unit_rows
 
 SAMPLE = 32  # photos copied for the calibration

@@ -27,8 +27,8 @@ from pipeline.errors import PipelineError
 from pipeline.fingerprint import atomic_write_text, canonical_json, describe_changes
 from pipeline.params import SECTIONS, as_dict
 from pipeline.stages import ladder, report
+from pipeline.stages.contract import Trained, answer_split
 from pipeline.training import guard as guard_mod
-from pipeline.training.contract import Trained, answer_split
 
 STAGE = "evaluate"
 log = logging.getLogger("pipeline.evaluate")
@@ -286,7 +286,8 @@ def format_table(metrics: dict, classes: list[str], confusion: list) -> str:
         lines.append(f"rejected as unlike the training photos {100 * r['rejected_share']:.1f}% (threshold keeps "
                      f"{100 * r['keep']:g}% of known photos)   accuracy on the accepted {r['accuracy_accepted']:.4f}   "
                      f"score AUROC wrong vs right {auroc}")
-        lines.append(f"calibration: temperature {c['temperature']:.3g}   ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
+        fitted = f"temperature {c['temperature']:.3g}" if c["temperature"] != 1.0 else "none (every val photo right)"
+        lines.append(f"calibration: {fitted}   ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
                      f"   Brier {c['brier_before']:.4f} -> {c['brier_after']:.4f}")
     if len(classes) <= 20:
         lines.append("confusion matrix (rows: true, columns: predicted)")

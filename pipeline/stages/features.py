@@ -21,14 +21,14 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from pipeline.data import scan as scan_mod
+from pipeline import layout
+from pipeline import scan as scan_mod
 from pipeline.errors import PipelineError
 from pipeline.featurise.update import FeaturesResult, Update
 from pipeline.fingerprint import RunRecord, atomic_write_text
 from pipeline.params import FeaturesParams, ParamsError
-from pipeline.store import layout
+from pipeline.stages.contract import check_class_names
 from pipeline.store.table import CacheError
-from pipeline.training.contract import check_class_names
 
 STAGE = layout.STAGE
 TOP_STAGE = "top-features"

@@ -13,10 +13,10 @@ stopping on val, a backup of every epoch.
 from __future__ import annotations
 
 from pipeline import runtime
+from pipeline.stages.contract import FitJob, Rung, TrainingError
 from pipeline.tf_import import keras as quiet_keras
 from pipeline.training import keras_fit
 from pipeline.training.classifiers import KerasClassifier
-from pipeline.training.contract import FitJob, Rung, TrainingError
 from pipeline.training.inputs import ImageInputs
 
 # Bump when a model trained with the same params and photos would come out different.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pipeline.project import Project
 from pipeline.stages import finetune, train_head, train_top
-from pipeline.training.contract import Rung
+from pipeline.stages.contract import Rung
 
 RUNGS: dict[str, Rung] = {rung.name: rung for rung in (train_head.RUNG, train_top.RUNG, finetune.RUNG)}
 

@@ -311,10 +311,17 @@ def _trust_section(metrics: dict, plots: dict, data_root: Path, rejected: list[d
 </div>
 <p>{html.escape(metrics.get('rejection_rule', ''))}; threshold {r['threshold']:.4g}, set to keep {100 * r['keep']:g}% of
 known photos. The score's AUROC for telling the test photos the model gets wrong from those it gets right: {auroc}.
-Probabilities are calibrated by temperature scaling (T = {c['temperature']:.3g}).</p>
+{_calibration_sentence(c)}</p>
 <div class="plots"><img src="{_data_uri(plots['reliability.png'])}" alt="reliability diagram"></div>
 {f'<h3>Test photos it would answer "{e(metrics.get("rejection_label", "unknown"))}" (least like the training photos first)</h3><div class="gallery">{gallery}</div>' if gallery else ''}
 """
+
+
+def _calibration_sentence(c: dict) -> str:
+    if c["temperature"] == 1.0:  # not fitted: every val photo answered right (training.guard.separable)
+        return ("Probabilities are the head's own: every val photo is answered right, so no temperature can be "
+                "fitted from them.")
+    return f"Probabilities are calibrated by temperature scaling (T = {c['temperature']:.3g})."
 
 
 STYLE = """

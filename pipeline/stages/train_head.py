@@ -5,14 +5,14 @@ Reads only the features stage's cache (the backbone is never built). The head is
 in memory read the train split's features at once ((N, D) float32, 5 KB a photo for Lite0's 1280);
 the softmax head streams them from the cache a batch at a time (memory flat in N). The test split
 feeds no choice. Everything else (key, reuse, class check, guard, saving) is the rung contract's
-(``training.contract``).
+(``stages.contract``).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from pipeline.stages.contract import FitJob, Rung
 from pipeline.training import heads
-from pipeline.training.contract import FitJob, Rung
 from pipeline.training.inputs import CachedInputs
 
 # Bump when a head trained with the same params and features would come out different.

@@ -11,10 +11,10 @@ top layers as well at a low learning rate. Early stopping on val, a backup of ev
 """
 from __future__ import annotations
 
+from pipeline.stages.contract import FitJob, Rung, TrainingError
 from pipeline.tf_import import keras as quiet_keras
 from pipeline.training import keras_fit
 from pipeline.training.classifiers import KerasClassifier
-from pipeline.training.contract import FitJob, Rung, TrainingError
 from pipeline.training.inputs import CachedInputs
 
 # Bump when a model trained with the same params and activations would come out different.

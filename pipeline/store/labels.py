@@ -2,7 +2,7 @@
 
 A features cache holds what the backbone saw, one row per distinct photo, and nothing that the data
 params decide. What they decide (which folder is which class, the split, the user's corrections)
-is a labelling file beside it, named by ``store.layout.labels_key``:
+is a labelling file beside it, named by ``layout.labels_key``:
 ``cache/features/<backbone>-<key>.labels/<labels key>.h5``:
 
     /sha256  (N,)  ascii, 64 chars   the photo's row in the features cache, sorted

@@ -106,6 +106,13 @@ class Guard:
         return probabilities, score
 
 
+def separable(logits: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether every photo's top logit is its own class: then the log loss of softmax(logits / T) only
+    falls as T shrinks, and the temperature a search returns is where the loss stops being representable,
+    not a calibration."""
+    return len(labels) > 0 and bool(np.all(np.argmax(logits, axis=1) == labels))
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T > 0 that minimises the mean log loss of softmax(logits / T) (bounded search over log T)."""
     from scipy.optimize import minimize_scalar
@@ -232,12 +239,15 @@ def fit_guard(classifier, train_embedding: np.ndarray, train_labels: np.ndarray,
     held_out = len(val_labels) >= MIN_HELD_OUT
     oof = oof_logits() if not held_out and oof_logits is not None else None  # (logits, labels) of unseen photos
     # calibration
-    if held_out:
-        guard.temperature = fit_temperature(classifier.logits_of_embedding(val_embedding), val_labels)
-        guard.calibrated_on = "val"
-    elif oof is not None:
-        guard.temperature = fit_temperature(*oof)
-        guard.calibrated_on = "out-of-fold"
+    held = (classifier.logits_of_embedding(val_embedding), val_labels) if held_out else oof
+    if held is not None and separable(*held):
+        say(f"every {'val' if held_out else 'out-of-fold'} photo is answered right: their log loss falls towards 0 "
+            "for any small temperature, so no temperature can be fitted from them; probabilities kept as the "
+            "head gives them (temperature 1)")
+        guard.calibrated_on = "none (every val photo right)" if held_out else "none (every out-of-fold photo right)"
+    elif held is not None:
+        guard.temperature = fit_temperature(*held)
+        guard.calibrated_on = "val" if held_out else "out-of-fold"
     if not held_out:
         say(f"{len(val_labels)} val photos (fewer than {MIN_HELD_OUT}): the temperature and the rejection threshold "
             f"come from scores of the train photos{'' if oof is not None else '; no temperature (1.0)'}")

@@ -21,7 +21,7 @@ class WriteJob:
     """What a format's writer gets besides the model and the folder."""
 
     project: object  # pipeline.project.Project
-    trained: object  # training.contract.Trained
+    trained: object  # stages.contract.Trained
     draft: int  # the features stage's DCT draft size, for decoding calibration photos as it did
     size: int  # the backbone's input size
 

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import layout
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import atomic_write_text
 from pipeline.quality import near_duplicates
-from pipeline.store import labels, layout, table
+from pipeline.store import labels, table
 from pipeline.store.table import CacheError
 
 NEIGHBOUR_CHUNK_MB = 64
