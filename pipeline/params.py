@@ -76,6 +76,9 @@ class FeaturesParams:
     # keeps the input size; full: every photo whole
     decode: Literal["reduced", "full", "draft"] = "reduced"
     dtype: Literal["float32", "float16"] = "float32"  # storage dtype of the cached activations
+    # a photo whose header declares more pixels than this is refused before decoding (decompression bombs),
+    # in every stage, predict, the app and export: a skipped.csv row, a one-line 400
+    max_pixels: int = Field(120_000_000, gt=0)
     # what runs the frozen backbone: LiteRT is ~2x faster on a CPU, same features within 1e-4; auto: Keras
     # (TensorFlow, whole batches) where a GPU is visible, LiteRT elsewhere
     runtime: Literal["keras", "litert", "auto"] = "litert"

@@ -113,7 +113,8 @@ class FeatureWorker:
         """``[(sha256, (len(views), *shape) float32 or None, error or None)]`` for ``[(sha256, bytes)]``."""
         from pipeline import runtime
 
-        decoded = [(sha, *runtime.decode_file(io.BytesIO(data), self.draft, self.resize)) for sha, data in shard]
+        decoded = [(sha, *runtime.decode_file(io.BytesIO(data), self.draft, self.resize, self.f.max_pixels))
+                   for sha, data in shard]
         images = [image for _, image, _ in decoded if image is not None]
         outputs = iter([])
         if images:

@@ -122,11 +122,11 @@ def resizer(f: FeaturesParams, size: int):
     return single_image_resizer(size, f.resize)
 
 
-def decode_file(path, draft: int, resize):
+def decode_file(path, draft: int, resize, max_pixels: int):
     """(the backbone's input (S, S, 3) float32, None) or (None, the reason it cannot be used).
     ``path``: a file, or a file object holding its bytes."""
     try:
-        return resize(decode_rgb(path, draft)), None
+        return resize(decode_rgb(path, draft, max_pixels)), None
     except ImageError as error:
         return None, str(error)
 
@@ -148,7 +148,7 @@ def featurise_files(paths, runner, f: FeaturesParams, views=("original",), whole
     ``whole``: decode every photo whole, as an app does, whatever ``features.decode`` says."""
     to_input = resizer(f, runner.input_size)
     draft = 0 if whole else draft_size(f)
-    decoded = prefetched(lambda path: decode_file(path, draft, to_input), paths,
+    decoded = prefetched(lambda path: decode_file(path, draft, to_input, f.max_pixels), paths,
                          workers=f.workers, window=2 * f.batch_size + f.workers)
     pending: list = []  # (image or None, error or None), images not yet run
 

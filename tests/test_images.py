@@ -188,7 +188,8 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path, monkeypatch, wi
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(ImageError) as error:
         decode_rgb(path, 8)
-    assert str(error.value) == f"{width}x{height} pixels is over the 120,000,000 limit (decompression bomb?)"
+    assert str(error.value) == (f"{width}x{height} pixels is over the 120,000,000 limit of features.max_pixels "
+                                "(decompression bomb?)")
 
 
 def test_sniff():

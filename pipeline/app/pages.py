@@ -87,7 +87,7 @@ def photo(sha: str, size: int = Query(384, ge=1, le=4096), state: AppState = Dep
         raise HTTPException(404, "no photo with that sha256 in the cache")
     size = min(THUMBNAIL_SIZES, key=lambda s: abs(s - size))
     try:
-        thumbnail = thumbnail_jpeg(path, size, quality=85)
+        thumbnail = thumbnail_jpeg(path, size, quality=85, max_pixels=state.served.params.features.max_pixels)
     except (OSError, ImageError) as error:  # gone since the cache was made, or refused by the decoder
         raise HTTPException(400, f"cannot show the photo: {' '.join(str(error).split())}") from None
     return Response(thumbnail, media_type="image/jpeg",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,7 +31,7 @@ from pipeline.errors import PipelineError
 
 # Bump when a file that failed to decode might decode now (a new decoder, a fixed bug): bad marks made by
 # another version are retried.
-VERSION = 3  # 3: HEIF and AVIF
+VERSION = 4  # 3: HEIF and AVIF; 4: HEIF and AVIF held to their declared extents (features.max_pixels)
 
 # Images over this many pixels are refused from their header, before any pixel is decoded
 # (decompression bombs). Pillow's own check is switched off so that this one, with its message,
@@ -174,13 +175,38 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def check_header(image: Image.Image) -> None:
-    """Refuse an opened (not yet decoded) image whose format or size this tool does not take."""
+def check_header(image: Image.Image, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an opened (not yet decoded) image whose format or size this tool does not take: over
+    ``max_pixels`` (``features.max_pixels``) from the size its header declares, before a pixel is decoded."""
     if decoder_of(image.format) is None:
         raise ImageError(f"unsupported format {image.format}")
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise ImageError(f"{width}x{height} pixels is over the {MAX_PIXELS:,} limit (decompression bomb?)")
+    _check_pixels(*image.size, max_pixels)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageError(f"{width}x{height} pixels is over the {max_pixels:,} limit of features.max_pixels "
+                         "(decompression bomb?)")
+
+
+def check_iso_media(source, max_pixels: int = MAX_PIXELS) -> None:
+    """A HEIF or AVIF file (``source``: a path or bytes in a file object) held to every size its ``ispe``
+    boxes declare, before its decoder opens it: that is what libheif and libavif allocate for, whatever
+    size the plugin reports at open (another box's, or none when the decoder refuses to identify it)."""
+    if not _brands(_head(source, 32)):  # not ISO media: nothing more is read
+        return
+    head = _head(source, 1 << 18)  # the meta box that holds them comes before the coded data
+    at = head.find(b"ispe")
+    while 0 <= at and at + 16 <= len(head):
+        _check_pixels(*struct.unpack(">II", head[at + 8:at + 16]), max_pixels)  # after version and flags
+        at = head.find(b"ispe", at + 4)
+
+
+def _head(source, limit: int) -> bytes:
+    if hasattr(source, "getvalue"):
+        return source.getvalue()[:limit]
+    with open(source, "rb") as f:
+        return f.read(limit)
 
 
 _DECODER_CODE = [str(Path(Image.__file__).parent)]  # and each plugin's, once registered
@@ -205,15 +231,16 @@ def _raised_by_decoder(error: BaseException) -> bool:
     return frame is not None and frame.tb_frame.f_code.co_filename.startswith(tuple(_DECODER_CODE))
 
 
-def decode_rgb(path, draft_size: int = 0) -> np.ndarray:
+def decode_rgb(path, draft_size: int = 0, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """(H, W, 3) uint8 RGB, upright, the whole photo; resizing to the input size is ``FitToSize``.
     ``path``: a file, or its bytes in a file object (a Ray worker's case): the same reasons either way.
     With ``draft_size``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
     sides at least that many pixels: several times faster on 12 MP photos, but not the pixels an
     app that decodes the whole photo gets (docs: the figures). Raises ImageError with the reason."""
     try:
+        check_iso_media(path, max_pixels)
         with open_image(path) as image:
-            check_header(image)
+            check_header(image, max_pixels)
             shrink = reduces(image, draft_size)
             if decoder_of(image.format).draft and image.mode == "RGB" and not shrink:
                 pixels = _opencv_jpeg(path)
@@ -228,7 +255,7 @@ def decode_rgb(path, draft_size: int = 0) -> np.ndarray:
         raise ImageError("permission denied") from None
     except FileNotFoundError:
         raise ImageError("file not found") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
+    except (OSError, ValueError, SyntaxError, EOFError, RuntimeError) as error:  # RuntimeError: libheif's
         if isinstance(error, ImageError) or not _raised_by_decoder(error):
             raise
         raise ImageError(f"cannot decode: {_without_name(str(error), path)}") from None
@@ -260,24 +287,27 @@ def _opencv_jpeg(path) -> np.ndarray | None:
 def _without_name(message: str, path) -> str:
     """Pillow names the file in some messages: the reason alone reads the same for a path and for bytes."""
     message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", message)
-    return message.replace(f"'{path}'", "the file").replace(str(path), "the file")
+    message = message.replace(f"'{path}'", "the file").replace(str(path), "the file")
+    message = message.replace("cannot identify image file the file", "not an image any decoder here identifies")
+    return " ".join(message.split())  # one line: libheif's messages end in a newline
 
 
-def thumbnail_jpeg(path, side: int, quality: int = 80) -> bytes:
+def thumbnail_jpeg(path, side: int, quality: int = 80, max_pixels: int = MAX_PIXELS) -> bytes:
     """The photo upright, fitted into ``side`` x ``side``, as JPEG bytes (decoded at a reduced DCT scale
     where it can be). ImageError when it cannot be read; OSError when the file cannot be opened."""
     import io
 
     try:
+        check_iso_media(path, max_pixels)
         with open_image(path) as image:
-            check_header(image)
+            check_header(image, max_pixels)
             image.draft("RGB", (side, side))
             image = ImageOps.exif_transpose(image).convert("RGB")
             image.thumbnail((side, side))
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=quality)
             return buffer.getvalue()
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
+    except (OSError, ValueError, SyntaxError, EOFError, RuntimeError) as error:  # RuntimeError: libheif's
         if isinstance(error, (ImageError, FileNotFoundError, PermissionError)) or not _raised_by_decoder(error):
             raise
         raise ImageError(f"cannot decode: {_without_name(str(error), path)}") from None

@@ -82,7 +82,7 @@ def engine_rows(records, views, runner, f: FeaturesParams, root: Path, weights_d
 
     if getattr(runner, "keras", None) is not None:  # not checked yet: check on these photos before shipping it
         sample = [image for image, _ in (runtime.decode_file(root / r.path, runtime.draft_size(f),
-                                                              runtime.resizer(f, runner.input_size))
+                                                              runtime.resizer(f, runner.input_size), f.max_pixels)
                                          for r in records[:8]) if image is not None]
         if sample:
             runner.predict(np.stack(sample))

@@ -28,7 +28,7 @@ def open_inputs(project) -> ImageInputs:
     f = project.params.features
     size = runtime.input_size(f)
     return ImageInputs(path, project.labels_file(path), project.data_root, size, runtime.resizer(f, size),
-                       runtime.draft_size(f),
+                       (runtime.draft_size(f), f.max_pixels),
                        workers=f.workers,
                        missing=f"no cached features at {path}; run 'make features' first (finetune trains on the "
                                "photos it lists)")

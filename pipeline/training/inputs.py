@@ -22,7 +22,7 @@ import numpy as np
 import pipeline.store.batches as batches
 import pipeline.store.labels as labels
 import pipeline.store.table as table
-from pipeline.data.decode import ImageError, decode_rgb
+from pipeline.data.decode import MAX_PIXELS, ImageError, decode_rgb
 from pipeline.store.batches import SplitRows
 
 
@@ -117,15 +117,16 @@ class ImageInputs(CachedInputs):
 
     layer_name = "image"
 
-    def __init__(self, path: Path, labelling: Path, root: Path, input_size: int, resize, draft_size: int = 0,
-                 missing: str | None = None, workers: int = 2):
+    def __init__(self, path: Path, labelling: Path, root: Path, input_size: int, resize,
+                 decoding: tuple[int, int] = (0, MAX_PIXELS), missing: str | None = None, workers: int = 2):
+        """``decoding``: (the draft size, features.max_pixels), as the features stage decoded them."""
         super().__init__(path, labelling, ("original",), missing)
         self.layer = self.layer_name
         self.identity = self.content_hash
         self.shape = (input_size, input_size, 3)
         self.root = root
         self.input_size = input_size
-        self.draft_size = draft_size
+        self.draft_size, self.max_pixels = decoding
         self.resize = resize  # (H, W, 3) uint8 -> (S, S, 3) float32
         self.workers = workers
 
@@ -141,7 +142,7 @@ class ImageInputs(CachedInputs):
 
     def _load(self, file: Path) -> np.ndarray:
         try:
-            return self.resize(decode_rgb(file, self.draft_size))
+            return self.resize(decode_rgb(file, self.draft_size, self.max_pixels))
         except ImageError as error:
             raise table.CacheError(f"{file} changed since 'make features' ({error}); run it again") from None
 

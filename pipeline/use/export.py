@@ -138,7 +138,8 @@ def _test_samples(project, trained, draft: int):
                 if hashlib.sha256(data).hexdigest() != sha:
                     changed += 1
                     continue
-                yield _Sample(path, decode_rgb(io.BytesIO(data), draft), probabilities, float(score))
+                yield _Sample(path, decode_rgb(io.BytesIO(data), draft, project.params.features.max_pixels),
+                              probabilities, float(score))
             except (OSError, ImageError):
                 changed += 1
     if changed:

@@ -33,7 +33,7 @@ def _representative(job):
         first = True
         for path in paths:
             try:
-                pixels = decode_rgb(project.data_root / path, job.draft)
+                pixels = decode_rgb(project.data_root / path, job.draft, project.params.features.max_pixels)
             except ImageError:
                 continue
             yield [pixels[None]]
