@@ -143,20 +143,22 @@ class Served:
 
     def neighbours(self, row: np.ndarray, k: int, label: str | None = None) -> list[dict]:
         """The ``k`` train photos nearest ``row`` (pooled features; cosine of centred features)."""
-        if self.trained.inputs.layer != "pooled" or not len(self.train_vectors) or row is None:
-            return []
-        vector = unit_rows(np.asarray(row, np.float32).reshape(1, -1), self.centre)
-        allowed = None if label is None else self.train_label == label
-        best, similarity = nearest(vector, self.train_vectors, k, allowed)
+        with self.lock:  # one model's index: a retrain replaces them together
+            if self.trained.inputs.layer != "pooled" or not len(self.train_vectors) or row is None:
+                return []
+            vector = unit_rows(np.asarray(row, np.float32).reshape(1, -1), self.centre)
+            allowed = None if label is None else self.train_label == label
+            best, similarity = nearest(vector, self.train_vectors, k, allowed)
         return [{"sha256": self.train_sha[i], "label": str(self.train_label[i]), "similarity": round(float(s), 4)}
                 for i, s in zip(best[0], similarity[0]) if np.isfinite(s)]
 
     def cached_rows(self, shas: list[str]) -> dict[str, np.ndarray]:
         """{sha256: pooled features} of the photos of ``shas`` that the cache holds, read in one pass."""
-        found = sorted((self.position[sha], sha) for sha in set(shas) if sha in self.position)
-        if not found:
-            return {}
-        block = self.pooled.read(np.array([i for i, _ in found], np.int64))
+        with self.lock:  # a retrain closes the cache it reads from
+            found = sorted((self.position[sha], sha) for sha in set(shas) if sha in self.position)
+            if not found:
+                return {}
+            block = self.pooled.read(np.array([i for i, _ in found], np.int64))
         return {sha: np.asarray(row, np.float32).reshape(-1) for (_, sha), row in zip(found, block)}
 
     def file_of(self, sha: str) -> Path | None:
@@ -185,26 +187,26 @@ class Served:
     # ----------------------------------------------------------------- labelling
     def to_label(self, limit: int = 60) -> dict:
         """The unlabelled photos in the order that teaches the model most (``app.active``)."""
-        decided = self.decisions()
-        rows = self.rows
-        pool = [i for i, r in enumerate(rows) if r[3] == table.UNLABELLED and r[0] not in decided]
-        labelled = [i for i, r in enumerate(rows) if r[3] == "train"]
-        if not pool:
-            return {"regime": "none", "photos": [], "remaining": 0}
-        positions = self.pooled.positions
-        x_pool = self.pooled.read(positions[pool]).reshape(len(pool), -1)
-        x_labelled = self.pooled.read(positions[labelled]).reshape(len(labelled), -1) if labelled else \
-            np.zeros((0, x_pool.shape[1]), np.float32)
-        with self.lock:
+        with self.lock:  # the cache, its rows and the model of one load: a retrain replaces them together
+            decided = self.decisions()
+            rows, classes = self.rows, self.classes
+            pool = [i for i, r in enumerate(rows) if r[3] == table.UNLABELLED and r[0] not in decided]
+            labelled = [i for i, r in enumerate(rows) if r[3] == "train"]
+            if not pool:
+                return {"regime": "none", "photos": [], "remaining": 0}
+            positions = self.pooled.positions
+            x_pool = self.pooled.read(positions[pool]).reshape(len(pool), -1)
+            x_labelled = self.pooled.read(positions[labelled]).reshape(len(labelled), -1) if labelled else \
+                np.zeros((0, x_pool.shape[1]), np.float32)
             proba, scores = self.trained.classifier.answer(x_pool) if self.trained.inputs.layer == "pooled" else \
                 (None, None)
-        order, regime = active.order(x_pool, x_labelled, len(self.classes), proba, batch=len(self.classes))
+        order, regime = active.order(x_pool, x_labelled, len(classes), proba, batch=len(classes))
         photos = []
         for j in order[:limit]:
             item = {"sha256": rows[pool[j]][0], "path": rows[pool[j]][1]}
             if proba is not None:
                 best = np.argsort(-proba[j])[:3]
-                item["suggested"] = [{"label": self.classes[c], "probability": round(float(proba[j][c]), 4)}
+                item["suggested"] = [{"label": classes[c], "probability": round(float(proba[j][c]), 4)}
                                      for c in best]
             photos.append(item)
         return {"regime": regime, "photos": photos, "remaining": len(pool)}
