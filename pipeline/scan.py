@@ -119,7 +119,8 @@ def scan(params: DataParams, base_dir: str | Path = ".", index_path: Path | None
     if explicit and params.split_csv:
         raise DatasetError(f"{root} has train/val/test folders and data.split_csv is set; use one of them")
     csv_splits = _read_split_csv(Path(base_dir) / params.split_csv, root) if params.split_csv else None
-    candidates, class_dirs = _candidates(root, top if explicit else [root], explicit)
+    apart = (Path(base_dir) / params.unlabelled).resolve() if params.unlabelled else None  # not a class
+    candidates, class_dirs = _candidates(root, top if explicit else [root], explicit, apart)
     skipped: list[Skipped] = []
     index = FileIndex(index_path)
     records = _records(_by_content(candidates, root, index, csv_splits, params.split_csv, skipped), params, skipped)
@@ -139,13 +140,16 @@ def scan(params: DataParams, base_dir: str | Path = ".", index_path: Path | None
                    present)
 
 
-def _candidates(root: Path, split_dirs: list[Path], explicit: bool):
-    """([(file, label, forced split or None)], {class: its folders}) of every file under the class folders."""
+def _candidates(root: Path, split_dirs: list[Path], explicit: bool, apart: Path | None = None):
+    """([(file, label, forced split or None)], {class: its folders}) of every file under the class folders;
+    ``apart``: the data.unlabelled folder, never a class even where it sits inside data.root."""
     candidates: list[tuple[Path, str, str | None]] = []
     class_dirs: dict[str, list[Path]] = {}
     for split_dir in split_dirs:
         forced = _SPLIT_ALIASES[split_dir.name.lower()] if explicit else None
         for class_dir in _class_dirs(split_dir):
+            if apart is not None and class_dir.resolve() == apart:
+                continue
             class_dirs.setdefault(class_dir.name, []).append(class_dir)
             candidates += [(f, class_dir.name, forced) for f in _walk_files(class_dir)]
     if len(class_dirs) < 2:

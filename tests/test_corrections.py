@@ -215,3 +215,16 @@ def test_missing_unlabelled_folder_is_a_clear_error(project):
     with pytest.raises(scan.DatasetError, match=r"^data.unlabelled: no folder at .*to_label; create it or set "
                                                 r"data.unlabelled: null$"):
         scan.scan(make_params(project, data={"unlabelled": "to_label"}).data, project)
+
+
+def test_an_unlabelled_folder_inside_the_data_root_is_not_a_class(project):
+    """data.unlabelled may sit inside data.root (photos/to_label): its photos are the ones to label, and it
+    is no class (it once became one, and training stopped with an error naming none)."""
+    for i in range(4):
+        make_image(project / "photos" / "to_label" / f"new_{i}.png", CLASS_COLOURS["tigger"], 71_000 + i)
+    params = make_params(project, data={"unlabelled": "photos/to_label"})
+    data = scan.scan(params.data, project)
+    assert data.classes == ("misty", "neither", "tigger")
+    assert sorted(r.path for r in data.unlabelled) == [f"to_label/new_{i}.png" for i in range(4)]
+    features.run(open_project(params, project))
+    assert train_head.run(open_project(params, project)).classes == ["misty", "neither", "tigger"]

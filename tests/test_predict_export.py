@@ -267,6 +267,9 @@ def test_predict_decodes_whole_photos_as_an_app_does_with_the_default_decode(lar
     assert small.cached and small.probabilities[0] == pytest.approx(expected["misty/small.jpg"].max(), abs=1e-6)
 
 
+INT8_PROBABILITY_ERROR = 0.2  # the most int8 may move a probability on these photos (0.128 measured)
+
+
 def test_phone_sized_photos_through_the_exported_model_agree_with_the_pipeline(tmp_path):
     """Real weights, real photos made phone-sized (4032 x 3024, JPEG): an app that decodes them whole
     gets the pipeline's labels and probabilities (features.decode: full: the cache holds what the app sees)."""
@@ -297,9 +300,20 @@ def test_phone_sized_photos_through_the_exported_model_agree_with_the_pipeline(t
     for name in ("model.tflite", "model.onnx"):
         assert (answers[name]["p"].argmax(axis=1) == reference.argmax(axis=1)).all(), name
         np.testing.assert_allclose(answers[name]["p"], reference, atol=1e-3, err_msg=name)
-    # the full-integer model, resize included: the same labels on these photos (a resize whose pixel
-    # positions were quantised to 8 bits once gave 67% here)
-    assert (answers["model_int8.tflite"]["p"].argmax(axis=1) == reference.argmax(axis=1)).mean() >= 0.9
+    # the full-integer model, resize included (a resize whose pixel positions were quantised to 8 bits once
+    # gave 67% here). With 12 train photos nearly every float answer here is a near tie (margins 0.01 to
+    # 0.32, median 0.06), and int8 moves each probability a little (median 0.02, at most 0.13 measured):
+    # which near ties it crosses is what made a fixed share of agreement pass or fail by chance. A flip
+    # is a bug only where int8's own error on that photo cannot explain it.
+    int8 = answers["model_int8.tflite"]["p"]
+    ordered = np.sort(reference, axis=1)
+    margin = ordered[:, -1] - ordered[:, -2]
+    error = np.abs(int8 - reference).max(axis=1)
+    flipped = int8.argmax(axis=1) != reference.argmax(axis=1)
+    print(f"int8 on {len(paths)} phone-sized photos: max |diff| {error.max():.3f}, median {np.median(error):.3f}; "
+          f"float margins {np.round(np.sort(margin), 3).tolist()}; flipped {int(flipped.sum())}")
+    assert error.max() <= INT8_PROBABILITY_ERROR and np.median(error) <= 0.05
+    assert (margin[flipped] <= 2 * error[flipped]).all()  # every flip is a tie that int8's error crosses
 
 
 @pytest.mark.parametrize("shape", [(20, 26), (31, 90), (32, 32), (77, 50), (250, 190)])

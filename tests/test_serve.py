@@ -218,6 +218,9 @@ def test_a_relabel_from_the_review_page_is_used_by_the_next_train_head(served):
     planted = [f for f in review["label_issues"] if f["path"] == PLANTED.removeprefix("photos/")]
     assert planted and planted[0]["suggested"] == "tigger"
     assert all(n["label"] == "tigger" for n in planted[0]["neighbours_suggested"])
+    # the photo in question is never shown as its own neighbour (it would read as evidence for its label)
+    shown = planted[0]["neighbours_given"] + planted[0]["neighbours_suggested"]
+    assert planted[0]["neighbours_given"] and all(n["sha256"] != planted[0]["sha256"] for n in shown)
     status, done = served.json("/api/decide", {"sha256": planted[0]["sha256"], "action": "relabel", "label": "tigger"})
     assert status == 200 and done["path"] == PLANTED
     with open(served.project / "corrections.csv", newline="") as f:

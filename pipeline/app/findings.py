@@ -16,8 +16,8 @@ def findings(served) -> dict:
         row = rows.get(sha)
         issues.append({"kind": "label_issue", "sha256": sha, "path": q["path"], "given": q["given"],
                        "suggested": q["suggested"], "score": round(q["score"], 4),
-                       "neighbours_given": served.neighbours(row, 4, q["given"]),
-                       "neighbours_suggested": served.neighbours(row, 4, q["suggested"])})
+                       "neighbours_given": served.neighbours(row, 4, q["given"], other_than=sha),
+                       "neighbours_suggested": served.neighbours(row, 4, q["suggested"], other_than=sha)})
     pairs = [{"kind": "near_duplicate", "sha256": sha_of.get(q["path_b"]), "other": sha_of.get(q["path_a"]),
               "path": q["path_b"], "other_path": q["path_a"], "similarity": round(q["similarity"], 4),
               "leak": q["leak"], "labels_differ": q["labels_differ"], "given": q["label_b"],

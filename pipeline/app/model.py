@@ -141,13 +141,17 @@ class Served:
                 out.append(item)
         return out
 
-    def neighbours(self, row: np.ndarray, k: int, label: str | None = None) -> list[dict]:
-        """The ``k`` train photos nearest ``row`` (pooled features; cosine of centred features)."""
+    def neighbours(self, row: np.ndarray, k: int, label: str | None = None,
+                   other_than: str | None = None) -> list[dict]:
+        """The ``k`` train photos nearest ``row`` (pooled features; cosine of centred features), with ``label``
+        only if given; ``other_than``: the sha256 of the photo asked about, never its own neighbour."""
         with self.lock:  # one model's index: a retrain replaces them together
             if self.trained.inputs.layer != "pooled" or not len(self.train_vectors) or row is None:
                 return []
             vector = unit_rows(np.asarray(row, np.float32).reshape(1, -1), self.centre)
-            allowed = None if label is None else self.train_label == label
+            allowed = np.ones(len(self.train_sha), bool) if label is None else self.train_label == label
+            if other_than is not None:
+                allowed = allowed & (np.asarray(self.train_sha) != other_than)
             best, similarity = nearest(vector, self.train_vectors, k, allowed)
         return [{"sha256": self.train_sha[i], "label": str(self.train_label[i]), "similarity": round(float(s), 4)}
                 for i, s in zip(best[0], similarity[0]) if np.isfinite(s)]
