@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.tf_import import keras as quiet_keras
 
-CALL_BYTES = 256 << 20  # activations of one direct Keras call, about (taken as 16x its input: blocks expand 6x)
+CALL_BYTES = 256 << 20  # the activations of one direct Keras call, every layer's output counted
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -75,6 +75,17 @@ class HeadClassifier:
         return cls(joblib.load(folder / "classifier.joblib"), meta["classes"], history)
 
 
+def _output_floats(model) -> int:
+    """Floats of every layer's output for one row, nested models' layers included (eager calls keep them)."""
+    total = 0
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            total += _output_floats(layer)
+        elif not isinstance(layer.output, (list, tuple)):
+            total += int(np.prod([d or 1 for d in tuple(layer.output.shape)[1:]]))
+    return total
+
+
 class KerasClassifier:
     """A Keras model from the rung's input to class probabilities, its last layer a Dense named ``softmax``."""
 
@@ -85,6 +96,7 @@ class KerasClassifier:
         self.classes = list(classes)
         self.history = history
         self._embedder = None
+        self._row_bytes = None
 
     @property
     def embedder(self):
@@ -94,10 +106,18 @@ class KerasClassifier:
             self._embedder = keras.Model(self.model_.input, self.model_.get_layer("softmax").input)
         return self._embedder
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of every layer's output for one row: what one row of a direct call holds at most."""
+        if self._row_bytes is None:
+            self._row_bytes = 4 * max(1, _output_floats(self.embedder))
+        return self._row_bytes
+
     def embed(self, x: np.ndarray) -> np.ndarray:
-        # Direct calls (predict() would retrace for every new batch size), in slices small enough
-        # that the activations inside spatial blocks stay bounded.
-        rows = max(1, CALL_BYTES // max(1, 4 * int(np.prod(x.shape[1:])) * 16))
+        # Direct calls (predict() would retrace for every new batch size), in slices whose activations,
+        # every layer's output counted, stay within CALL_BYTES (a guess of 16x the input was 13x short for
+        # EfficientNet-Lite2's top blocks, 14.6 MB a row: 4.8 GB after a 1.1 GB training).
+        rows = max(1, CALL_BYTES // self.row_bytes)
         blocks = [np.asarray(self.embedder(np.asarray(x[i:i + rows], np.float32), training=False), np.float32)
                   for i in range(0, len(x), rows)]
         width = self.model_.get_layer("softmax").get_weights()[0].shape[0]
