@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.tf_import import keras as quiet_keras
 
-CALL_BYTES = 256 << 20  # the activations of one direct Keras call, every layer's output counted
+CALL_BYTES = 32 << 20  # the activations of one direct Keras call, every layer's output counted (under training's)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
