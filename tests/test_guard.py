@@ -219,7 +219,7 @@ def test_evaluate_reports_rejection_and_calibration(larger_project):
     rejected = round(r["rejected_share"] * result.metrics["n_test"])
     assert rejected > 0  # the threshold keeps 95% of val: a few test photos fall beyond it here
     assert page.count('would answer "unknown"') == 1 and page.count("score ") >= rejected
-    assert "calibration: none (every val photo right)" in result.table
+    assert "calibration: none (the held-out photos all answered right)" in result.table
 
 
 def test_changing_reject_keep_refits_only_the_guard(larger_project, caplog):

@@ -286,7 +286,7 @@ def format_table(metrics: dict, classes: list[str], confusion: list) -> str:
         lines.append(f"rejected as unlike the training photos {100 * r['rejected_share']:.1f}% (threshold keeps "
                      f"{100 * r['keep']:g}% of known photos)   accuracy on the accepted {r['accuracy_accepted']:.4f}   "
                      f"score AUROC wrong vs right {auroc}")
-        fitted = f"temperature {c['temperature']:.3g}" if c["temperature"] != 1.0 else "none (every val photo right)"
+        fitted = f"temperature {c['temperature']:.3g}" if c["temperature"] != 1.0 else "none (the held-out photos all answered right)"
         lines.append(f"calibration: {fitted}   ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
                      f"   Brier {c['brier_before']:.4f} -> {c['brier_after']:.4f}")
     if len(classes) <= 20:

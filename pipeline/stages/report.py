@@ -319,8 +319,8 @@ known photos. The score's AUROC for telling the test photos the model gets wrong
 
 def _calibration_sentence(c: dict) -> str:
     if c["temperature"] == 1.0:  # not fitted: every val photo answered right (training.guard.separable)
-        return ("Probabilities are the head's own: every val photo is answered right, so no temperature can be "
-                "fitted from them.")
+        return ("Probabilities are the head's own: the held-out photos (val, or out-of-fold) are all answered "
+                "right, so no temperature can be fitted from them.")
     return f"Probabilities are calibrated by temperature scaling (T = {c['temperature']:.3g})."
 
 

@@ -238,6 +238,9 @@ def fit_guard(classifier, train_embedding: np.ndarray, train_labels: np.ndarray,
     guard = Guard(score=reject.score, k=reject.k, keep=reject.keep, label=reject.label)
     held_out = len(val_labels) >= MIN_HELD_OUT
     oof = oof_logits() if not held_out and oof_logits is not None else None  # (logits, labels) of unseen photos
+    if not held_out:
+        say(f"{len(val_labels)} val photos (fewer than {MIN_HELD_OUT}): the temperature and the rejection threshold "
+            f"come from scores of the train photos{'' if oof is not None else '; no temperature (1.0)'}")
     # calibration
     held = (classifier.logits_of_embedding(val_embedding), val_labels) if held_out else oof
     if held is not None and separable(*held):
@@ -248,9 +251,6 @@ def fit_guard(classifier, train_embedding: np.ndarray, train_labels: np.ndarray,
     elif held is not None:
         guard.temperature = fit_temperature(*held)
         guard.calibrated_on = "val" if held_out else "out-of-fold"
-    if not held_out:
-        say(f"{len(val_labels)} val photos (fewer than {MIN_HELD_OUT}): the temperature and the rejection threshold "
-            f"come from scores of the train photos{'' if oof is not None else '; no temperature (1.0)'}")
     # the score's arrays
     if guard.score == "knn":
         bank, guard.bank_kind = make_bank(train_embedding, train_labels, reject.bank_size)
@@ -271,6 +271,8 @@ def fit_guard(classifier, train_embedding: np.ndarray, train_labels: np.ndarray,
         scores = guard.scores(train_embedding, classifier.logits_of_embedding(train_embedding), exclude_self=exclude)
         guard.threshold_from = "leave-one-out" if exclude else "train (in-sample)"
     guard.threshold = float(np.quantile(scores, reject.keep))  # keep 1: the most unusual known photo
-    say(f"calibrated: temperature {guard.temperature:.3g} ({guard.calibrated_on}); rejection: {guard.score} score, "
+    fitted = f"temperature {guard.temperature:.3g} ({guard.calibrated_on})" if not guard.calibrated_on.startswith(
+        "none") else f"no temperature {guard.calibrated_on[5:]}"
+    say(f"calibrated: {fitted}; rejection: {guard.score} score, "
         f"threshold {guard.threshold:.4g} keeps {100 * reject.keep:g}% of the {guard.threshold_from} photos")
     return guard
