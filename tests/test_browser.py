@@ -75,6 +75,32 @@ def test_try_page_shows_the_label_of_an_uploaded_photo(browser, served, tmp_path
     assert [e["message"] for e in browser.get_log("browser")] == []  # no script error, no refused resource
 
 
+def test_try_page_says_why_a_file_is_not_answered_and_keeps_the_order(browser, served, tmp_path):
+    """An empty file, a text file, a file over serve.max_upload_mb (1 MB here) and a photo, dropped together:
+    the cards in that order, each failure with its own reason, no broken image, the photo answered."""
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("not a photo\n")
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (900, 900, 3), np.uint8)).save(tmp_path / "big.png")
+    assert (tmp_path / "big.png").stat().st_size > 1024 * 1024
+    photo = make_image(tmp_path / "tigger_b.png", CLASS_COLOURS["tigger"], 97_001)
+    names = ["empty.jpg", "notes.jpg", "big.png", photo.name]
+    browser.get(served.url + "/")
+    browser.find_element(By.ID, "files").send_keys("\n".join(str(tmp_path / n) for n in names))
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card[data-answer], .card[data-error]")) == 4)
+    cards = browser.find_elements(By.CSS_SELECTOR, ".card")[:4]
+    assert [c.get_attribute("data-name") for c in cards] == names
+    errors = [c.get_attribute("data-error") for c in cards[:3]]
+    assert errors[0] == "empty.jpg: empty file (0 bytes)"
+    assert errors[1].startswith("notes.jpg: ") and "not an image" in errors[1]
+    assert errors[2] == "big.png: request body over 1 MB (serve.max_upload_mb)"
+    assert cards[3].get_attribute("data-answer") == "tigger"
+    assert not [c for c in cards[:2] if c.find_element(By.CSS_SELECTOR, "img.main").is_displayed()]  # no broken image
+
+
 def test_review_page_relabels_with_a_key_and_train_head_uses_it(browser, served):
     from selenium.webdriver.common.by import By
 

@@ -6,7 +6,8 @@ async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
   if (options.method && options.method !== "GET") headers["X-CSRF-Token"] = TOKEN;
   const response = await fetch(path, Object.assign({}, options, { headers }));
-  const body = await response.json().catch(() => ({ error: response.statusText }));
+  const body = await response.json().catch(() => ({
+    error: response.status === 413 ? "request body over the app's limit (serve.max_upload_mb)" : response.statusText }));
   if (!response.ok) throw new Error(body.error || response.statusText);
   return body;
 }

@@ -13,17 +13,18 @@ function bars(answer) {
 }
 
 function card(file) {
-  const node = el("div", { class: "card", "data-name": file.name },
-    el("img", { class: "main", src: URL.createObjectURL(file), alt: file.name }),
-    el("div", { class: "answer", text: "…" }), el("div", { class: "note", text: file.name }));
-  results.prepend(node);
-  return node;
+  const image = el("img", { class: "main", src: URL.createObjectURL(file), alt: file.name });
+  image.addEventListener("error", () => { image.hidden = true; });  // not something the browser shows
+  return el("div", { class: "card", "data-name": file.name },
+    image, el("div", { class: "answer", text: "…" }), el("div", { class: "note", text: file.name }));
 }
 
 function fill(node, answer) {
   const head = node.querySelector(".answer");
-  if (answer.error) { head.textContent = "cannot read this photo"; head.classList.add("unknown");
-    node.append(el("p", { class: "error", text: answer.error })); return; }
+  if (answer.error) {
+    head.textContent = "not answered"; head.classList.add("unknown"); node.dataset.error = answer.error;
+    node.append(el("p", { class: "error", text: answer.error })); return;
+  }
   head.textContent = answer.answer;
   node.dataset.answer = answer.answer;
   if (!answer.accepted) {
@@ -40,18 +41,29 @@ function fill(node, answer) {
   }
 }
 
+// Each photo is its own request, so that one too large or unreadable answers alone; the cards of one
+// drop keep its order, above the earlier ones.
 async function send(files) {
-  files = Array.from(files).filter(f => f.size > 0);
+  files = Array.from(files);
   if (!files.length) return;
   const nodes = files.map(card);
-  const form = new FormData();
-  files.forEach(f => form.append("file", f, f.name));
-  try {
-    const answers = await api("/api/predict?neighbours=3&top_k=" + Math.min(5, health ? health.classes.length : 3),
-                              { method: "POST", body: form });
-    answers.forEach((a, i) => fill(nodes[i], a));
-  } catch (error) {
-    nodes.forEach(n => fill(n, { error: error.message }));
+  results.prepend(...nodes);
+  for (const [i, file] of files.entries()) {
+    if (file.size === 0) { fill(nodes[i], { error: file.name + ": empty file (0 bytes)" }); continue; }
+    const limit = health && health.max_upload_mb;
+    if (limit && file.size > limit * 1024 * 1024) {  // what the server would refuse (413), said before sending
+      fill(nodes[i], { error: `${file.name}: request body over ${limit} MB (serve.max_upload_mb)` });
+      continue;
+    }
+    const form = new FormData();
+    form.append("file", file, file.name);
+    try {
+      const answers = await api("/api/predict?neighbours=3&top_k=" + Math.min(5, health ? health.classes.length : 3),
+                                { method: "POST", body: form });
+      fill(nodes[i], answers[0]);
+    } catch (error) {
+      fill(nodes[i], { error: error.message.startsWith(file.name) ? error.message : file.name + ": " + error.message });
+    }
   }
 }
 
