@@ -229,6 +229,9 @@ def test_a_relabel_from_the_review_page_is_used_by_the_next_train_head(served):
     assert PLANTED.removeprefix("photos/") not in [f["path"] for f in after["label_issues"]]  # decided: gone
     status, retrained = served.json("/api/retrain", {})
     assert status == 200 and retrained["trained"]
+    # the report describes the model now served (it once stayed the previous model's until 'make evaluate')
+    run_info = json.loads((served.project / "reports" / "run.json").read_text())
+    assert run_info["model"]["key"] == served.json("/api/health")[1]["model_key"]
     result = cli(served.project, "train-head")  # the next train-head: the model the app trained, with the relabel
     assert result.returncode == 0 and "train_head: cache hit" in result.stderr
     params = params_mod.load(served.project / "params.yaml")

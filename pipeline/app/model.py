@@ -222,7 +222,8 @@ class Served:
             n_before = int(len(self.trained.inputs.rows("train")))
             started = time.perf_counter()
             self.project = open_project(self.params, self.base)  # under strategy auto, advised for the data now
-            trained = graph.run(ladder.chosen(self.project).stage, self.project)[-1]  # the features stage first
+            # the features stage first, then the chosen rung, then evaluate: the report describes the model served
+            *_, trained, _ = graph.run("evaluate", self.project)
             trained.inputs.close()
             seconds = time.perf_counter() - started
             self.load()
