@@ -220,6 +220,7 @@ class Served:
         with self.lock:
             before = self.trained.classifier.history.get("val_accuracy")
             n_before = int(len(self.trained.inputs.rows("train")))
+            val_before = int(len(self.trained.inputs.rows("val")))
             started = time.perf_counter()
             self.project = open_project(self.params, self.base)  # under strategy auto, advised for the data now
             # the features stage first, then the chosen rung, then evaluate: the report describes the model served
@@ -230,4 +231,5 @@ class Served:
             return {"val_accuracy_before": before, "val_accuracy_after": self.trained.classifier.history.get(
                         "val_accuracy"), "train_photos_before": n_before,
                     "train_photos_after": int(len(self.trained.inputs.rows("train"))), "seconds": round(seconds, 2),
+                    "val_photos_before": val_before, "val_photos_after": int(len(self.trained.inputs.rows("val"))),
                     "trained": trained.trained_now}

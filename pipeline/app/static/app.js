@@ -24,6 +24,23 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// A retrain's result in words: val accuracy before and after as the photos behind them, so that a change of
+// one photo reads as one photo (on 68 val photos, 95.6% -> 94.1% is 65 -> 64 right), not as a trend.
+function describeRetrain(r) {
+  const pct = v => v == null ? "–" : (100 * v).toFixed(1) + "%";
+  const right = (acc, n) => acc == null || !n ? null : Math.round(acc * n);
+  const before = right(r.val_accuracy_before, r.val_photos_before), after = right(r.val_accuracy_after, r.val_photos_after);
+  let change = "";
+  if (before != null && after != null) {
+    const moved = after - before;
+    change = ` (${before} → ${after} of ${r.val_photos_after} val photos right` +
+      (r.val_photos_before === r.val_photos_after && Math.abs(moved) <= 1 && moved !== 0
+        ? `: one photo, within what ${r.val_photos_after} photos can tell)` : ")");
+  }
+  return "val accuracy " + pct(r.val_accuracy_before) + " → " + pct(r.val_accuracy_after) + change + ", " +
+    r.train_photos_before + " → " + r.train_photos_after + " train photos (" + r.seconds + " s)";
+}
+
 function photoUrl(sha, size = 192) { return "/photo/" + sha + "?size=" + size; }
 
 function neighbourStrip(items) {

@@ -56,8 +56,7 @@ document.getElementById("retrain").addEventListener("click", async () => {
   out.textContent = "retraining…"; button.disabled = true;
   try {
     const r = await api("/api/retrain", { method: "POST" });
-    out.textContent = "val accuracy " + pct(r.val_accuracy_before) + " → " + pct(r.val_accuracy_after) + ", " +
-      r.train_photos_before + " → " + r.train_photos_after + " train photos (" + r.seconds + " s)";
+    out.textContent = describeRetrain(r);
     out.dataset.before = r.val_accuracy_before; out.dataset.after = r.val_accuracy_after;
     document.getElementById("val").textContent = pct(r.val_accuracy_after);
     labelled = 0; document.getElementById("labelled").textContent = 0;

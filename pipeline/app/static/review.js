@@ -80,10 +80,5 @@ document.getElementById("retrain").addEventListener("click", async () => {
   catch (error) { out.textContent = error.message; }
 });
 
-function describeRetrain(r) {
-  const pct = v => v == null ? "–" : (100 * v).toFixed(1) + "%";
-  return "val accuracy " + pct(r.val_accuracy_before) + " → " + pct(r.val_accuracy_after) + ", " +
-    r.train_photos_before + " → " + r.train_photos_after + " train photos (" + r.seconds + " s)";
-}
 showModel();
 load().catch(error => box.replaceChildren(el("p", { class: "error", text: error.message })));
