@@ -104,7 +104,8 @@ class Served:
         return {"status": "ok", "rung": self.rung.name, "stage": self.rung.stage, "model": t.folder.name,
                 "model_key": t.key, "backbone": self.params.features.backbone,
                 "features": self.cache.name, "classes": self.classes,
-                "reject_label": self.params.reject.label, "max_upload_mb": self.params.serve.max_upload_mb, "val_accuracy": t.classifier.history.get("val_accuracy"),
+                "reject_label": self.params.reject.label, "max_upload_mb": self.params.serve.max_upload_mb,
+                "val_accuracy": t.classifier.history.get("val_accuracy"),
                 "photos": sum(row[3] != table.UNLABELLED for row in self.rows),
                 "unlabelled": sum(row[3] == table.UNLABELLED for row in self.rows)}
 
