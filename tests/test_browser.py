@@ -118,6 +118,38 @@ def test_review_page_relabels_with_a_key_and_train_head_uses_it(browser, served)
     assert "featurised" not in result.stderr and "0 new" in result.stderr  # no photo through the backbone
 
 
+def test_review_tabs_count_what_is_left_and_a_passed_over_finding_is_not_lost(browser, served):
+    from selenium.webdriver.common.by import By
+
+    _, review = served.json("/api/review")
+    kind = next(k for k in ("label_issues", "near_duplicates", "outliers") if review[k])
+    browser.get(served.url + "/review")
+    tab = lambda: browser.find_element(By.CSS_SELECTOR, f"#tabs [data-kind='{kind}']")  # noqa: E731
+    wait(browser, lambda d: tab())
+    tab().click()
+    count = len(review[kind])
+    assert tab().text.endswith(f"({count})")
+    body = browser.find_element(By.TAG_NAME, "body")
+    for _ in range(count):
+        body.send_keys("n")  # passed over, not decided
+    again = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "[data-action='again']"))
+    assert f"{count} finding(s) here passed over" in browser.find_element(By.ID, "finding").text
+    again.click()
+    body.send_keys("k")  # keep the first: one fewer left
+    wait(browser, lambda d: tab().text.endswith(f"({count - 1})"))
+    # a near-duplicate pair with the same label is offered keep and exclude, no relabel; one whose labels
+    # differ is offered relabels (the page's own rendering, on findings made here)
+    for differ in (False, True):
+        pair = {"kind": "near_duplicate", "sha256": "0" * 64, "other": "1" * 64, "path": "a/x.png",
+                "other_path": "a/y.png", "similarity": 0.99, "leak": False, "labels_differ": differ, "given": "misty",
+                "other_label": "tigger" if differ else "misty", "splits": ["train", "train"]}
+        browser.execute_script("data = {classes: ['misty', 'neither', 'tigger'], label_issues: [], outliers: [],"
+                               " near_duplicates: [arguments[0]], decided: 0}; kind = 'near_duplicates'; index = 0;"
+                               " show();", pair)
+        assert browser.find_elements(By.CSS_SELECTOR, "[data-action='keep']")
+        assert bool(browser.find_elements(By.CSS_SELECTOR, "[data-action^='relabel']")) == differ
+
+
 def test_label_page_order_key_and_retrain_button(browser, served):
     from selenium.webdriver.common.by import By
 

@@ -7,17 +7,26 @@ const box = document.getElementById("finding");
 async function load() {
   data = await api("/api/review");
   document.getElementById("decided").textContent = data.decided + " decision(s) so far.";
-  const tabs = document.getElementById("tabs");
-  tabs.replaceChildren(...Object.entries(KINDS).map(([k, name]) => el("button", {
-    class: k === kind ? "here" : "", "data-kind": k, text: name + " (" + data[k].length + ")",
-    onclick: () => { kind = k; index = 0; load(); } })));
   show();
+}
+
+// the tabs count what is left to decide, as decisions are made
+function tabs() {
+  document.getElementById("tabs").replaceChildren(...Object.entries(KINDS).map(([k, name]) => el("button", {
+    class: k === kind ? "here" : "", "data-kind": k, text: name + " (" + data[k].length + ")",
+    onclick: () => { kind = k; index = 0; show(); } })));
 }
 
 function current() { return data[kind][index]; }
 
 function show() {
+  tabs();
   const f = current();
+  if (!f && data[kind].length) {  // passed over with Next, not decided
+    box.replaceChildren(el("p", { text: data[kind].length + " finding(s) here passed over with Next, not decided. " }),
+      el("button", { "data-action": "again", onclick: () => { index = 0; show(); }, text: "Start again from the first" }));
+    return;
+  }
   if (!f) { box.replaceChildren(el("p", { text: "Nothing left to review here." })); return; }
   const left = el("div", {}, el("img", { class: "big", src: photoUrl(f.sha256, 768), alt: f.path }),
     el("p", { class: "note", text: f.path }));
@@ -37,9 +46,10 @@ function show() {
       "); nearest other class: " + f.nearest_other_class + "."));
   }
   const actions = el("div", { class: "actions" });
-  if (f.suggested) actions.append(el("button", { class: "primary", "data-action": "relabel-suggested",
+  const relabels = !(f.kind === "near_duplicate" && !f.labels_differ);  // a same-label pair: keep or exclude
+  if (relabels && f.suggested) actions.append(el("button", { class: "primary", "data-action": "relabel-suggested",
     onclick: () => decide("relabel", f.suggested), text: "Relabel as " + f.suggested + " (R)" }));
-  data.classes.forEach((c, i) => { if (c !== f.given && c !== f.suggested && i < 9) actions.append(el("button", {
+  data.classes.forEach((c, i) => { if (relabels && c !== f.given && c !== f.suggested && i < 9) actions.append(el("button", {
     "data-action": "relabel-" + c, onclick: () => decide("relabel", c), text: "→ " + c + " (" + (i + 1) + ")" })); });
   actions.append(el("button", { "data-action": "exclude", onclick: () => decide("exclude"), text: "Exclude (X)" }),
     el("button", { "data-action": "keep", onclick: () => decide("keep"), text: "Keep as is (K)" }),
@@ -66,6 +76,8 @@ document.addEventListener("keydown", e => {
   if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey) return;
   const f = current(); if (!f) return;
   const key = e.key.toLowerCase();
+  const relabels = !(f.kind === "near_duplicate" && !f.labels_differ);
+  if (!relabels && (key === "r" || /^[1-9]$/.test(key))) return;
   if (key === "r" && f.suggested) decide("relabel", f.suggested);
   else if (key === "x") decide("exclude");
   else if (key === "k") decide("keep");
@@ -76,8 +88,13 @@ document.addEventListener("keydown", e => {
 document.getElementById("retrain").addEventListener("click", async () => {
   const out = document.getElementById("retrain-result");
   out.textContent = "retraining…";
-  try { const r = await api("/api/retrain", { method: "POST" }); out.textContent = describeRetrain(r); load(); showModel(); }
-  catch (error) { out.textContent = error.message; }
+  box.replaceChildren(el("p", { class: "note", text: "Retraining, then looking at the photos again…" }));
+  document.getElementById("tabs").replaceChildren();
+  try {
+    const r = await api("/api/retrain", { method: "POST" });
+    out.textContent = describeRetrain(r);
+    await load(); showModel();
+  } catch (error) { out.textContent = error.message; }
 });
 
 showModel();
