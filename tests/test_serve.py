@@ -212,6 +212,16 @@ def test_two_tabs_deciding_at_once_lose_no_decision(served):
     assert all(made[f"photos/{n}"].action == "keep" for n in names)
 
 
+def test_review_sends_a_page_of_each_kind_and_counts_them_all(served):
+    status, whole = served.json("/api/review?limit=5000")
+    status_one, page = served.json("/api/review?limit=1")
+    assert status == status_one == 200
+    for kind in ("label_issues", "near_duplicates", "outliers"):
+        assert page[kind] == whole[kind][:1] and page["totals"][kind] == whole["totals"][kind] == len(whole[kind])
+    assert sum(whole["totals"].values()) > 1  # the page is smaller than the whole here
+    assert served.json("/api/review?limit=0")[0] == 422
+
+
 def test_a_relabel_from_the_review_page_is_used_by_the_next_train_head(served):
     status, review = served.json("/api/review")
     assert status == 200

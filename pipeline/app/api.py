@@ -60,8 +60,9 @@ async def predict(request: Request, top_k: int | None = Query(None, ge=1, le=100
     return answers
 
 
-@router.get("/review", summary="inspect's findings not decided yet, with the photos' neighbours")
-def review(state: AppState = Depends(app_state)):
+@router.get("/review", summary="inspect's findings not decided yet, with the photos' neighbours: the first "
+            "`limit` of each kind, most certain first, and how many each kind has in all")
+def review(limit: int = Query(100, ge=1, le=5000), state: AppState = Depends(app_state)):
     from pipeline.app.findings import findings
 
     served = state.served
@@ -71,9 +72,10 @@ def review(state: AppState = Depends(app_state)):
             state.review_cache.update(key=key, findings=findings(served))
         found = state.review_cache["findings"]
     decided = served.decisions()
-    return {"classes": served.classes, **{kind: [f for f in items if f["sha256"] not in decided]
-                                          for kind, items in found.items()},
-            "decided": len(decided)}
+    left = {kind: [f for f in items if f["sha256"] not in decided] for kind, items in found.items()}
+    # a page of each kind: at 9,000 photos inspect finds thousands of near-duplicate pairs, 7 MB in one answer
+    return {"classes": served.classes, **{kind: items[:limit] for kind, items in left.items()},
+            "totals": {kind: len(items) for kind, items in left.items()}, "decided": len(decided)}
 
 
 @router.get("/label", summary="unlabelled photos, in the order that teaches the model most")

@@ -6,6 +6,7 @@ const box = document.getElementById("finding");
 
 async function load() {
   data = await api("/api/review");
+  data.shown = Object.fromEntries(Object.keys(KINDS).map(k => [k, data[k].length]));
   document.getElementById("decided").textContent = data.decided + " decision(s) so far.";
   show();
 }
@@ -13,11 +14,14 @@ async function load() {
 // the tabs count what is left to decide, as decisions are made
 function tabs() {
   document.getElementById("tabs").replaceChildren(...Object.entries(KINDS).map(([k, name]) => el("button", {
-    class: k === kind ? "here" : "", "data-kind": k, text: name + " (" + data[k].length + ")",
+    class: k === kind ? "here" : "", "data-kind": k, text: name + " (" + remaining(k) + ")",
     onclick: () => { kind = k; index = 0; show(); } })));
 }
 
 function current() { return data[kind][index]; }
+
+// what is left of a kind: all it has (the API sends a page of each), less what was decided here since
+function remaining(k) { return (data.totals ? data.totals[k] : data[k].length) - (data.shown[k] - data[k].length); }
 
 function show() {
   tabs();
@@ -55,7 +59,8 @@ function show() {
     el("button", { "data-action": "keep", onclick: () => decide("keep"), text: "Keep as is (K)" }),
     el("button", { "data-action": "next", onclick: next, text: "Next (N)" }));
   box.replaceChildren(el("div", { class: "finding" }, left, right), actions,
-    el("p", { class: "note", text: (index + 1) + " of " + data[kind].length }));
+    el("p", { class: "note", text: (index + 1) + " of " + remaining(kind) +
+      (remaining(kind) > data[kind].length ? " (decide these, and the next are sent)" : "") }));
 }
 
 function next() { index = Math.min(index + 1, data[kind].length); show(); }
@@ -67,6 +72,7 @@ async function decide(action, label = "") {
     const done = await api("/api/decide", { method: "POST", headers: { "Content-Type": "application/json" },
                                             body: JSON.stringify({ sha256: f.sha256, action, label }) });
     data[kind].splice(index, 1);
+    if (!data[kind].length && remaining(kind) > 0) { await load(); return; }  // the next page of this kind
     document.getElementById("decided").textContent = done.decisions + " decision(s) so far; last: " + done.path + " " + action + (label ? " " + label : "") + ".";
     show();
   } catch (error) { box.append(el("p", { class: "error", text: error.message })); }
