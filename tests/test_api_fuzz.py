@@ -21,7 +21,7 @@ EXAMPLES = 25  # per operation and phase: the run stays within about a minute on
 
 def _photos(project: Path) -> dict[str, str]:
     return {str(p.relative_to(project)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(project.rglob("*.png")) if "cache" not in p.parts and "models" not in p.parts}
+            for p in sorted((project / "photos").rglob("*")) if p.is_file()}  # the photos: data.root
 
 
 def _rss_kb(pid: int) -> int:

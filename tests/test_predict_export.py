@@ -235,7 +235,8 @@ def test_the_features_stage_decodes_at_the_scale_its_decode_names(large_jpeg_pro
 
     seen = []
     real = runtime.decode_rgb
-    monkeypatch.setattr(runtime, "decode_rgb", lambda path, draft=0: seen.append(real(path, draft).shape) or real(path, draft))
+    monkeypatch.setattr(runtime, "decode_rgb", lambda path, *rest: seen.append(real(path, *rest).shape) or
+                        real(path, *rest))
     features.run(open_project(make_params(large_jpeg_project, features={"decode": decode}), large_jpeg_project))
     assert seen[:30] == [shape] * 30  # the photos themselves (then the near-duplicate calibration's copies)
 

@@ -244,7 +244,6 @@ def test_keras_probabilities_are_computed_in_calls_bounded_by_bytes(monkeypatch)
     its activations stay near CALL_BYTES, and the slices come back in order."""
     from pipeline.training import classifiers
 
-    monkeypatch.setattr(classifiers, "CALL_BYTES", 4 * 7 * 7 * 8 * 16 * 10)  # room for 10 rows of (7, 7, 8)
     calls = []
 
     import keras
@@ -253,6 +252,9 @@ def test_keras_probabilities_are_computed_in_calls_bounded_by_bytes(monkeypatch)
     pooled = keras.layers.GlobalAveragePooling2D()(inputs)
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="softmax")(pooled))
     classifier = classifiers.KerasClassifier(model, ["a", "b"], {})
+    # every output of the embedder (up to the softmax) for a row: the input (7, 7, 8) and the pooled 8
+    assert classifier.row_bytes == 4 * (7 * 7 * 8 + 8)
+    monkeypatch.setattr(classifiers, "CALL_BYTES", 10 * classifier.row_bytes)  # room for 10 rows
     embedder = classifier.embedder
 
     def counted(x, training=False):
