@@ -223,10 +223,13 @@ class Served:
             n_before = int(len(self.trained.inputs.rows("train")))
             val_before = int(len(self.trained.inputs.rows("val")))
             started = time.perf_counter()
-            self.project = open_project(self.params, self.base)  # under strategy auto, advised for the data now
+            # under strategy auto, advised for the data now; served only once its labels and model exist (a
+            # review reading the project meanwhile once found the new labels not written yet: a 500)
+            project = open_project(self.params, self.base)
             # the features stage first, then the chosen rung, then evaluate: the report describes the model served
-            *_, trained, _ = graph.run("evaluate", self.project)
+            *_, trained, _ = graph.run("evaluate", project)
             trained.inputs.close()
+            self.project = project
             seconds = time.perf_counter() - started
             self.load()
             return {"val_accuracy_before": before, "val_accuracy_after": self.trained.classifier.history.get(

@@ -46,6 +46,7 @@ function fill(node, answer) {
 async function send(files) {
   files = Array.from(files);
   if (!files.length) return;
+  health = health || await healthReady;  // the upload limit, before anything is sent
   const nodes = files.map(card);
   results.prepend(...nodes);
   for (const [i, file] of files.entries()) {
@@ -89,4 +90,4 @@ document.getElementById("snap").addEventListener("click", () => {
   canvas.getContext("2d").drawImage(video, 0, 0);
   canvas.toBlob(blob => send([new File([blob], "webcam-" + Date.now() + ".jpg", { type: "image/jpeg" })]), "image/jpeg", 0.92);
 });
-showModel().then(h => { health = h; });
+const healthReady = showModel().then(h => { health = h; return h; });
