@@ -121,6 +121,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "init":
         return _init(Path(args.params), args.root)
+    if args.command == "serve" and not Path(args.params).exists():
+        _init(Path(args.params), *_new_project_root(Path(args.params).parent), serving=True)
     params = params_mod.load(args.params, args.overrides)
     project = open_project(params, Path(args.params).resolve().parent)  # resolved once, passed down
     if args.command in ("all", *graph.BY_NAME, graph.TRAIN.name):
@@ -128,9 +130,27 @@ def _dispatch(args) -> int:
     return _use(args, project)
 
 
-def _init(target: Path, root: str) -> int:
+HIDDEN_OUTPUTS = ".photohead"  # a project whose photos are its own folder keeps what it computes in here
+
+
+def _new_project_root(folder: Path) -> tuple[str, bool]:
+    """(data.root, whether the outputs hide under .photohead/) for ``serve`` in a folder with no params file:
+    its own class folders where it has photos in sub-folders, else a new ``photos/``."""
+    from pipeline import scan
+    from pipeline.data.decode import image_suffixes
+
+    suffixes = image_suffixes()
+    for sub in scan._class_dirs(folder) if folder.is_dir() else []:
+        if any(f.suffix.lower() in suffixes for f in scan._walk_files(sub)):
+            return ".", True
+    (folder / "photos").mkdir(parents=True, exist_ok=True)
+    return "photos", False
+
+
+def _init(target: Path, root: str, hidden_outputs: bool = False, serving: bool = False) -> int:
     """Write a params file for photos under ``root`` (and an empty corrections file), never over one; say
-    what the photos are: classes, photo counts, formats not read."""
+    what the photos are: classes, photo counts, formats not read. ``hidden_outputs``: the cache, reports and
+    exports under .photohead/ (the photos are the params file's own folder)."""
     import re
 
     import yaml
@@ -143,6 +163,9 @@ def _init(target: Path, root: str) -> int:
     text = (Path(__file__).resolve().parent / "params.yaml").read_text(encoding="utf-8")
     text = re.sub(r"(?m)^  root: .*$", lambda _: f"  root: {root}  # one sub-folder per class (or train/ val/ test/ "
                   "above them)", text, count=1)
+    if hidden_outputs:
+        for key, name in (("cache_dir", "cache"), ("reports_dir", "reports"), ("dir", "models")):
+            text = re.sub(rf"(?m)^  {key}: \S+", f"  {key}: {HIDDEN_OUTPUTS}/{name}", text, count=1)
     params = params_mod.build(yaml.safe_load(text), str(target))
     found, problem = None, f"no folder {root} yet: put one sub-folder of photos per class in it"
     if (target.parent / root).is_dir():
@@ -164,7 +187,8 @@ def _init(target: Path, root: str) -> int:
         unread = scan.unread_summary(found.skipped)
         if unread:
             print(f"{unread}; convert them to JPEG, PNG, HEIC or AVIF to use them")
-    print("next: 'features', 'train-head', 'evaluate' or 'serve'")
+    if not serving:
+        print("next: 'features', 'train-head', 'evaluate' or 'serve'")
     return 0
 
 
@@ -207,11 +231,9 @@ def _use(args, project) -> int:
         return 0
     if args.command == "serve":
         from pipeline.app import server
-        from pipeline.stages import ladder
 
         sock = server.listen(params.serve)  # a port in use is said at once, before any training
-        graph.run(ladder.chosen(project).stage, project)  # trained when missing
-        server.serve(project, sock)
+        server.serve(project, sock)  # the page at once; a project with no model trains behind its progress
         return 0
     if args.command == "clean-cache":
         cache = project.cache_dir

@@ -23,7 +23,7 @@ from typing import Callable
 
 import yaml
 
-from pipeline import layout
+from pipeline import layout, progress
 from pipeline.params import SECTIONS, FeaturesParams, TrainHeadParams, key_field_names
 from pipeline.project import Project
 from pipeline.stages import evaluate, features, ladder
@@ -96,7 +96,11 @@ TRAIN = Stage("train", lambda project: ladder.chosen(project).train(project),
 def run(name: str, project: Project, with_upstream: bool = True) -> list:
     """Run stage ``name`` (and first the stages it needs, when ``with_upstream``): the one runner of stages,
     for the CLI and the app alike. Returns each stage's result, upstream first."""
-    return [current.entry(project) for current in (chain(name, project) if with_upstream else [stage(name)])]
+    results = []
+    for current in chain(name, project) if with_upstream else [stage(name)]:
+        progress.report(current.name)
+        results.append(current.entry(project))
+    return results
 
 
 def stage(name: str) -> Stage:

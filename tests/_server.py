@@ -17,19 +17,21 @@ from conftest import ROOT
 
 
 class Server:
-    def __init__(self, project: Path, params: str = "params.yaml", env: dict | None = None):
+    def __init__(self, project: Path, params: str = "params.yaml", env: dict | None = None, sets: tuple = ()):
         environment = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1",
                        "TF_CPP_MIN_LOG_LEVEL": "3", "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"], **(env or {})}
         self.project = project
         self.process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--params", params, "--set",
-                                         "serve.port=0"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         "serve.port=0", *[a for s in sets for a in ("--set", s)]], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, env=environment)
         self.stderr: list[str] = []
         threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True).start()
         deadline = time.monotonic() + 240
         line = ""
+        self.stdout: list[str] = []
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
+            self.stdout.append(line)
             if not line and self.process.poll() is not None:
                 raise RuntimeError(f"serve exited with {self.process.returncode}: {''.join(self.stderr)[-2000:]}")
             found = re.search(r"serving on (http://127\.0\.0\.1:(\d+))", line)
@@ -40,6 +42,7 @@ class Server:
             self.stop()
             raise RuntimeError("serve did not start in 240 s")
         self.token = re.search(r'name="csrf" content="([^"]+)"', self.get("/review")[2]).group(1)
+        threading.Thread(target=lambda: self.stdout.extend(self.process.stdout), daemon=True).start()
 
     def request(self, path: str, data: bytes | None = None, headers: dict | None = None, method: str | None = None):
         """(status, headers, body text) of one request; HTTP errors are returned, not raised."""
@@ -64,16 +67,39 @@ class Server:
             raise AssertionError(f"{path}: {status} {body}\n{''.join(self.stderr)[-3000:]}")
         return status, json.loads(body)
 
-    def upload(self, path: str, files: list[tuple[str, bytes]]):
+    def send(self, method: str, path: str, payload=None, token: bool = True):
+        """(status, JSON body) of a state-changing request with the page's token."""
+        headers = {"Content-Type": "application/json", **({"X-CSRF-Token": self.token} if token else {})}
+        data = None if payload is None else json.dumps(payload).encode()
+        status, _, body = self.request(path, data, headers, method)
+        if status >= 500:
+            time.sleep(0.2)
+            raise AssertionError(f"{method} {path}: {status} {body}\n{''.join(self.stderr)[-3000:]}")
+        return status, json.loads(body)
+
+    def upload(self, path: str, files: list[tuple[str, bytes]], field: str = "file", token: bool = False):
         boundary = uuid.uuid4().hex
         parts = []
         for name, data in files:
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
                          f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        status, _, text = self.request(path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"},
-                                       "POST")
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
+                   **({"X-CSRF-Token": self.token} if token else {})}
+        status, _, text = self.request(path, body, headers, "POST")
+        if status >= 500:
+            time.sleep(0.2)
+            raise AssertionError(f"{path}: {status} {text}\n{''.join(self.stderr)[-3000:]}")
         return status, json.loads(text)
+
+    def wait_job(self, job: str, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            _, state = self.json(f"/api/train/{job}")
+            if state["state"] in ("done", "failed"):
+                return state
+            time.sleep(0.3)
+        raise AssertionError(f"job {job} did not finish in {timeout} s")
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -128,7 +128,8 @@ LAYERS = (
     ("pipeline.backbones",),  # the backbone registry and its converters
     ("pipeline.store",),  # the cache's tables, labelling files, parts and batches
     ("pipeline.data",),  # decoding (the decoder registry), resizing, corrections, the demo photos
-    ("pipeline.fingerprint", "pipeline.tf_import", "pipeline.errors", "pipeline.vectors", "pipeline.templates", "pipeline"),
+    ("pipeline.fingerprint", "pipeline.tf_import", "pipeline.errors", "pipeline.vectors", "pipeline.templates",
+     "pipeline.progress", "pipeline"),
 )
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import graph
+from pipeline import graph, scan
 from pipeline.app import active
+from pipeline.app.folder import Folder
 from pipeline.data import corrections
 from pipeline.data.decode import DECODERS, sniff
 from pipeline.errors import PipelineError
@@ -26,6 +27,7 @@ from pipeline.params import Params
 from pipeline.project import open_project
 from pipeline.stages import ladder
 from pipeline.store import table
+from pipeline.training.guard import MIN_HELD_OUT
 from pipeline.training.inputs import CachedInputs
 from pipeline.use import predict
 from pipeline.vectors import nearest, unit_rows
@@ -41,13 +43,23 @@ class DecisionRefused(PipelineError, ValueError):
     """A decision that cannot be kept (a label that is no class, no corrections file)."""
 
 
+class NoModel(PipelineError, LookupError):
+    """The project has no trained model yet: add classes and photos, then train."""
+
+
+class NotTrainable(PipelineError, ValueError):
+    """The photos cannot train a model yet (too few classes or photos); the message names the class."""
+
+
 class Served:
     def __init__(self, project):
         self.project = project
         self.lock = threading.RLock()  # the model, the index and the temporary folder: one request at a time
         self.uploads = tempfile.TemporaryDirectory(prefix="photohead-uploads-")
+        self.folder = Folder(project)
         self.trained = None
         self.pooled = None
+        self.why = ""  # why there is no model, when there is none
         self.load()
 
     @property
@@ -59,15 +71,36 @@ class Served:
         return self.project.base
 
     # ----------------------------------------------------------------- loading
+    @property
+    def ready(self) -> bool:
+        return self.trained is not None
+
+    def model(self):
+        """The model served, or NoModel saying what to do first."""
+        if self.trained is None:
+            raise NoModel(f"no model yet ({self.why}); add at least 2 classes of photos and train")
+        return self.trained
+
     def load(self) -> None:
-        """(Re)open the chosen model and index the cache: photos by content hash, the train split's vectors."""
+        """(Re)open the chosen model and index the cache: photos by content hash, the train split's vectors.
+        A project with no model yet (a new one) is served too: its classes and photos, and training."""
         with self.lock:
             for held in (self.trained.inputs if self.trained is not None else None, self.pooled):
                 if held is not None:
                     held.close()
-            rung = ladder.chosen(self.project)
-            self.rung = rung
-            self.trained = rung.load(self.project)
+            self.trained = self.pooled = None
+            self.rows, self.row_of, self.position, self.sha_of_path, self.sha_of_name = [], {}, {}, {}, {}
+            self.input_positions, self.runner, self.root = {}, None, self.project.data_root
+            self.folder.project = self.project  # the same folder and its lock: uploads may be under way
+            try:
+                self.rung = ladder.chosen(self.project)
+                trained = self.rung.load(self.project)
+            except (PipelineError, OSError) as error:
+                self.why = " ".join(str(error).split())
+                self.classes = sorted(self.folder.class_dirs())
+                log.info("serve: no model yet (%s)", self.why)
+                return
+            self.trained = trained
             self.input_positions = self.trained.inputs.position_of()  # sha256 -> row of the model's inputs
             self.runner = None  # the backbone, opened at the first photo that is not in the cache
             self.classes = list(self.trained.classifier.classes)
@@ -101,6 +134,10 @@ class Served:
 
     def health(self) -> dict:
         t = self.trained
+        if t is None:
+            return {"status": "untrained", "message": self.why, "classes": self.classes,
+                    "backbone": self.params.features.backbone, "reject_label": self.params.reject.label,
+                    "max_upload_mb": self.params.serve.max_upload_mb}
         return {"status": "ok", "rung": self.rung.name, "stage": self.rung.stage, "model": t.folder.name,
                 "model_key": t.key, "backbone": self.params.features.backbone,
                 "features": self.cache.name, "classes": self.classes,
@@ -113,6 +150,7 @@ class Served:
     def predict(self, uploads: list[tuple[str, bytes]], top_k: int | None = None,
                 neighbours: int = 0) -> list[dict]:
         """``predict --format json`` for each (name, bytes), with ``neighbours`` nearest train photos."""
+        self.model()
         files, shas = [], []
         for name, data in uploads:
             kind = sniff(data[:32])
@@ -147,7 +185,8 @@ class Served:
         """The ``k`` train photos nearest ``row`` (pooled features; cosine of centred features), with ``label``
         only if given; ``other_than``: the sha256 of the photo asked about, never its own neighbour."""
         with self.lock:  # one model's index: a retrain replaces them together
-            if self.trained.inputs.layer != "pooled" or not len(self.train_vectors) or row is None:
+            if self.trained is None or self.trained.inputs.layer != "pooled" or not len(self.train_vectors) \
+                    or row is None:
                 return []
             vector = unit_rows(np.asarray(row, np.float32).reshape(1, -1), self.centre)
             allowed = np.ones(len(self.train_sha), bool) if label is None else self.train_label == label
@@ -168,18 +207,21 @@ class Served:
 
     def file_of(self, sha: str) -> Path | None:
         i = self.row_of.get(sha)
-        return None if i is None else self.root / self.rows[i][1]
+        return self.folder.file_of(sha) if i is None else self.root / self.rows[i][1]
 
     # ----------------------------------------------------------------- decisions
     def decide(self, sha: str, action: str, label: str = "") -> dict:
-        if sha not in self.position:
+        """A decision on a photo of the cache, or on one the app wrote or showed since (not featurised yet)."""
+        file = self.file_of(sha) if sha in self.position else self.folder.file_of(sha)
+        if file is None:
             raise UnknownPhoto(f"no photo with sha256 {sha[:12]}... in the cache")
-        if action == "relabel" and label not in self.classes:
-            raise DecisionRefused(f"label {label!r} is not a class ({', '.join(self.classes)})")
+        classes = sorted(set(self.classes) | set(self.folder.class_dirs()))
+        if action == "relabel" and label not in classes:
+            raise DecisionRefused(f"label {label!r} is not a class ({', '.join(classes)})")
         path = corrections.file_of(self.params.data, self.base)
         if path is None:
             raise DecisionRefused("data.corrections is null: set it to a file to keep decisions")
-        name = corrections.key_of(self.root / self.rows[self.row_of[sha]][1], self.base)
+        name = corrections.key_of(file, self.base)
         decision = corrections.Correction(name, action, label if action == "relabel" else "")
         decisions = corrections.record(path, [decision])
         return {"path": name, "action": action, "label": label, "decisions": len(corrections.decided(decisions))}
@@ -193,6 +235,7 @@ class Served:
     def to_label(self, limit: int = 60) -> dict:
         """The unlabelled photos in the order that teaches the model most (``app.active``)."""
         with self.lock:  # the cache, its rows and the model of one load: a retrain replaces them together
+            self.model()
             decided = self.decisions()
             rows, classes = self.rows, self.classes
             pool = [i for i, r in enumerate(rows) if r[3] == table.UNLABELLED and r[0] not in decided]
@@ -216,16 +259,35 @@ class Served:
             photos.append(item)
         return {"regime": regime, "photos": photos, "remaining": len(pool)}
 
+    def trainable(self):
+        """The project of the photos now, or NotTrainable naming the class that stops training."""
+        try:
+            dataset = scan.scan(self.params.data, self.base, self.project.file_index)
+        except scan.DatasetError as error:
+            raise NotTrainable(" ".join(str(error).split())) from None
+        counts = {c: {"train": 0, "val": 0, "test": 0} for c in dataset.classes}
+        for record in dataset.records:
+            counts[record.label][record.split] += 1
+        val = sum(c["val"] for c in counts.values())
+        need = 1 if val >= MIN_HELD_OUT else 2
+        for name, split in counts.items():
+            if split["train"] < need:
+                total = sum(split.values())
+                raise NotTrainable(f"class {name!r} has {split['train']} train photo(s) of {total}; calibration "
+                                   f"needs {need} (with {val} val photos): add photos to {name!r}")
+        return open_project(self.params, self.base)
+
     def retrain(self) -> dict:
         """The features stage (no backbone for photos it has) and the chosen rung, here; then the new model."""
         with self.lock:
-            before = self.trained.classifier.history.get("val_accuracy")
-            n_before = int(len(self.trained.inputs.rows("train")))
-            val_before = int(len(self.trained.inputs.rows("val")))
+            t = self.trained
+            before = t.classifier.history.get("val_accuracy") if t is not None else None
+            n_before = int(len(t.inputs.rows("train"))) if t is not None else 0
+            val_before = int(len(t.inputs.rows("val"))) if t is not None else 0
             started = time.perf_counter()
             # under strategy auto, advised for the data now; served only once its labels and model exist (a
             # review reading the project meanwhile once found the new labels not written yet: a 500)
-            project = open_project(self.params, self.base)
+            project = self.trainable()
             # the features stage first, then the chosen rung, then evaluate: the report describes the model served
             *_, trained, _ = graph.run("evaluate", project)
             trained.inputs.close()

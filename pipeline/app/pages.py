@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException
 
@@ -37,8 +37,16 @@ def render(request: Request, template: str, title: str, here: str, scripts: tupl
 
 
 @router.get("/")
-def try_page(request: Request):
+def try_page(request: Request, state: AppState = Depends(app_state)):
+    if not state.served.ready:  # a new project: its classes and photos first
+        return RedirectResponse("/train", status_code=303)
     return render(request, "try.html", "Try", "/", ("app.js", "try.js"))
+
+
+@router.get("/train")
+def train_page(request: Request, state: AppState = Depends(app_state)):
+    root = state.served.project.params.data.root
+    return render(request, "train.html", "Train", "/train", ("app.js", "train.js"), root=root)
 
 
 @router.get("/review")

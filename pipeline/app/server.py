@@ -78,6 +78,21 @@ async def _invalid(request: Request, error: RequestValidationError):
     return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
 
 
+def _first_training(state: AppState) -> None:
+    """A project with no model: train it now, behind the page's progress, when its photos can train one."""
+    from pipeline.app.model import NotTrainable
+
+    served = state.served
+    if served.ready:
+        return
+    try:
+        job = state.trainer.start(served.retrain, served.trainable)
+    except NotTrainable as error:
+        print(f"no model yet: {error}. Add classes and photos on the Classes page, then Train.", flush=True)
+        return
+    print(f"no model yet: training (job {job.id}; its progress is on the Classes page)", flush=True)
+
+
 def listen(serve_params):
     """A socket listening on serve.host:serve.port, or an error naming the setting to change."""
     import socket
@@ -107,6 +122,7 @@ def serve(project, sock) -> None:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving on http://{shown}:{port}  (Ctrl+C stops)", flush=True)
+    _first_training(app.state.app)
     if not safety.is_loopback(params.serve.host):
         log.warning("serve: listening on %s: reachable from the network, not only this machine", params.serve.host)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)

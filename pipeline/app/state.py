@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import Depends, Request
 
 from pipeline.app import safety
+from pipeline.app.jobs import Trainer
 
 
 @dataclass
@@ -17,6 +18,10 @@ class AppState:
     review_lock: threading.Lock = field(default_factory=threading.Lock)
     review_cache: dict = field(default_factory=dict)  # inspect's findings of the model served, by its inputs
     retrain_lock: threading.Lock = field(default_factory=threading.Lock)
+    trainer: Trainer = field(init=False)  # training and export jobs, under the retrain lock
+
+    def __post_init__(self):
+        self.trainer = Trainer(self.retrain_lock)
 
 
 def app_state(request: Request) -> AppState:

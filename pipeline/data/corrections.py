@@ -108,6 +108,17 @@ def record(path: Path, new: list[Correction], undecided_only: bool = False) -> d
     return decisions
 
 
+def forget(path: Path | None, names: list[str]) -> None:
+    """Remove the rows of ``names`` from the file, under its lock (a renamed class's old names)."""
+    if path is None or not path.is_file() or not names:
+        return
+    with FileLock(str(path) + ".lock", timeout=30):
+        decisions = read(path)
+        for name in names:
+            decisions.pop(name, None)
+        atomic_write_text(path, render(decisions))
+
+
 def decided(decisions: dict[str, Correction]) -> dict[str, Correction]:
     return {path: d for path, d in decisions.items() if d.action}
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import progress as listeners
 from pipeline import runtime
 from pipeline.params import FeaturesParams
 from pipeline.store import parts as parts_mod
@@ -62,6 +63,7 @@ def featurise(jobs, f: FeaturesParams, weights_dir: Path, root: Path, parts_dir:
             for record, rows, error in engine_rows(records, views, runner, f, root, weights_dir):
                 writer.add(record.sha256, rows, error)
                 progress.update(1)
+                listeners.report(stage, progress.n, total)
             writer.commit()
     finally:
         progress.close()

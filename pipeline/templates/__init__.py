@@ -15,7 +15,7 @@ class Page:
     label: str  # in the navigation
 
 
-NAV = (Page("/", "Try"), Page("/review", "Review"), Page("/label", "Label"), Page("/report", "Report"))
+NAV = (Page("/train", "Train"), Page("/", "Try"), Page("/review", "Review"), Page("/label", "Label"), Page("/report", "Report"))
 
 
 def render(name: str, **context) -> str:

@@ -52,6 +52,10 @@ function neighbourStrip(items) {
 async function showModel() {
   try {
     const health = await api("/api/health");
+    if (health.status === "untrained") {
+      document.getElementById("model").textContent = "no model yet: add classes and photos, then Train";
+      return health;
+    }
     const val = health.val_accuracy == null ? "" : ", val accuracy " + (100 * health.val_accuracy).toFixed(1) + "%";
     document.getElementById("model").textContent =
       health.rung + " model on " + health.backbone + ", " + health.classes.length + " classes" + val;
