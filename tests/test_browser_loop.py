@@ -70,7 +70,7 @@ def test_from_an_empty_folder_to_answers_in_the_browser(camera_browser, tmp_path
     server = Server(project, sets=("features.backbone=tiny",))
     try:
         assert (project / "params.yaml").is_file() and (project / "corrections.csv").is_file()
-        assert any("no model yet" in line for line in server.stdout)
+        wait(driver, lambda _: any("no model yet" in line for line in server.stdout), 10)
         driver.get(server.url + "/")
         wait(driver, lambda d: d.current_url.endswith("/train"))  # no model: the Train page first
         shot(driver, "train-empty")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import AsyncIterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -133,13 +134,26 @@ def create_class(body: NewName, state: AppState = Depends(app_state)):
 @router.patch("/classes/{name}", summary="rename a class: its folder, and the corrections that name its photos",
               dependencies=[Depends(same_origin)], responses=_errors(400, 403, 404, 409, 413))
 def rename_class(body: NewName, name: str = ClassName, state: AppState = Depends(app_state)):
-    return _sync(state.served.folder.rename, name, body.name)
+    with _not_training(state):
+        return _sync(state.served.folder.rename, name, body.name)
 
 
 @router.delete("/classes/{name}", summary="delete a class: its folder moves, whole, to data.root/.trash",
-               dependencies=[Depends(same_origin)], responses=_errors(400, 403, 404))
+               dependencies=[Depends(same_origin)], responses=_errors(400, 403, 404, 409))
 def delete_class(name: str = ClassName, state: AppState = Depends(app_state)):
-    return _sync(state.served.folder.delete, name)
+    with _not_training(state):
+        return _sync(state.served.folder.delete, name)
+
+
+@contextmanager
+def _not_training(state: AppState):
+    """A class's folder moves only between trainings: a scan that saw it half-moved would lose its photos."""
+    if not state.retrain_lock.acquire(blocking=False):
+        raise HTTPException(409, "a training is running; rename or delete the class after it")
+    try:
+        yield
+    finally:
+        state.retrain_lock.release()
 
 
 _FILES_BODY = {"requestBody": {"required": True, "content": {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -84,8 +85,10 @@ def run(served) -> dict:
     from pipeline.use import export
 
     progress.report("export")
+    started = time.perf_counter()
     result = export.run(served.project)
-    return {"folder": result.folder.name, "files": sorted(result.files), "seconds": None}
+    return {"folder": result.folder.name, "files": sorted(result.files),
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def file_of(served, name: str) -> tuple[Path, str, Path | None]:

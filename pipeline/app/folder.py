@@ -92,12 +92,26 @@ class Folder:
         self.project = project  # replaced by the app's next project after a retrain; the lock stays
         self.lock = threading.Lock()
         self.known: dict[str, Path] = {}  # sha256 -> file, of the photos written or shown by this app
+        self.renamed: dict[str, str] = {}  # class -> its new name, for the rows of a cache made before a rename
         self._index_shas: dict[str, str] | None = None
         shutil.rmtree(self.root / INCOMING, ignore_errors=True)  # what a killed upload left
+        self._reconcile()
 
     @property
     def root(self) -> Path:
         return self.project.data_root
+
+    def _reconcile(self) -> None:
+        """Drop the corrections a rename killed half-way left behind: a row naming no file, whose photo
+        (the same file name) another row names where it is."""
+        path = corrections.file_of(self.project.params.data, self.project.base)
+        if path is None or not path.is_file():
+            return
+        base = self.project.base
+        rows = corrections.read(path)
+        there = {key.rsplit("/", 1)[-1] for key in rows if (base / key).is_file()}
+        stale = [key for key in rows if not (base / key).exists() and key.rsplit("/", 1)[-1] in there]
+        corrections.forget(path, stale)
 
     # ---------------------------------------------------------------- reading
     def editable(self) -> None:
@@ -137,6 +151,19 @@ class Folder:
             sha = hashlib.sha256(file.read_bytes()).hexdigest()
         self.known[sha] = file
         return sha
+
+    def moved(self, relative: str) -> Path:
+        """Where a photo the cache knows at ``relative`` (to data.root) is now, its class renamed since."""
+        path = self.root / relative
+        for _ in range(len(self.renamed)):
+            if path.exists():
+                break
+            first, _, rest = Path(relative).as_posix().partition("/")
+            if first not in self.renamed:
+                break
+            relative = f"{self.renamed[first]}/{rest}"
+            path = self.root / relative
+        return path
 
     def file_of(self, sha: str) -> Path | None:
         file = self.known.get(sha)
@@ -181,6 +208,7 @@ class Folder:
                 self._drop_corrections(folder, moved)
             self.known = {sha: (target / f.relative_to(folder) if f.is_relative_to(folder) else f)
                           for sha, f in self.known.items()}
+            self.renamed[old] = new
             self._index_shas = None
         return {"name": new, "renamed_from": old}
 

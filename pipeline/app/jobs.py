@@ -35,6 +35,7 @@ class Job:
     seconds_left: float | None = None
     seconds: float = 0.0
     result: dict | None = None
+    stages: dict = field(default_factory=dict)  # each stage begun: {"done", "total", "seconds"} (photos: total > 0)
     version: int = 0  # changes with every update: the event stream sends a new event then
     started: float = field(default_factory=time.perf_counter, repr=False)
     _stage_started: float = field(default=0.0, repr=False)
@@ -84,12 +85,14 @@ class Trainer:
     def _run(self, job: Job, work) -> None:
         def listen(stage: str, done: int, total: int) -> None:
             if total == 0:  # a stage begins
+                job.stages[stage] = {"done": 0, "total": 0, "seconds": 0.0}
                 self._update(job, stage=stage, done=0, total=0, photos_per_second=None, seconds_left=None,
                              message=f"{stage}…", _stage_started=time.perf_counter())
                 return
+            elapsed = time.perf_counter() - job._stage_started
+            job.stages[stage] = {"done": done, "total": total, "seconds": round(elapsed, 2)}
             if done != total and done % max(1, total // 200) and done > 1:
                 return  # about 200 updates per pass, whatever its size
-            elapsed = time.perf_counter() - job._stage_started
             rate = done / elapsed if elapsed > 0 else None
             left = (total - done) / rate if rate else None
             self._update(job, stage=stage, done=done, total=total, message=f"{stage}: {done} of {total} photos",
@@ -116,6 +119,8 @@ class Trainer:
 
 
 def _summary(result: dict) -> str:
+    if "files" in result:  # an export
+        return f"exported {len(result['files'])} formats in {result['seconds']:.1f} s, each checked for parity"
     accuracy = result.get("val_accuracy_after")
     shown = f"val accuracy {accuracy:.1%} on {result.get('val_photos_after')} photos" if accuracy is not None else ""
     return f"trained in {result.get('seconds', 0):.1f} s" + (f": {shown}" if shown else "")

@@ -88,14 +88,14 @@ class Served:
             for held in (self.trained.inputs if self.trained is not None else None, self.pooled):
                 if held is not None:
                     held.close()
-            self.trained = self.pooled = None
-            self.rows, self.row_of, self.position, self.sha_of_path, self.sha_of_name = [], {}, {}, {}, {}
-            self.input_positions, self.runner, self.root = {}, None, self.project.data_root
             self.folder.project = self.project  # the same folder and its lock: uploads may be under way
             try:
                 self.rung = ladder.chosen(self.project)
                 trained = self.rung.load(self.project)
             except (PipelineError, OSError) as error:
+                self.trained = self.pooled = None
+                self.rows, self.row_of, self.position, self.sha_of_path, self.sha_of_name = [], {}, {}, {}, {}
+                self.input_positions, self.runner, self.root = {}, None, self.project.data_root
                 self.why = " ".join(str(error).split())
                 self.classes = sorted(self.folder.class_dirs())
                 log.info("serve: no model yet (%s)", self.why)
@@ -207,12 +207,13 @@ class Served:
 
     def file_of(self, sha: str) -> Path | None:
         i = self.row_of.get(sha)
-        return self.folder.file_of(sha) if i is None else self.root / self.rows[i][1]
+        return self.folder.file_of(sha) if i is None else self.folder.moved(self.rows[i][1])
 
     # ----------------------------------------------------------------- decisions
     def decide(self, sha: str, action: str, label: str = "") -> dict:
         """A decision on a photo of the cache, or on one the app wrote or showed since (not featurised yet)."""
-        file = self.file_of(sha) if sha in self.position else self.folder.file_of(sha)
+        with self.lock:  # the rows of one load
+            file = self.file_of(sha) if sha in self.position else self.folder.file_of(sha)
         if file is None:
             raise UnknownPhoto(f"no photo with sha256 {sha[:12]}... in the cache")
         classes = sorted(set(self.classes) | set(self.folder.class_dirs()))
@@ -278,21 +279,25 @@ class Served:
         return open_project(self.params, self.base)
 
     def retrain(self) -> dict:
-        """The features stage (no backbone for photos it has) and the chosen rung, here; then the new model."""
+        """The features stage (no backbone for photos it has) and the chosen rung, here; then the new model.
+        The model served keeps answering meanwhile: every stage writes new files beside the ones it reads
+        (a temporary file, then a rename), and the new model is swapped in under the lock at the end. One
+        training at a time: the caller holds the app's retrain lock."""
         with self.lock:
             t = self.trained
             before = t.classifier.history.get("val_accuracy") if t is not None else None
             n_before = int(len(t.inputs.rows("train"))) if t is not None else 0
             val_before = int(len(t.inputs.rows("val"))) if t is not None else 0
-            started = time.perf_counter()
-            # under strategy auto, advised for the data now; served only once its labels and model exist (a
-            # review reading the project meanwhile once found the new labels not written yet: a 500)
-            project = self.trainable()
-            # the features stage first, then the chosen rung, then evaluate: the report describes the model served
-            *_, trained, _ = graph.run("evaluate", project)
-            trained.inputs.close()
+        started = time.perf_counter()
+        # under strategy auto, advised for the data now; served only once its labels and model exist (a
+        # review reading the project meanwhile once found the new labels not written yet: a 500)
+        project = self.trainable()
+        # the features stage first, then the chosen rung, then evaluate: the report describes the model served
+        *_, trained, _ = graph.run("evaluate", project)
+        trained.inputs.close()
+        seconds = time.perf_counter() - started
+        with self.lock:
             self.project = project
-            seconds = time.perf_counter() - started
             self.load()
             return {"val_accuracy_before": before, "val_accuracy_after": self.trained.classifier.history.get(
                         "val_accuracy"), "train_photos_before": n_before,

@@ -88,9 +88,9 @@ def _first_training(state: AppState) -> None:
     try:
         job = state.trainer.start(served.retrain, served.trainable)
     except NotTrainable as error:
-        print(f"no model yet: {error}. Add classes and photos on the Classes page, then Train.", flush=True)
+        print(f"no model yet: {error}. Add classes and photos on the Train page, then Train.", flush=True)
         return
-    print(f"no model yet: training (job {job.id}; its progress is on the Classes page)", flush=True)
+    print(f"no model yet: training (job {job.id}; its progress is on the Train page)", flush=True)
 
 
 def listen(serve_params):

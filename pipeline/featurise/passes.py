@@ -55,6 +55,7 @@ def featurise(jobs, f: FeaturesParams, weights_dir: Path, root: Path, parts_dir:
     meta = {"weights_sha256": runner.weights_sha256, "feature_shape": tuple(runner.feature_shape)}
     progress = tqdm(total=total, unit="img", desc=stage, mininterval=1.0, disable=None)
     started = time.perf_counter()
+    done = 0
     try:
         for records, views in jobs:
             if not records:
@@ -63,7 +64,8 @@ def featurise(jobs, f: FeaturesParams, weights_dir: Path, root: Path, parts_dir:
             for record, rows, error in engine_rows(records, views, runner, f, root, weights_dir):
                 writer.add(record.sha256, rows, error)
                 progress.update(1)
-                listeners.report(stage, progress.n, total)
+                done += 1
+                listeners.report(stage, done, total)
             writer.commit()
     finally:
         progress.close()
