@@ -36,11 +36,13 @@ class ErrorBody(BaseModel):
 
 
 def _errors(*codes: int) -> dict:
-    """The error responses a route sends, documented with their one body."""
+    """The error responses a route sends, documented with their one body (JSON, whatever the route's own
+    answers are: the event stream's errors too)."""
     reasons = {400: "the photo, name or decision cannot be used", 403: "not from this app's pages (token, origin)",
                404: "no such photo, class or job", 409: "a training is running, a class exists, or no model yet",
                413: "request body over serve.max_upload_mb", 422: "a parameter or body field outside its type"}
-    return {code: {"model": ErrorBody, "description": reasons[code]} for code in codes}
+    return {code: {"model": ErrorBody, "description": reasons[code], "content": {"application/json": {}}}
+            for code in codes}
 
 
 # the photos /api/predict takes: multipart files, or one photo's bytes as the body
@@ -115,7 +117,10 @@ ClassName = PathParam(min_length=1, max_length=400, description="the class, as i
 
 
 class NewName(BaseModel):
-    name: str = Field(max_length=400, description="the class's name: its folder under data.root")
+    # the characters a folder name may hold everywhere; the rest (reserved names, the rejection label, split
+    # names) are refused with 400 and the reason
+    name: str = Field(min_length=1, max_length=100, pattern=r'^[^./\\\x00-\x1f<>:"|?*\s][^/\\\x00-\x1f<>:"|?*]*$',
+                      description="the class's name: its folder under data.root")
 
 
 @router.get("/classes", summary="the classes (folders under data.root), their photo counts and newest photos")
@@ -190,7 +195,8 @@ def current_job(state: AppState = Depends(app_state)):
 JobId = PathParam(pattern=r"^[0-9a-f]{16}$", description="the job, as POST /api/train gave it")
 
 
-def _job(state: AppState, job: str):
+def _job(job: str = JobId, state: AppState = Depends(app_state)):
+    """The job named in the path (a dependency: resolved before an event stream starts, so a 404 is a 404)."""
     found = state.trainer.jobs.get(job)
     if found is None:
         raise HTTPException(404, "no such job (this server's jobs are forgotten when it stops)")
@@ -199,14 +205,13 @@ def _job(state: AppState, job: str):
 
 @router.get("/train/{job}", summary="where a training or export job is: state, done of total, rate, time left",
             responses=_errors(404))
-def train_state(job: str = JobId, state: AppState = Depends(app_state)):
-    return _job(state, job).view()
+def train_state(found=Depends(_job)):
+    return found.view()
 
 
 @router.get("/train/{job}/events", response_class=EventSourceResponse, responses=_errors(404),
             summary="the job's progress as Server-Sent Events, one per change, until it is done or failed")
-async def train_events(job: str = JobId, state: AppState = Depends(app_state)) -> AsyncIterable[dict]:
-    found = _job(state, job)
+async def train_events(found=Depends(_job), state: AppState = Depends(app_state)) -> AsyncIterable[dict]:
     version = -1
     while True:
         if found.version != version:

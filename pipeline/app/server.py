@@ -67,8 +67,22 @@ def create_app(project, served: Served | None = None) -> FastAPI:
 
 
 async def _http_error(request: Request, error: HTTPException):
-    # the headers it carries stay (405's Allow, ...)
-    return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+    # the headers it carries stay; 405's Allow lists every method of the path, not only its first route's
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        headers["Allow"] = ", ".join(_methods_of(request))
+    return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=headers or None)
+
+
+def _methods_of(request: Request) -> list[str]:
+    from starlette.routing import Match
+
+    methods = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.PARTIAL and getattr(route, "methods", None):
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _invalid(request: Request, error: RequestValidationError):
