@@ -13,6 +13,9 @@ one connection and POSTs raw photo bytes to ``/api/predict``, one photo per requ
   pass, then after each further pass of the same 1,000 photos (``--passes``): memory must not grow
   with requests;
 - Retrain after one relabel from the review page, as the app runs it (in its own process).
+With ``--live 300``, instead: the Try page's live preview as one client runs it: 640 x 480 webcam-sized
+JPEG frames (the photos of dogs_vs_cats_1k, resized), one request at a time, answers per second and
+the latency of each (target: at least 10 answers a second, p95 at most 100 ms). Raw: serve_live.json.
 With ``--cache-sizes 1000 4000``, instead: the app's memory against the number of photos in its
 cache (bench/scale.py's copies of both shared sets), idle and after 200 requests.
 Raw numbers: bench/results/serve.json (serve_sizes.json).
@@ -147,6 +150,37 @@ def memory_by_cache_size(args) -> None:
         print(f"| {n:,} | {row['idle']['VmRSS']:.0f} MB | {row['after 200 requests']['VmRSS']:.0f} MB |")
 
 
+def live_preview(port: int, files: list[Path], frames: int) -> dict:
+    """One client, one frame at a time, as the page's live preview sends them."""
+    import io
+
+    from PIL import Image
+
+    encoded = []
+    for path in files[:frames]:
+        buffer = io.BytesIO()
+        Image.open(path).convert("RGB").resize((640, 480)).save(buffer, format="JPEG", quality=85)
+        encoded.append(buffer.getvalue())
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    latencies, answers = [], 0
+    for warm in encoded[:5]:  # the first requests open the backbone
+        connection.request("POST", "/api/predict?top_k=3", body=warm, headers={"Content-Type": "image/jpeg"})
+        connection.getresponse().read()
+    started = time.perf_counter()
+    for frame in encoded:
+        sent = time.perf_counter()
+        connection.request("POST", "/api/predict?top_k=3", body=frame, headers={"Content-Type": "image/jpeg"})
+        response = connection.getresponse()
+        body = response.read()
+        latencies.append(time.perf_counter() - sent)
+        answers += response.status == 200 and bool(json.loads(body)[0]["answer"])
+    seconds = time.perf_counter() - started
+    q = statistics.quantiles(sorted(latencies), n=100)
+    return {"command": f"bench/serve.py --live {frames}", "frames": len(encoded), "frame_size": "640x480 JPEG q85",
+            "answered": answers, "answers_per_second": len(encoded) / seconds,
+            "latency_ms": {"p50": 1000 * statistics.median(latencies), "p95": 1000 * q[94], "max": 1000 * max(latencies)}}
+
+
 def main() -> None:
     import argparse
 
@@ -155,6 +189,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--photos", type=int, default=1000)
     parser.add_argument("--passes", type=int, default=4, help="passes over the photos (memory after each)")
+    parser.add_argument("--live", type=int, default=0, help="measure the live preview on this many frames instead")
     parser.add_argument("--cache-sizes", type=int, nargs="*", default=None,
                         help="measure the app's memory against the photos in its cache instead")
     args = parser.parse_args()
@@ -169,6 +204,18 @@ def main() -> None:
         (project / "params.yaml").write_text(json.dumps({"data": {"root": str(DATASETS / "cat_breeds_web5")}}))
         subprocess.run([sys.executable, "-m", "pipeline", "train-head", "--with-upstream"], cwd=project, env=env,
                        check=True, capture_output=True)
+        if args.live:
+            server, port = start(project, env)
+            try:
+                live = live_preview(port, files, args.live)
+            finally:
+                server.terminate()
+                server.wait()
+            (ROOT / "bench" / "results" / "serve_live.json").write_text(json.dumps(live, indent=2))
+            print(json.dumps(live, indent=2))
+            print(f"\nlive preview: {live['answers_per_second']:.1f} answers/s, p50 {live['latency_ms']['p50']:.0f} ms, "
+                  f"p95 {live['latency_ms']['p95']:.0f} ms per 640 x 480 frame")
+            return
         expected = {}
         for start_at in range(0, len(files), 250):  # predict as a user runs it, on the same files
             chunk = [str(f) for f in files[start_at:start_at + 250]]

@@ -64,7 +64,7 @@ def test_every_route_answers_as_documented_under_schemathesis(fuzzed, tmp_path):
                           "--report", "junit", "--report-dir", str(tmp_path), "--no-color"],
                          capture_output=True, text=True, timeout=900)
     print(run.stdout[-3000:])
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:] + "".join(server.stderr)[-4000:]
     assert server.json("/api/health")[0] == 200  # still serving
     assert before <= _photos(project)  # every photo is still in the project (a deleted class's in .trash)
     assert _outside(project, tmp_path) == outside  # nothing written outside it

@@ -116,7 +116,26 @@ def test_from_an_empty_folder_to_answers_in_the_browser(camera_browser, tmp_path
         driver.find_element(By.ID, "files").send_keys(str(photo))
         card = wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, ".card[data-answer]"))
         assert card.get_attribute("data-answer") == "tigger"
+        # the correct-it loop: one click files the photo into a class
+        before = len(list((project / "photos" / "tigger").iterdir()))
+        next(b for b in card.find_elements(By.CSS_SELECTOR, ".add-to button") if b.text == "tigger").click()
+        wait(driver, lambda d: "added to tigger" in card.find_element(By.CSS_SELECTOR, ".added").text)
+        assert len(list((project / "photos" / "tigger").iterdir())) == before + 1
         shot(driver, "try")
+
+        # the live preview: the fake camera (misty's colour) answered frame after frame
+        driver.find_element(By.ID, "camera").click()
+        wait(driver, lambda d: d.execute_script("return document.getElementById('video').videoWidth") > 0)
+        driver.find_element(By.ID, "live").click()
+        wait(driver, lambda d: int(d.find_element(By.TAG_NAME, "body").get_attribute("data-live-frames") or 0) >= 10)
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-live-answer") == "misty"
+        assert int(driver.find_element(By.ID, "live-rate").text) >= 1
+        misty = len(list((project / "photos" / "misty").iterdir()))
+        next(b for b in driver.find_elements(By.CSS_SELECTOR, "#live-add button") if b.text == "misty").click()
+        wait(driver, lambda d: "added to misty" in d.find_element(By.ID, "live-add").text)
+        assert len(list((project / "photos" / "misty").iterdir())) == misty + 1
+        shot(driver, "live")
+        driver.find_element(By.ID, "live").click()
         logged = [e["message"] for e in driver.get_log("browser")]
         assert [m for m in logged if "/api/classes - " not in m] == []  # the refused name's 400 alone
         assert len(logged) == 1 and "400" in logged[0]

@@ -117,10 +117,10 @@ ClassName = PathParam(min_length=1, max_length=400, description="the class, as i
 
 
 class NewName(BaseModel):
-    # the characters a folder name may hold everywhere; the rest (reserved names, the rejection label, split
-    # names) are refused with 400 and the reason
-    name: str = Field(min_length=1, max_length=100, pattern=r'^[^./\\\x00-\x1f<>:"|?*\s][^/\\\x00-\x1f<>:"|?*]*$',
-                      description="the class's name: its folder under data.root")
+    # the rules (no path, no hidden or reserved name, not the rejection label, ...) are checked by the folder,
+    # whose 400 says which one a name breaks: a pattern's 422 would only quote the pattern
+    name: str = Field(max_length=400, description="the class's name: its folder under data.root (at most 100 "
+                      "characters; no /, \\, .., control characters, leading dot, Windows-reserved name)")
 
 
 @router.get("/classes", summary="the classes (folders under data.root), their photo counts and newest photos")

@@ -21,6 +21,7 @@ import io
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -241,8 +242,9 @@ class Folder:
         with self.lock:
             folder = self._folder(name)
             count = sum(1 for f in scan._walk_files(folder) if sniff_suffix(f))
-            trash = self.root / TRASH / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-            trash.parent.mkdir(parents=True, exist_ok=True)
+            (self.root / TRASH).mkdir(exist_ok=True)
+            # a folder of its own in the trash: the same class deleted twice in a second keeps both
+            trash = Path(tempfile.mkdtemp(dir=self.root / TRASH, prefix=time.strftime("%Y%m%d-%H%M%S-"))) / name
             os.rename(folder, trash)
             self._index_shas = None
         return {"name": name, "photos": count, "moved_to": trash.relative_to(self.project.base).as_posix()}

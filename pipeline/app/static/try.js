@@ -12,11 +12,28 @@ function bars(answer) {
     el("span", { class: "p", text: (100 * p.probability).toFixed(1) + "%" })));
 }
 
+// The correct-it loop: a photo answered wrongly goes, in one click, into the class it belongs to.
+function addTo(file, note) {
+  const classes = health && health.classes || [];
+  return el("div", { class: "add-to" }, el("span", { class: "note", text: "Add to class: " }),
+    ...classes.map(name => el("button", { text: name, class: "small", onclick: async () => {
+      const form = new FormData();
+      form.append("files", file, file.name || "photo.jpg");
+      try {
+        const r = await api("/api/classes/" + encodeURIComponent(name) + "/photos", { method: "POST", body: form });
+        note.textContent = r.added ? `added to ${name}: Train to learn it` : r.duplicates ? `already in the project` :
+          (r.skipped[0] || {}).reason || "not added";
+      } catch (error) { note.textContent = error.message; }
+    } })));
+}
+
 function card(file) {
   const image = el("img", { class: "main", src: URL.createObjectURL(file), alt: file.name });
   image.addEventListener("error", () => { image.hidden = true; });  // not something the browser shows
-  return el("div", { class: "card", "data-name": file.name },
+  const node = el("div", { class: "card", "data-name": file.name },
     image, el("div", { class: "answer", text: "…" }), el("div", { class: "note", text: file.name }));
+  node.file = file;
+  return node;
 }
 
 function fill(node, answer) {
@@ -33,6 +50,7 @@ function fill(node, answer) {
       " > threshold " + answer.threshold.toFixed(3) + "): none of the classes. Closest labels:" }));
   }
   node.append(...bars(answer));
+  if (node.file) { const note = el("p", { class: "note added" }); node.append(addTo(node.file, note), note); }
   if (answer.neighbours && answer.neighbours.length) {
     node.append(el("p", { class: "note", text: "Nearest training photos:" }),
       el("div", { class: "neighbours" }, ...answer.neighbours.map(n => el("figure", {},
@@ -90,4 +108,51 @@ document.getElementById("snap").addEventListener("click", () => {
   canvas.getContext("2d").drawImage(video, 0, 0);
   canvas.toBlob(blob => send([new File([blob], "webcam-" + Date.now() + ".jpg", { type: "image/jpeg" })]), "image/jpeg", 0.92);
 });
+// The live preview: frame after frame, one request at a time, with the answers a second
+let live = false;
+function frameBlob() {
+  const video = document.getElementById("video");
+  const canvas = el("canvas"); canvas.width = video.videoWidth; canvas.height = video.videoHeight;
+  canvas.getContext("2d").drawImage(video, 0, 0);
+  return new Promise(ok => canvas.toBlob(ok, "image/jpeg", 0.85));
+}
+async function liveLoop() {
+  const times = [];
+  let lastFrame = null;
+  const adder = document.getElementById("live-add"), note = el("span", { class: "note" });
+  adder.replaceChildren(...(health && health.classes || []).map(name => el("button", { class: "small", text: name,
+    onclick: async () => {
+      if (!lastFrame) return;
+      const form = new FormData();
+      form.append("files", new File([lastFrame], "webcam-" + Date.now() + ".jpg", { type: "image/jpeg" }));
+      try { const r = await api("/api/classes/" + encodeURIComponent(name) + "/photos", { method: "POST", body: form });
+            note.textContent = r.added ? " added to " + name : " already in the project"; }
+      catch (error) { note.textContent = " " + error.message; }
+    } })), note);
+  while (live) {
+    const blob = await frameBlob();
+    const started = performance.now();
+    try {
+      const [answer] = await api("/api/predict?top_k=3", { method: "POST", body: blob, headers: { "Content-Type": "image/jpeg" } });
+      lastFrame = blob;
+      const head = document.getElementById("live-answer");
+      head.textContent = answer.answer; head.classList.toggle("unknown", !answer.accepted);
+      document.getElementById("live-bars").replaceChildren(...bars(answer));
+      document.body.dataset.liveAnswer = answer.answer;
+    } catch (error) { document.getElementById("live-answer").textContent = error.message; }
+    const now = performance.now();
+    times.push(now);
+    while (times.length && times[0] < now - 1000) times.shift();
+    document.getElementById("live-rate").textContent = times.length;
+    document.getElementById("live-latency").textContent = (now - started).toFixed(0) + " ms a frame";
+    document.body.dataset.liveFrames = String(Number(document.body.dataset.liveFrames || 0) + 1);
+  }
+}
+document.getElementById("live").addEventListener("click", e => {
+  live = !live;
+  e.target.textContent = live ? "Stop the preview" : "Live preview";
+  document.getElementById("live-panel").hidden = !live;
+  if (live) liveLoop();
+});
+
 const healthReady = showModel().then(h => { health = h; return h; });
