@@ -55,9 +55,13 @@ def camera_browser(tmp_path_factory):
 
 
 def shot(driver, name: str) -> None:
+    """The page as it is, for docs/app.md (with PHOTOHEAD_SCREENSHOTS=1): 128 colours keep it small."""
     if os.environ.get("PHOTOHEAD_SCREENSHOTS"):
+        import io
+
         SHOTS.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(SHOTS / f"{name}.png"))
+        image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+        image.quantize(128).save(SHOTS / f"{name}.png", optimize=True)
 
 
 def test_from_an_empty_folder_to_answers_in_the_browser(camera_browser, tmp_path):
