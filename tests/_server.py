@@ -92,6 +92,15 @@ class Server:
             raise AssertionError(f"{path}: {status} {text}\n{''.join(self.stderr)[-3000:]}")
         return status, json.loads(text)
 
+    def review(self, query: str = "", timeout: float = 300):
+        """(status, body) of /api/review once its findings are computed (in the background, once per model)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = self.json("/api/review" + query)
+            if status != 200 or not body.get("computing") or time.monotonic() > deadline:
+                return status, body
+            time.sleep(0.2)
+
     def wait_job(self, job: str, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -121,7 +121,7 @@ def test_review_page_relabels_with_a_key_and_train_head_uses_it(browser, served)
 def test_review_tabs_count_what_is_left_and_a_passed_over_finding_is_not_lost(browser, served):
     from selenium.webdriver.common.by import By
 
-    _, review = served.json("/api/review")
+    _, review = served.review("")
     kind = min((k for k in ("label_issues", "near_duplicates", "outliers") if review[k]), key=lambda k: len(review[k]))
     browser.get(served.url + "/review")
     selector = f"#tabs [data-kind='{kind}']"

@@ -213,17 +213,35 @@ def test_two_tabs_deciding_at_once_lose_no_decision(served):
 
 
 def test_review_sends_a_page_of_each_kind_and_counts_them_all(served):
-    status, whole = served.json("/api/review?limit=5000")
-    status_one, page = served.json("/api/review?limit=1")
+    status, whole = served.review("?limit=5000")
+    status_one, page = served.review("?limit=1")
     assert status == status_one == 200
     for kind in ("label_issues", "near_duplicates", "outliers"):
         assert page[kind] == whole[kind][:1] and page["totals"][kind] == whole["totals"][kind] == len(whole[kind])
     assert sum(whole["totals"].values()) > 1  # the page is smaller than the whole here
-    assert served.json("/api/review?limit=0")[0] == 422
+    assert served.review("?limit=0")[0] == 422
+
+
+def test_review_offers_the_classes_the_model_finds_likely_for_each_photo(served):
+    """The relabel keys 1-9 are the model's most likely classes for the photo, best first (they were the first
+    nine classes by name: at 102 classes, Faces, Faces_easy, Leopards, ... for every photo)."""
+    _, review = served.review("?limit=5000")
+    items = [f for kind in ("label_issues", "near_duplicates", "outliers") for f in review[kind]]
+    assert items
+    for f in items[:6]:
+        photo = (served.project / "photos" / f["path"]).read_bytes()
+        _, [answer] = served.upload("/api/predict?top_k=3", [(f["path"], photo)])
+        assert f["likely"] == [p["label"] for p in answer["predictions"]], f["path"]
+
+
+def test_findings_are_computed_in_the_background_with_a_notice(served):
+    status, first = served.json("/api/review")
+    assert status == 200 and ("computing" in first)  # answered at once, computing or done
+    assert served.review("")[1]["computing"] is False
 
 
 def test_a_relabel_from_the_review_page_is_used_by_the_next_train_head(served):
-    status, review = served.json("/api/review")
+    status, review = served.review("")
     assert status == 200
     planted = [f for f in review["label_issues"] if f["path"] == PLANTED.removeprefix("photos/")]
     assert planted and planted[0]["suggested"] == "tigger"
@@ -235,7 +253,7 @@ def test_a_relabel_from_the_review_page_is_used_by_the_next_train_head(served):
     assert status == 200 and done["path"] == PLANTED
     with open(served.project / "corrections.csv", newline="") as f:
         assert {"path": PLANTED, "action": "relabel", "label": "tigger", "note": ""} in list(csv.DictReader(f))
-    status, after = served.json("/api/review")
+    status, after = served.review("")
     assert PLANTED.removeprefix("photos/") not in [f["path"] for f in after["label_issues"]]  # decided: gone
     status, retrained = served.json("/api/retrain", {})
     assert status == 200 and retrained["trained"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
+import time
 from collections.abc import AsyncIterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,21 +80,39 @@ async def predict(request: Request, top_k: int | None = Query(None, ge=1, le=100
 
 
 @router.get("/review", summary="inspect's findings not decided yet, with the photos' neighbours: the first "
-            "`limit` of each kind, most certain first, and how many each kind has in all", responses=_errors(409))
+            "`limit` of each kind, most certain first, and how many each kind has in all; while they are computed "
+            "(once per model, in the background), `computing` and the seconds so far", responses=_errors(409))
 def review(limit: int = Query(100, ge=1, le=5000), state: AppState = Depends(app_state)):
-    from pipeline.app.findings import findings
-
     served = state.served
+    key = _sync(served.model).inputs.identity
     with state.review_lock:
-        key = _sync(served.model).inputs.identity
-        if state.review_cache.get("key") != key:
-            state.review_cache.update(key=key, findings=findings(served))
-        found = state.review_cache["findings"]
+        cache = state.review_cache
+        if cache.get("key") != key:  # a new model: its findings, computed once, behind the page's notice
+            cache.clear()
+            cache.update(key=key, started=time.monotonic(), findings=None, error=None)
+            threading.Thread(target=_find, args=(state, served, key), name="findings", daemon=True).start()
+        found, error, started = cache["findings"], cache["error"], cache["started"]
+    if error:
+        raise HTTPException(409, f"inspect could not run on this model: {error}")
+    if found is None:
+        return {"computing": True, "seconds": round(time.monotonic() - started, 1), "classes": served.classes}
     decided = served.decisions()
     left = {kind: [f for f in items if f["sha256"] not in decided] for kind, items in found.items()}
     # a page of each kind: at 9,000 photos inspect finds thousands of near-duplicate pairs, 7 MB in one answer
-    return {"classes": served.classes, **{kind: items[:limit] for kind, items in left.items()},
+    return {"computing": False, "classes": served.classes, **{kind: items[:limit] for kind, items in left.items()},
             "totals": {kind: len(items) for kind, items in left.items()}, "decided": len(decided)}
+
+
+def _find(state: AppState, served, key) -> None:
+    from pipeline.app.findings import findings
+
+    try:
+        found, error = findings(served), None
+    except Exception as failure:  # noqa: BLE001 — said by the route, the server keeps serving
+        found, error = None, " ".join(str(failure).split()) or type(failure).__name__
+    with state.review_lock:
+        if state.review_cache.get("key") == key:
+            state.review_cache.update(findings=found, error=error)
 
 
 @router.get("/label", summary="unlabelled photos, in the order that teaches the model most", responses=_errors(409))

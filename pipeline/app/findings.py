@@ -26,4 +26,25 @@ def findings(served) -> dict:
                  "score": round(q["score"], 4), "nearest_other_class": q["nearest_other_class"]}
                 for q in result.outliers]
     found = {"label_issues": issues, "near_duplicates": pairs, "outliers": outliers}
-    return {kind: [f for f in items if f["sha256"]] for kind, items in found.items()}  # photos still in the cache
+    found = {kind: [f for f in items if f["sha256"]] for kind, items in found.items()}  # photos still in the cache
+    _add_likely(served, [f for items in found.values() for f in items])
+    return found
+
+
+def _add_likely(served, items: list[dict], k: int = 9) -> None:
+    """Each finding's ``likely``: the classes the model finds most likely for its photo, best first (the
+    relabel keys 1-9), read from the cache in one pass."""
+    if not items or served.trained.inputs.layer != "pooled":
+        return
+    rows = served.cached_rows([f["sha256"] for f in items])
+    shas = [sha for sha in dict.fromkeys(f["sha256"] for f in items) if sha in rows]
+    if not shas:
+        return
+    import numpy as np
+
+    with served.lock:
+        probabilities, _ = served.trained.classifier.answer(np.stack([rows[sha] for sha in shas]))
+    classes = served.classes
+    best = {sha: [classes[c] for c in np.argsort(-p)[:k]] for sha, p in zip(shas, probabilities)}
+    for f in items:
+        f["likely"] = best.get(f["sha256"], [])

@@ -6,6 +6,13 @@ const box = document.getElementById("finding");
 
 async function load() {
   data = await api("/api/review");
+  while (data.computing) {  // once per model, in the background: say so, and ask again
+    document.getElementById("tabs").replaceChildren();
+    box.replaceChildren(el("p", { class: "note computing", text: "Looking at every photo with the model served… " +
+      data.seconds.toFixed(0) + " s so far (once per model)." }));
+    await new Promise(ok => setTimeout(ok, 1000));
+    data = await api("/api/review");
+  }
   data.shown = Object.fromEntries(Object.keys(KINDS).map(k => [k, data[k].length]));
   document.getElementById("decided").textContent = data.decided + " decision(s) so far.";
   show();
@@ -53,14 +60,30 @@ function show() {
   const relabels = !(f.kind === "near_duplicate" && !f.labels_differ);  // a same-label pair: keep or exclude
   if (relabels && f.suggested) actions.append(el("button", { class: "primary", "data-action": "relabel-suggested",
     onclick: () => decide("relabel", f.suggested), text: "Relabel as " + f.suggested + " (R)" }));
-  data.classes.forEach((c, i) => { if (relabels && c !== f.given && c !== f.suggested && i < 9) actions.append(el("button", {
-    "data-action": "relabel-" + c, onclick: () => decide("relabel", c), text: "→ " + c + " (" + (i + 1) + ")" })); });
+  if (relabels) {
+    keys(f).forEach((c, i) => actions.append(el("button", {
+      "data-action": "relabel-" + c, onclick: () => decide("relabel", c), text: "→ " + c + " (" + (i + 1) + ")" })));
+    // every class, by typing: a picker for the classes that are not among the likely ones
+    const picker = el("input", { list: "all-classes", placeholder: "another class…", "aria-label": "relabel as",
+                                 class: "picker" });
+    const list = el("datalist", { id: "all-classes" }, ...data.classes.map(c => el("option", { value: c })));
+    const go = () => { if (data.classes.includes(picker.value) && picker.value !== f.given) decide("relabel", picker.value);
+                       else picker.setCustomValidity("not a class"), picker.reportValidity(); };
+    picker.addEventListener("keydown", e => { if (e.key === "Enter") go(); });
+    actions.append(picker, list, el("button", { "data-action": "relabel-picked", text: "Relabel", onclick: go }));
+  }
   actions.append(el("button", { "data-action": "exclude", onclick: () => decide("exclude"), text: "Exclude (X)" }),
     el("button", { "data-action": "keep", onclick: () => decide("keep"), text: "Keep as is (K)" }),
     el("button", { "data-action": "next", onclick: next, text: "Next (N)" }));
   box.replaceChildren(el("div", { class: "finding" }, left, right), actions,
     el("p", { class: "note", text: (index + 1) + " of " + remaining(kind) +
       (remaining(kind) > data[kind].length ? " (decide these, and the next are sent)" : "") }));
+}
+
+// the relabel keys 1-9: the classes the model finds most likely for this photo, not the first nine by name
+function keys(f) {
+  const order = f.likely && f.likely.length ? f.likely : data.classes;
+  return order.filter(c => c !== f.given && c !== f.suggested).slice(0, 9);
 }
 
 function next() { index = Math.min(index + 1, data[kind].length); show(); }
@@ -88,7 +111,7 @@ document.addEventListener("keydown", e => {
   else if (key === "x") decide("exclude");
   else if (key === "k") decide("keep");
   else if (key === "n" || key === "arrowright") next();
-  else if (/^[1-9]$/.test(key) && data.classes[+key - 1]) decide("relabel", data.classes[+key - 1]);
+  else if (/^[1-9]$/.test(key) && keys(f)[+key - 1]) decide("relabel", keys(f)[+key - 1]);
 });
 
 document.getElementById("retrain").addEventListener("click", async () => {
